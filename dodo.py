@@ -1,0 +1,61 @@
+"""claude-bottle: agent manifests in, running Claude Code bottles out.
+
+    doit launch:<agent>   image, machine, start, provision, then Claude Code on your terminal
+    doit                  every agent up and provisioned (no attach)
+    doit list --all       every task; `doit info <task>` says why it would run
+    doit teardown:<agent> machine deleted, state forgotten; `doit clean` removes all outputs
+
+The task graph, top to bottom: each family lives in its own module under tasks/.
+"""
+from pathlib import Path
+
+from tasks import base, image, launch, machine, prompt, provision
+from tasks.project import Project
+
+PROJECT = Project(Path(__file__).parent)
+DOIT_CONFIG = PROJECT.doit_config()
+
+
+def task_prompt():
+    """Render each agent's system prompt into its state dir (mode 0600)."""
+    yield from prompt.tasks(PROJECT)
+
+
+def task_claude_code():
+    """Fetch the Claude Code package each recipe pins (user cache, once per version)."""
+    yield from image.claude_code_tasks(PROJECT)
+
+
+def task_base():
+    """Build registry-free image bases (debootstrap), cached per user."""
+    yield from base.tasks(PROJECT)
+
+
+def task_image():
+    """Build and pack agent images, one per distinct recipe."""
+    yield from image.tasks(PROJECT)
+
+
+def task_machine():
+    """Create each agent's machine from its image, with its resources and egress flags."""
+    yield from machine.tasks(PROJECT)
+
+
+def task_start():
+    """Start each agent's machine."""
+    yield from machine.start_tasks(PROJECT)
+
+
+def task_provision():
+    """Provision each running machine: prompt and skills, each copied only when changed."""
+    yield from provision.tasks(PROJECT)
+
+
+def task_launch():
+    """Bring an agent's bottle up, provisioned, and attach Claude Code."""
+    yield from launch.tasks(PROJECT)
+
+
+def task_teardown():
+    """Stop and delete an agent's machine and forget its state."""
+    yield from machine.teardown_tasks(PROJECT)

@@ -1,0 +1,188 @@
+"""Machine runtimes behind one small protocol.
+
+A backend turns a handful of verbs into CLI calls: list the machines, build an
+image artifact, create/start/stop/delete a machine, copy a file in, run a
+command, and give the argv that attaches a terminal. Task modules speak only
+these verbs; they never learn which runtime is underneath.
+
+Machine state comes from one probe per doit run (`machine ls --json` on smolvm),
+cached here and kept in step with what this process changes, so the up-to-date
+checks of any number of agents cost a single call.
+"""
+from __future__ import annotations
+
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+ID_LABEL = 'claude-bottle.id'
+AGENT_LABEL = 'claude-bottle.agent'
+PROJECT_LABEL = 'claude-bottle.project'
+
+
+class BottleError(Exception):
+    """An error meant for people: reported without a traceback."""
+
+
+class BackendMissing(BottleError):
+    """The runtime's CLI is not installed."""
+
+
+class BackendError(BottleError):
+    """A backend command failed; the message carries its stderr."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    state: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str | None:
+        """Changes when the machine is recreated, not when it is restarted."""
+        return self.labels.get(ID_LABEL)
+
+    @property
+    def running(self) -> bool:
+        return self.state == 'running'
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    image: Path                      # the packed image artifact
+    image_key: str                   # its content address (names it in an engine's image store)
+    cpus: int
+    memory_mib: int
+    labels: Mapping[str, str]
+    env: Mapping[str, str]
+    allow_hosts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    key: str                         # the recipe's content address
+    machine: str                     # name of the throwaway build machine
+    base: str                        # an OCI reference, or an absolute path to a local base
+    setup: str                       # shell script run as root in the build machine
+    files: Mapping[str, Path]        # guest path -> host file, copied in before the setup
+    artifact: Path                   # where the packed image must end up
+
+
+def run(argv: list[str], *, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a backend command; on failure raise BackendError showing its stderr."""
+    proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                          capture_output=True)
+    if check and proc.returncode != 0:
+        shown = ' '.join(argv[:6]) + (' ...' if len(argv) > 6 else '')
+        err = proc.stderr.decode(errors='replace').strip() or proc.stdout.decode(errors='replace').strip()
+        raise BackendError(f'`{shown}` failed with exit code {proc.returncode}:\n{err}')
+    return proc
+
+
+class Backend(ABC):
+    """What every runtime provides; the probe cache lives here, once for all."""
+
+    name: str
+    artifact_name: str               # file name of a packed image inside its image dir
+
+    def __init__(self):
+        self._machines: dict[str, Machine] | None = None
+        self._lock = threading.Lock()
+
+    # -- state: one probe per run, kept in step with our own changes
+
+    def machine(self, name: str) -> Machine | None:
+        with self._lock:
+            if self._machines is None:
+                self._machines = self._probe()
+            return self._machines.get(name)
+
+    def _remember(self, name: str, machine: Machine | None):
+        with self._lock:
+            if self._machines is None:
+                return
+            if machine is None:
+                self._machines.pop(name, None)
+            else:
+                self._machines[name] = machine
+
+    def create(self, spec: MachineSpec):
+        self._create(spec)
+        self._remember(spec.name, Machine(spec.name, 'created', dict(spec.labels)))
+
+    def start(self, name: str):
+        self._start(name)
+        known = self.machine(name)
+        if known:
+            self._remember(name, Machine(name, 'running', known.labels))
+
+    def stop(self, name: str):
+        self._stop(name)
+        known = self.machine(name)
+        if known:
+            self._remember(name, Machine(name, 'stopped', known.labels))
+
+    def delete(self, name: str):
+        self._delete(name)
+        self._remember(name, None)
+
+    # -- what each runtime implements
+
+    @abstractmethod
+    def _probe(self) -> dict[str, Machine]:
+        """Every machine the runtime knows, in one call."""
+
+    @abstractmethod
+    def build_image(self, build: ImageBuild):
+        """Build machine from the base, run the setup, stop, pack into build.artifact."""
+
+    @abstractmethod
+    def _create(self, spec: MachineSpec): ...
+
+    @abstractmethod
+    def _start(self, name: str): ...
+
+    @abstractmethod
+    def _stop(self, name: str): ...
+
+    @abstractmethod
+    def _delete(self, name: str): ...
+
+    @abstractmethod
+    def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
+        """Copy one host file into the running machine, atomically, with owner and mode."""
+
+    @abstractmethod
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
+        """Run argv as root in the running machine; return stdout, raise on failure."""
+
+    @abstractmethod
+    def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
+                    secrets: tuple[str, ...]) -> list[str]:
+        """The host command that runs argv on a terminal as `user`, with the named
+        host environment variables passed at exec time only (names on the argv, never values)."""
+
+
+_backends: dict[str, Backend] = {}
+_backends_lock = threading.Lock()
+
+
+def backend(name: str) -> Backend:
+    """The process-wide instance of a backend, so all tasks share one probe."""
+    with _backends_lock:
+        if name not in _backends:
+            if name == 'smolvm':
+                from tasks.backends.smolvm import Smolvm
+                _backends[name] = Smolvm()
+            elif name in ('docker', 'podman'):
+                from tasks.backends.docker import Docker
+                _backends[name] = Docker(name)
+            else:
+                raise BottleError(f'unknown backend {name!r}; choose smolvm, docker or podman')
+        return _backends[name]
+

@@ -1,0 +1,158 @@
+"""The docker CLI family: `docker` or `podman`, with the same contract as smolvm.
+
+Build container from the base, setup, `commit`, `save` to an archive that plays
+the part of the .smolmachine; a machine is a container created from that image
+(loaded from the archive when the engine does not have it). Engine settings a
+host may need (podman's runtime or ulimits, say) belong in the engine's own
+configuration (containers.conf, daemon.json), not here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from tasks.backends import (Backend, BackendError, BackendMissing, BottleError, ImageBuild,
+                            Machine, MachineSpec, run)
+
+WORKLOAD = ['sleep', 'infinity']
+# The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
+STOP = ['--stop-signal', 'SIGKILL']
+
+# One-call atomic file copy with owner and mode, through exec (docker cp can set neither).
+RECEIVE_FILE = r'''set -eu
+dest=$1 owner=$2 mode=$3
+mkdir -p "$(dirname "$dest")"
+tmp="$dest.incoming"
+cat > "$tmp"
+chown "$owner" "$tmp"; chmod "$mode" "$tmp"
+mv -f "$tmp" "$dest"
+'''
+
+
+class Docker(Backend):
+    artifact_name = 'image.tar'
+
+    def __init__(self, cli: str):
+        super().__init__()
+        self.name = cli
+
+    def _cli(self, *args: str, stdin: bytes | None = None, check: bool = True):
+        exe = shutil.which(self.name)
+        if exe is None:
+            raise BackendMissing(
+                f'{self.name} is not installed: there is no `{self.name}` on PATH. Install it '
+                f'(Debian: `apt-get install {"podman runc" if self.name == "podman" else "docker.io"}`), '
+                'or pick another backend with BOTTLE_BACKEND=smolvm|docker|podman or the manifest '
+                'key backend.')
+        return run([exe, *args], stdin=stdin, check=check)
+
+    def _probe(self) -> dict[str, Machine]:
+        if self.name == 'podman':
+            listed = json.loads(self._cli('ps', '-a', '--format', 'json').stdout or b'[]')
+            return {m['Names'][0]: Machine(m['Names'][0], _state(m['State']), m.get('Labels') or {})
+                    for m in listed}
+        lines = self._cli('ps', '-a', '--no-trunc', '--format', '{{json .}}').stdout.splitlines()
+        machines = {}
+        for line in filter(None, lines):
+            m = json.loads(line)
+            labels = dict(kv.split('=', 1) for kv in m.get('Labels', '').split(',') if '=' in kv)
+            machines[m['Names']] = Machine(m['Names'], _state(m['State']), labels)
+        return machines
+
+    def _has_image(self, ref: str) -> bool:
+        return self._cli('image', 'inspect', ref, check=False).returncode == 0
+
+    def _base_ref(self, base: str) -> str:
+        """An OCI reference as it is; a local rootfs tarball imported once per version of the file."""
+        if not base.startswith('/'):
+            return base
+        path = Path(base)
+        stamp = hashlib.sha256(f'{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}'.encode())
+        ref = f'localhost/claude-bottle-base:{stamp.hexdigest()[:16]}'
+        if not self._has_image(ref):
+            if path.is_dir():
+                tar = subprocess.run(['tar', '-C', str(path), '--numeric-owner', '-c', '.'],
+                                     capture_output=True, check=False)
+                if tar.returncode != 0:
+                    raise BackendError(f'cannot read the base directory {path}:\n{tar.stderr.decode()}')
+                self._cli('import', '-', ref, stdin=tar.stdout)
+            else:
+                self._cli('import', str(path), ref)
+        return ref
+
+    def build_image(self, build: ImageBuild):
+        tag = image_ref(build.key)
+        if not self._has_image(tag):
+            self._build(build, tag)
+        self._cli('save', '-o', str(build.artifact), tag)
+
+    def _build(self, build: ImageBuild, tag: str):
+        if self.machine(build.machine):          # left over from an interrupted build
+            self.delete(build.machine)
+        try:
+            self._cli('create', '--name', build.machine, *STOP, self._base_ref(build.base), *WORKLOAD)
+            self._remember(build.machine, Machine(build.machine, 'created'))
+            self.start(build.machine)
+            for guest_path, host_path in build.files.items():
+                self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
+            self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
+            self.stop(build.machine)
+            self._cli('commit', build.machine, tag)
+        except BaseException:
+            try:
+                if self.machine(build.machine):
+                    self.delete(build.machine)
+            except BottleError:
+                pass    # the build's own error says more; the next build deletes the leftover
+            raise
+        self.delete(build.machine)
+
+    def _create(self, spec: MachineSpec):
+        ref = image_ref(spec.image_key)
+        if not self._has_image(ref):
+            self._cli('load', '-i', str(spec.image))
+        args = ['create', '--name', spec.name, *STOP, '--cpus', str(spec.cpus),
+                '--memory', f'{spec.memory_mib}m']
+        for key, value in spec.labels.items():
+            args += ['--label', f'{key}={value}']
+        for key, value in spec.env.items():
+            args += ['-e', f'{key}={value}']
+        if not spec.allow_hosts:
+            args += ['--network', 'none']
+        self._cli(*args, ref, *WORKLOAD)
+
+    def _start(self, name: str):
+        self._cli('start', name)
+
+    def _stop(self, name: str):
+        self._cli('stop', name)
+
+    def _delete(self, name: str):
+        self._cli('rm', '-f', name)
+
+    def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
+        self.exec(name, ['sh', '-c', RECEIVE_FILE, 'sh', dest, f'{uid}:{gid}', f'{mode:o}'],
+                  stdin=src.read_bytes())
+
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
+        flags = ['-i'] if stdin is not None else []
+        return self._cli('exec', *flags, '-u', 'root', name, *argv, stdin=stdin).stdout.decode(errors='replace')
+
+    def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
+                    secrets: tuple[str, ...]) -> list[str]:
+        env = []
+        for secret in secrets:
+            env += ['-e', secret]        # the value comes from the caller's environment
+        return [self.name, 'exec', '-it', '-u', user, '-w', home, '-e', f'HOME={home}', *env, name, *argv]
+
+
+def image_ref(key: str) -> str:
+    return f'localhost/claude-bottle-image:{key}'
+
+
+def _state(engine_state: str) -> str:
+    """Engine states in smolvm's words."""
+    return {'exited': 'stopped', 'configured': 'created'}.get(engine_state.lower(), engine_state.lower())

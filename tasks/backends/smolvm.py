@@ -1,0 +1,116 @@
+"""smolvm (libkrun microVMs): argv exactly as smolvm 1.9.x parses it.
+
+See ../shared/research/smolvm-cli.md. The facts this module leans on:
+- the machine name is always `--name` (`exec` has no `-n`), except `cp NAME:PATH`;
+- `delete` without `-f` prompts and then exits 0 without deleting;
+- `exec` and `cp` need a running machine; `cp` takes single regular files only;
+- `pack create --from-vm` needs a stopped machine that has run; `-o OUT` writes
+  the stub OUT and the payload OUT.smolmachine;
+- a pack keeps the machine's `network` flag but not its allowlist, so the build
+  machine is switched to `--no-net` before packing and every agent machine gets
+  its `--allow-host` flags again at create;
+- there is no `--user` on exec: the attach command drops to the agent user with setpriv.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tasks.backends import (Backend, BackendError, BackendMissing, BottleError, ImageBuild,
+                            Machine, MachineSpec, run)
+
+INSTALL_HELP = (
+    'smolvm is not installed: there is no `smolvm` on PATH. claude-bottle runs each agent in a '
+    'smolvm microVM by default. Install it with `curl -sSL https://smolmachines.com/install.sh | bash` '
+    '(or a release from https://github.com/smol-machines/smolvm/releases), then open a new shell so '
+    'that `smolvm --version` answers, and run doit again.')
+
+WORKLOAD = ['sleep', 'infinity']   # keeps the machine up; all work is done through exec
+
+
+class Smolvm(Backend):
+    name = 'smolvm'
+    artifact_name = 'image.smolmachine'
+
+    def _smolvm(self, *args: str, stdin: bytes | None = None):
+        exe = shutil.which('smolvm')
+        if exe is None:
+            raise BackendMissing(INSTALL_HELP)
+        return run([exe, *args], stdin=stdin)
+
+    def _probe(self) -> dict[str, Machine]:
+        out = self._smolvm('machine', 'ls', '--json').stdout
+        try:
+            listed = json.loads(out)
+        except ValueError as err:
+            raise BackendError(f'`smolvm machine ls --json` printed something that is not JSON ({err}); '
+                               'is the smolvm on PATH a supported version (1.9 or later)?') from None
+        return {m['name']: Machine(m['name'], m['state'], m.get('labels') or {}) for m in listed}
+
+    def build_image(self, build: ImageBuild):
+        if self.machine(build.machine):          # left over from an interrupted build
+            self.delete(build.machine)
+        try:
+            self._smolvm('machine', 'create', '--name', build.machine, '--image', build.base, '--net',
+                         '--', *WORKLOAD)
+            self._remember(build.machine, Machine(build.machine, 'created'))
+            self.start(build.machine)
+            for guest_path, host_path in build.files.items():
+                self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
+            self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
+            self.stop(build.machine)
+            self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
+            stub = build.artifact.with_suffix('')
+            self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
+            os.unlink(stub)                      # only the .smolmachine payload is used
+        except BaseException:
+            try:
+                if self.machine(build.machine):
+                    self.delete(build.machine)
+            except BottleError:
+                pass    # the build's own error says more; the next build deletes the leftover
+            raise
+        self.delete(build.machine)
+
+    def _create(self, spec: MachineSpec):
+        args = ['machine', 'create', '--name', spec.name, '--from', str(spec.image),
+                '--cpus', str(spec.cpus), '--mem', str(spec.memory_mib)]
+        for key, value in spec.labels.items():
+            args += ['--label', f'{key}={value}']
+        for host in spec.allow_hosts:
+            args += ['--allow-host', host]
+        for key, value in spec.env.items():
+            args += ['-e', f'{key}={value}']
+        self._smolvm(*args, '--', *WORKLOAD)
+
+    def _start(self, name: str):
+        self._smolvm('machine', 'start', '--name', name)
+
+    def _stop(self, name: str):
+        self._smolvm('machine', 'stop', '--name', name)
+
+    def _delete(self, name: str):
+        self._smolvm('machine', 'delete', '--name', name, '-f')
+
+    def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
+        if ':' in str(src):
+            # smolvm splits SRC on its first ':' and would read it as NAME:PATH
+            raise BackendError(f'cannot copy {src}: smolvm cp does not accept a ":" in a host path; '
+                               'move the project to a path without ":"')
+        self._smolvm('machine', 'cp', str(src), f'{name}:{dest}', '--mode', f'{mode:o}',
+                     '--uid', str(uid), '--gid', str(gid))
+
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
+        flags = ['-i'] if stdin is not None else []
+        return self._smolvm('machine', 'exec', '--name', name, *flags, '--', *argv,
+                            stdin=stdin).stdout.decode(errors='replace')
+
+    def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
+                    secrets: tuple[str, ...]) -> list[str]:
+        env = ['-e', f'HOME={home}', '-e', f'USER={user}', '-e', f'LOGNAME={user}', '-e', 'TERM']
+        for secret in secrets:
+            env += ['--secret-env', f'{secret}={secret}']
+        return ['smolvm', 'machine', 'exec', '--name', name, '-it', '-w', home, *env, '--',
+                'setpriv', '--reuid', user, '--regid', user, '--init-groups', '--', *argv]

@@ -1,0 +1,87 @@
+"""Image bases that need no registry.
+
+`image.base` in a manifest is one of:
+  an OCI reference          debian:bookworm-slim      pulled by the backend
+  a local root filesystem   ./rootfs/ or ./rootfs.tar  a directory or a tarball (.tar, .tar.gz, .tgz)
+  a Debian suite            debootstrap:bookworm      built here by base:debootstrap-<suite>
+
+base:debootstrap-<suite> runs `debootstrap --variant=minbase` with the packages every
+agent image needs already included, so the image setup needs no network at all, and
+keeps the result as a tarball in the user cache (built once per suite and host arch).
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.backends import BottleError
+from tasks.checks import FileExists
+from tasks.manifest import DEBOOTSTRAP, Recipe, is_local_base
+from tasks.project import Project, action, cache_dir
+
+BASE_PACKAGES = ('ca-certificates', 'curl', 'git')
+
+
+@dataclass(frozen=True)
+class Base:
+    reference: str              # what the backend is given: an OCI reference or an absolute path
+    task: str | None = None     # the task that makes it, run only when the image is built
+    file: Path | None = None    # a user's tarball: its content is an input of the image
+
+
+def debootstrap_tarball(suite: str) -> Path:
+    return cache_dir() / 'bases' / f'debootstrap-{suite}-{platform.machine()}.tar'
+
+
+def resolve(recipe: Recipe) -> Base:
+    if recipe.base.startswith(DEBOOTSTRAP):
+        suite = recipe.base.removeprefix(DEBOOTSTRAP)
+        tarball = debootstrap_tarball(suite)
+        return Base(str(tarball), task=f'base:debootstrap-{suite}')
+    if is_local_base(recipe.base):
+        path = (recipe.source_dir / recipe.base).resolve()
+        return Base(str(path), file=path if path.is_file() else None)
+    return Base(recipe.base)
+
+
+def tasks(project: Project):
+    suites = sorted({a.recipe.base.removeprefix(DEBOOTSTRAP) for a in project.agents.values()
+                     if a.recipe.base.startswith(DEBOOTSTRAP)})
+    for suite in suites:
+        tarball = debootstrap_tarball(suite)
+        yield {
+            'name': f'debootstrap-{suite}',
+            'doc': f'Debian {suite} (minbase + {", ".join(BASE_PACKAGES)}) built with debootstrap',
+            'actions': [(debootstrap, [suite, tarball])],
+            'targets': [tarball],
+            'uptodate': [FileExists(tarball, 'base tarball')],
+        }
+
+
+@action
+def debootstrap(suite: str, tarball: Path):
+    exe = shutil.which('debootstrap') or next(
+        (p for p in ('/usr/sbin/debootstrap', '/sbin/debootstrap') if Path(p).exists()), None)
+    if exe is None:
+        raise BottleError(f'debootstrap is needed to build the base debootstrap:{suite} '
+                          '(Debian: `apt-get install debootstrap`, as root)')
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tarball.parent, prefix='.debootstrap-') as tmp:
+        root = Path(tmp) / 'root'
+        proc = subprocess.run([exe, '--variant=minbase', f'--include={",".join(BASE_PACKAGES)}', suite,
+                               str(root)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            log = (root / 'debootstrap' / 'debootstrap.log')
+            detail = log.read_text()[-3000:] if log.exists() else proc.stderr[-3000:]
+            raise BottleError(f'debootstrap {suite} failed (exit {proc.returncode}); it needs root and '
+                              f'a reachable Debian mirror:\n{detail}')
+        partial = Path(tmp) / 'rootfs.tar'
+        packed = subprocess.run(['tar', '-C', str(root), '--numeric-owner', '-cf', str(partial), '.'],
+                                capture_output=True, text=True)
+        if packed.returncode != 0:
+            raise BottleError(f'packing the debootstrap root into {tarball} failed:\n{packed.stderr}')
+        partial.replace(tarball)

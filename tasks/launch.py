@@ -1,0 +1,58 @@
+"""launch:<agent>: the bottle up and provisioned, then Claude Code on your terminal.
+
+Claude runs as the agent user (it refuses to skip permissions as root), with
+--append-system-prompt-file iff the agent has a prompt, and with the manifest's
+secrets handed over by the backend at exec time: only their names are on the
+command line, their values never touch a file, an image, a log or doit's database.
+Without a terminal it does not wait: it prints the command that attaches.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+from tasks import guest
+from tasks.backends import BottleError, backend
+from tasks.manifest import Agent
+from tasks.project import Project, action
+from tasks.prompt import prompt_file
+
+
+def tasks(project: Project):
+    for agent in project.agents.values():
+        yield {
+            'name': agent.name,
+            'doc': f'bring {agent.name} up, provisioned, and attach Claude Code',
+            'actions': [(attach, [project, agent])],
+            'task_dep': [f'provision:{agent.name}'],
+            'verbosity': 2,
+        }
+
+
+def claude_argv(project: Project, agent: Agent) -> list[str]:
+    argv = ['claude']
+    if prompt_file(project, agent.name).stat().st_size:
+        argv += ['--append-system-prompt-file', guest.prompt_path(agent)]
+    return argv
+
+
+@action
+def attach(project: Project, agent: Agent):
+    command = backend(agent.backend).attach_argv(
+        agent.machine, claude_argv(project, agent), user=agent.user.name, home=agent.user.home,
+        secrets=agent.secrets)
+    missing = [name for name in agent.secrets if name not in os.environ]
+    if not (os.isatty(0) and os.isatty(1)):
+        print(f'{agent.name} is up and provisioned in {agent.machine}. Attach Claude Code from a '
+              f'terminal with\n  doit launch:{agent.name}\nor directly with\n  {shlex.join(command)}')
+        if missing:
+            print(f'Set {", ".join(missing)} in your environment first; the bottle gets '
+                  f'{"it" if len(missing) == 1 else "them"} at attach time only.')
+        return
+    if missing:
+        raise BottleError(f'{agent.name} needs {", ".join(missing)} from your environment (manifest key '
+                          f'secrets): export {missing[0]}=... and run `doit launch:{agent.name}` again')
+    code = subprocess.call(command)
+    if code != 0:
+        raise BottleError(f'Claude Code in {agent.machine} exited with code {code}')

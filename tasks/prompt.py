@@ -1,0 +1,38 @@
+"""prompt:<agent>: the system prompt, rendered into the agent's state dir (mode 0600)."""
+from __future__ import annotations
+
+from doit.tools import config_changed
+
+from tasks.project import Project, action, write_atomic
+
+TEMPLATE = 'prompt.md.j2'
+
+
+def prompt_file(project: Project, agent_name: str):
+    return project.agent_dir(agent_name) / 'prompt.md'
+
+
+def tasks(project: Project):
+    template = project.template_file(TEMPLATE)
+    for agent in project.agents.values():
+        # Skills are not listed: Claude Code finds them itself, and a changed skill
+        # list then costs no prompt copy.
+        settings = {'prompt': agent.prompt, 'allow_hosts': agent.allow_hosts,
+                    'user': agent.user.name, 'home': agent.user.home}
+        yield {
+            'name': agent.name,
+            'doc': f'render the system prompt of {agent.name}',
+            'actions': [(render, [project, agent, settings])],
+            'file_dep': [template] + ([agent.prompt_file] if agent.prompt_file else []),
+            'targets': [prompt_file(project, agent.name)],
+            'uptodate': [config_changed(settings)],
+            'clean': True,
+        }
+
+
+@action
+def render(project: Project, agent, settings: dict):
+    text = agent.prompt_file.read_text() if agent.prompt_file else settings['prompt']
+    rendered = project.render(TEMPLATE, **{**settings, 'prompt': text.strip(), 'agent': agent.name,
+                                           'machine': agent.machine})
+    write_atomic(prompt_file(project, agent.name), rendered, mode=0o600)

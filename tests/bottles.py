@@ -1,0 +1,449 @@
+"""Test harness: a throwaway claude-bottle project driven through the real `doit`
+CLI, against one backend. Each backend harness knows how to set the backend up,
+how to read its call log, how to look inside a machine, and how to change a
+machine behind doit's back; the scenarios are written once, against this API.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    """One doit invocation and the backend calls it made."""
+    args: tuple
+    returncode: int
+    stdout: str
+    stderr: str
+    calls: list[list[str]] = field(default_factory=list)   # argv after the program name
+    _kinds: list[str] = field(default_factory=list)
+
+    @property
+    def kinds(self) -> Counter:
+        return Counter(self._kinds)
+
+    def count(self, kind: str, machine: str | None = None) -> int:
+        """Calls of one kind, optionally only those naming one machine."""
+        if machine is None:
+            return self.kinds[kind]
+        return sum(1 for argv, k in zip(self.calls, self._kinds)
+                   if k == kind and any(a == machine or a.startswith(f'{machine}:') for a in argv))
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def transferred_skills(self) -> list[str]:
+        """Skill names sent by `exec -i ... sh -c <receive> sh <dir> <skill> <owner>`."""
+        names = []
+        for argv in self.calls:
+            if 'sh' in argv and '-c' in argv:
+                script_at = argv.index('-c') + 1
+                tail = argv[script_at + 1:]
+                if 'tar -x' in argv[script_at] and len(tail) == 4:
+                    names.append(tail[2])
+        return names
+
+
+@dataclass
+class Attached:
+    """`doit launch:<agent>` on a terminal: did Claude start, and how."""
+    ok: bool
+    output: str
+    claude: dict           # user, uid, home, args, tty, secret_sha256 of the claude process
+
+
+def parse_fields(text: str) -> dict:
+    return dict(line.split('=', 1) for line in text.splitlines() if '=' in line)
+
+
+def run_on_terminal(cwd: Path, args: list[str], env: dict, timeout: float = 600) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as stdin/stdout/stderr; return (exit code, output)."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=terminal, stdout=terminal, stderr=terminal,
+                            start_new_session=True)
+    os.close(terminal)
+    output = b''
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(controller)
+    return proc.wait(timeout=60), output.decode(errors='replace')
+
+
+class Bottles:
+    """A project directory with its own agents, run with `python -m doit`."""
+
+    def __init__(self, root: Path, backend):
+        self.root = root
+        self.backend = backend
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / 'dodo.py', root / 'dodo.py')
+        (root / 'agents' / 'skills').mkdir(parents=True, exist_ok=True)
+        defaults = backend.manifest_defaults()
+        if defaults:
+            self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump(defaults))
+
+    # -- writing the project
+
+    @staticmethod
+    def write(path: Path, text: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def agent(self, name: str, **manifest):
+        self.write(self.root / 'agents' / f'{name}.yaml', yaml.safe_dump(manifest, sort_keys=False))
+
+    def agent_text(self, name: str, text: str):
+        self.write(self.root / 'agents' / f'{name}.yaml', text)
+
+    def skill(self, name: str, files: dict[str, str] | None = None):
+        files = files or {'SKILL.md': f'---\nname: {name}\ndescription: test skill {name}\n---\nDo {name}.\n'}
+        for rel, text in files.items():
+            self.write(self.root / 'agents' / 'skills' / name / rel, text)
+
+    def skill_tree(self, name: str) -> dict[str, str]:
+        base = self.root / 'agents' / 'skills' / name
+        return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(base.rglob('*')) if p.is_file()}
+
+    # -- running doit
+
+    def env(self, **extra) -> dict:
+        env = {**os.environ, **self.backend.env()}
+        env.update({k: v for k, v in extra.items() if v is not None})
+        for key in [k for k, v in extra.items() if v is None]:
+            env.pop(key, None)
+        return env
+
+    def doit(self, *args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> Run:
+        mark = self.backend.call_mark()
+        proc = subprocess.run([sys.executable, '-m', 'doit', *args], cwd=self.root,
+                              env=env or self.env(), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        calls = self.backend.calls_since(mark)
+        run = Run(args, proc.returncode, proc.stdout, proc.stderr, calls,
+                  [self.backend.kind(c) for c in calls])
+        if check and proc.returncode != 0:
+            raise AssertionError(f'doit {" ".join(args)} exited {proc.returncode}\n{run.output}')
+        return run
+
+    # -- looking inside
+
+    def guest(self, agent: str, script: str) -> str:
+        return self.backend.guest(f'bottle-{agent}', script)
+
+    def guest_tree(self, agent: str, directory: str) -> dict[str, str]:
+        out = self.guest(agent, f'cd {directory} && find . -type f -exec sha256sum {{}} +')
+        tree = {}
+        for line in out.splitlines():
+            digest, path = line.split(None, 1)
+            tree[path.removeprefix('./')] = digest
+        return tree
+
+    def manifest(self, agent: str) -> dict:
+        return yaml.safe_load((self.root / 'agents' / f'{agent}.yaml').read_text())
+
+    def prompt_text(self, agent: str) -> str:
+        return (self.root / '.bottle' / 'agents' / agent / 'prompt.md').read_text()
+
+
+# --- the Claude Code that stand-in images install --------------------------------------------
+
+TEST_CLAUDE_VERSION = '0.0.0-test'
+TEST_SECRET = 'BOTTLE_TEST_SECRET'
+
+# Stands in for the native claude binary in stand-in images only (a real one is 370 MB;
+# the podman suite installs the real one). It records how it was started.
+FAKE_CLAUDE = r'''#!/bin/sh
+if [ "${1:-}" = "--version" ]; then echo "0.0.0-test (Claude Code)"; exit 0; fi
+out="$HOME/claude-started.txt"
+{
+  echo "uid=$(id -u)"
+  echo "user=$(id -un)"
+  echo "home=$HOME"
+  echo "args=$*"
+  if [ -t 0 ]; then echo "tty=yes"; else echo "tty=no"; fi
+  if [ -n "${BOTTLE_TEST_SECRET:-}" ]; then
+    echo "secret_sha256=$(printf %s "$BOTTLE_TEST_SECRET" | sha256sum | cut -d' ' -f1)"
+  fi
+  if [ "${1:-}" = "--append-system-prompt-file" ]; then
+    echo "prompt_sha256=$(sha256sum < "$2" | cut -d' ' -f1)"
+  fi
+} > "$out"
+echo "claude (test stand-in) started"
+'''
+
+
+def make_fake_claude_archive(cache: Path) -> Path:
+    """Put a package for TEST_CLAUDE_VERSION into the claude-bottle download cache."""
+    import io
+    import tarfile
+
+    from tasks.image import npm_platform
+    archive = (cache / 'claude-bottle' / 'claude-code'
+               / f'anthropic-ai-claude-code-{npm_platform()}-{TEST_CLAUDE_VERSION}.tgz')
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, 'w:gz') as tar:
+        data = FAKE_CLAUDE.encode()
+        info = tarfile.TarInfo('package/claude')
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+    return archive
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+class StandinSmolvm:
+    """smolvm, played by the project's stand-in (tests/standin/smolvm)."""
+    name = 'standin'
+    cli = 'smolvm'
+
+    def __init__(self, tmp: Path, images_index: Path, cache: Path, latency_ms: int = 0):
+        from tests.standin import harness
+        self.harness = harness
+        self.data = tmp / 'smolvm-data'
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.images_index, self.cache, self.latency_ms = images_index, cache, latency_ms
+
+    def env(self) -> dict:
+        return {**self.harness.standin_env(self.data, self.images_index, self.latency_ms),
+                'XDG_CACHE_HOME': str(self.cache)}
+
+    def manifest_defaults(self) -> dict:
+        return {'image': {'claude_code': TEST_CLAUDE_VERSION}}
+
+    @staticmethod
+    def stall_pack_env() -> dict:
+        return {'SMOLVM_STANDIN_PACK_STALL_SECS': '60'}
+
+    def call_mark(self) -> int:
+        return len(self.harness.read_calls(self.data))
+
+    def calls_since(self, mark: int) -> list[list[str]]:
+        return [c['argv'] for c in self.harness.read_calls(self.data)[mark:]]
+
+    @staticmethod
+    def kind(argv: list[str]) -> str:
+        if argv[:2] == ['pack', 'create']:
+            return 'pack'
+        if argv and argv[0] in ('machine', 'vm') and len(argv) > 1:
+            return {'ls': 'probe', 'list': 'probe', 'rm': 'delete'}.get(argv[1], argv[1])
+        return ' '.join(argv[:2])
+
+    def smolvm(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.env()}
+        return subprocess.run(['smolvm', *args], env=env, input=stdin, capture_output=True, check=True)
+
+    def guest(self, machine: str, script: str) -> str:
+        return self.smolvm('machine', 'exec', '--name', machine, '--', 'sh', '-c', script).stdout.decode()
+
+    def machine_state(self, machine: str) -> str | None:
+        listed = json.loads(self.smolvm('machine', 'ls', '--json').stdout)
+        return next((m['state'] for m in listed if m['name'] == machine), None)
+
+    def delete_behind_back(self, machine: str):
+        self.smolvm('machine', 'delete', '--name', machine, '-f')
+
+    def stop_behind_back(self, machine: str):
+        self.smolvm('machine', 'stop', '--name', machine)
+
+    def state_dirs(self) -> list[Path]:
+        return [self.data]
+
+    def attach(self, bottles: Bottles, agent: str, env: dict) -> Attached:
+        """The stand-in images' claude records how it was started, then exits."""
+        code, output = run_on_terminal(bottles.root, [sys.executable, '-m', 'doit', f'launch:{agent}'], env)
+        if code != 0:
+            return Attached(False, output, {})
+        return Attached(True, output, parse_fields(bottles.guest(agent, 'cat /home/agent/claude-started.txt')))
+
+    def close(self, project_label):
+        self.harness.stop_all(self.data)
+
+
+def tmux_attach(root: Path, command: str, env: dict, inspect, timeout: float = 600) -> Attached:
+    """Run `command` in a detached tmux session (a real terminal); wait until `inspect()` finds
+    claude running or the command ends; return what was seen. The session is killed afterwards."""
+    socket = root.parent / f'tmux-{uuid.uuid4().hex[:8]}.sock'
+    tmux = ['tmux', '-S', str(socket)]
+    subprocess.run([*tmux, 'new-session', '-d', '-x', '200', '-y', '50', '-c', str(root),
+                    f'{command}; echo "EXIT=$?"; sleep 600'], env=env, check=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pane = subprocess.run([*tmux, 'capture-pane', '-p', '-S', '-200'], capture_output=True,
+                                  text=True).stdout
+            claude = inspect()
+            if claude:
+                return Attached(True, pane, claude)
+            if 'EXIT=' in pane:
+                return Attached(False, pane, {})
+            time.sleep(0.5)
+        raise AssertionError(f'claude did not start within {timeout} s:\n{pane}')
+    finally:
+        subprocess.run([*tmux, 'kill-server'], capture_output=True)
+
+
+SKIP_ONBOARDING = ('echo \'{"hasCompletedOnboarding": true}\' > /home/agent/.claude.json && '
+                   'chown agent:agent /home/agent/.claude.json')
+
+
+def make_logging_shim(shim_dir: Path, program: str, log: Path) -> Path:
+    """`program` on PATH that logs its argv (one JSON line) and execs the real one."""
+    real = shutil.which(program)
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    shim = shim_dir / program
+    shim.write_text(f'''#!{sys.executable}
+import json, os, sys
+line = (json.dumps({{"argv": sys.argv[1:]}}) + "\\n").encode()
+fd = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+os.write(fd, line)
+os.close(fd)
+os.execv({real!r}, [{real!r}] + sys.argv[1:])
+''')
+    shim.chmod(0o755)
+    return shim
+
+
+def read_log(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [json.loads(line)['argv'] for line in log.read_text().splitlines() if line.strip()]
+
+
+class Podman:
+    """The docker backend on the real podman engine, real Claude Code in every image."""
+    name = 'podman'
+    cli = 'podman'
+
+    def __init__(self, tmp: Path, cache: Path):
+        self.log = tmp / 'podman-calls.jsonl'
+        self.shims = tmp / 'shims'
+        make_logging_shim(self.shims, 'podman', self.log)
+        self.cache = cache
+        self.project_label = None
+
+    def env(self) -> dict:
+        return {'PATH': f'{self.shims}{os.pathsep}{os.environ["PATH"]}', 'XDG_CACHE_HOME': str(self.cache)}
+
+    def manifest_defaults(self) -> dict:
+        return {'backend': 'podman', 'image': {'base': 'debootstrap:bookworm'}}
+
+    @staticmethod
+    def stall_pack_env() -> dict:
+        return {}            # `save` of a real image takes seconds: time enough to kill it
+
+    def call_mark(self) -> int:
+        return len(read_log(self.log))
+
+    def calls_since(self, mark: int) -> list[list[str]]:
+        return read_log(self.log)[mark:]
+
+    @staticmethod
+    def kind(argv: list[str]) -> str:
+        verb = argv[0] if argv else ''
+        if verb == 'ps':
+            return 'probe'
+        if verb == 'save':
+            return 'pack'
+        if verb == 'rm':
+            return 'delete'
+        if verb == 'exec' and any('cat > "$tmp"' in a for a in argv):
+            return 'cp'                    # the docker backend copies one file through exec
+        if verb == 'image':
+            return ' '.join(argv[:2])
+        return verb
+
+    def podman(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(['podman', *args], capture_output=True, check=True)
+
+    def guest(self, machine: str, script: str) -> str:
+        return self.podman('exec', machine, 'sh', '-c', script).stdout.decode()
+
+    def machine_state(self, machine: str) -> str | None:
+        proc = subprocess.run(['podman', 'container', 'inspect', '--format', '{{.State.Status}}', machine],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None
+        return {'exited': 'stopped'}.get(proc.stdout.strip(), proc.stdout.strip())
+
+    def delete_behind_back(self, machine: str):
+        self.podman('rm', '-f', machine)
+
+    def stop_behind_back(self, machine: str):
+        self.podman('stop', machine)
+
+    def attach(self, bottles: Bottles, agent: str, env: dict) -> Attached:
+        """The real claude keeps running: it is inspected in the bottle, then left to teardown.
+        With onboarding marked done it waits at its trust prompt instead of checking the
+        network first (the bottles here have none)."""
+        bottles.doit(f'provision:{agent}', env=env)
+        self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
+        return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,
+                           lambda: self.inspect_claude(f'bottle-{agent}'))
+
+    def inspect_claude(self, machine: str) -> dict:
+        """How claude runs in the container, read from the host's /proc: Claude Code makes
+        itself non-dumpable, so even root in the container cannot read its environment."""
+        top = subprocess.run(['podman', 'top', machine, 'hpid', 'args'], capture_output=True, text=True)
+        for line in top.stdout.splitlines()[1:]:
+            hpid, args = line.strip().split(None, 1)
+            if args.split()[0] != 'claude':
+                continue
+            proc = Path('/proc') / hpid
+            env = dict(item.split('=', 1) for item in proc.joinpath('environ').read_text().split('\0')
+                       if '=' in item)
+            uid = next(line.split()[1] for line in proc.joinpath('status').read_text().splitlines()
+                       if line.startswith('Uid:'))
+            passwd = self.guest(machine, f'getent passwd {uid}')
+            info = {'uid': uid, 'user': passwd.split(':')[0], 'home': env.get('HOME', ''),
+                    'args': args.split(None, 1)[1] if ' ' in args.strip() else '',
+                    'tty': 'yes' if os.readlink(proc / 'fd' / '0').startswith('/dev/pts/') else 'no'}
+            if 'BOTTLE_TEST_SECRET' in env:
+                info['secret_sha256'] = hashlib.sha256(env['BOTTLE_TEST_SECRET'].encode()).hexdigest()
+            return info
+        return {}
+
+    def containers(self, project_label: str) -> list[str]:
+        return subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
+                               f'label=claude-bottle.project={project_label}'],
+                              capture_output=True, text=True).stdout.split()
+
+    def state_dirs(self) -> list[Path]:
+        """The writable layers of every bottle: where a guest would have written a secret."""
+        names = subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
+                                'name=^bottle-'], capture_output=True, text=True).stdout.split()
+        return [Path(self.podman('inspect', '--format', '{{.GraphDriver.Data.UpperDir}}', n)
+                     .stdout.decode().strip()) for n in names]
+
+    def close(self, project_label):
+        ours = self.containers(project_label)
+        if ours:
+            subprocess.run(['podman', 'rm', '-f', *ours], capture_output=True)

@@ -1,0 +1,47 @@
+"""What is about smolvm itself: its argv, its absence, and packs cut short."""
+from __future__ import annotations
+
+from tests.test_scenarios import setup_agent
+
+
+def test_machine_is_created_from_the_pack_with_resources_labels_and_egress_again(standin):
+    setup_agent(standin, resources={'cpus': 3, 'memory': 1024}, env={'MODE': 'review'},
+                network={'allow_hosts': ['api.anthropic.com', 'pypi.org']})
+    run = standin.doit('provision')
+    create = next(c for c in run.calls if c[:2] == ['machine', 'create'] and 'bottle-a' in c)
+    assert create[create.index('--from') + 1].endswith('.smolmachine')
+    assert create[create.index('--cpus') + 1] == '3' and create[create.index('--mem') + 1] == '1024'
+    hosts = [create[i + 1] for i, arg in enumerate(create) if arg == '--allow-host']
+    assert hosts == ['api.anthropic.com', 'pypi.org']
+    assert 'MODE=review' in create and 'claude-bottle.agent=a' in create
+    assert create[-3:] == ['--', 'sleep', 'infinity']
+    kinds = [standin.backend.kind(c) for c in run.calls]
+    assert kinds.index('update') < kinds.index('pack')          # build machine off the net, then packed
+    update = run.calls[kinds.index('update')]
+    assert '--no-net' in update
+    assert standin.guest('a', 'echo $MODE').strip() == 'review'
+
+
+def test_the_build_machine_is_gone_after_the_pack(standin):
+    setup_agent(standin)
+    standin.doit('image')
+    listed = standin.backend.smolvm('machine', 'ls', '--json').stdout.decode()
+    assert 'bottle-build-' not in listed
+
+
+def test_a_machine_this_project_did_not_make_is_never_deleted(standin):
+    setup_agent(standin)
+    standin.doit('image')
+    standin.backend.smolvm('machine', 'create', '--name', 'bottle-a', '--image', 'debian:bookworm-slim',
+                           '--net', '--', 'sleep', 'infinity')
+    run = standin.doit('launch:a', check=False)
+    assert run.returncode != 0 and 'was not made by this project' in run.output
+    assert standin.backend.machine_state('bottle-a') == 'created'
+
+
+def test_attach_command_names_secrets_but_never_their_values(standin):
+    setup_agent(standin, secrets=['BOTTLE_TEST_SECRET'])
+    run = standin.doit('launch:a', env=standin.env(BOTTLE_TEST_SECRET='value-never-printed'))
+    assert '--secret-env BOTTLE_TEST_SECRET=BOTTLE_TEST_SECRET' in run.stdout
+    assert 'value-never-printed' not in run.output
+    assert 'setpriv --reuid agent' in run.stdout
