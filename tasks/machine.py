@@ -9,16 +9,19 @@ teardown:<agent>  machine stopped and deleted, the agent's state dir removed.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
+from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks.backends import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BottleError, MachineSpec, backend
+from tasks.backends import (AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, BottleError,
+                            MachineSpec, backend)
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
 from tasks.image import Image, image_of
 from tasks.manifest import Agent
-from tasks.project import Project, action
+from tasks.project import Project, action, write_json
 
 IMAGE_LABEL = 'claude-bottle.image'
 
@@ -60,28 +63,51 @@ def teardown_tasks(project: Project):
         }
 
 
-def _ours(project: Project, agent: Agent):
-    """The agent's machine if it exists; an error if that name belongs to someone else."""
-    machine = backend(agent.backend).machine(agent.machine)
+def placement(project: Project, agent: Agent) -> Path:
+    """Where the agent's machine lives (backend, name), so that switching backends or
+    tearing down finds it even after the manifest moved it elsewhere."""
+    return project.agent_dir(agent.name) / 'machine.json'
+
+
+def _ours(project: Project, backend_name: str, agent: Agent):
+    """The agent's machine on that backend if it exists; an error if the name belongs to someone else."""
+    machine = backend(backend_name).machine(agent.machine)
     if machine is not None and machine.labels.get(PROJECT_LABEL) != project.label:
         raise BottleError(
-            f'a machine named {agent.machine} exists on {agent.backend} but was not made by this '
-            f'project ({project.root}); delete it with the {agent.backend} CLI, or rename '
+            f'a machine named {agent.machine} exists on {backend_name} but was not made by this '
+            f'project ({project.root}); delete it with the {backend_name} CLI, or rename '
             f'agents/{agent.name}.yaml')
     return machine
 
 
+def _delete(project: Project, backend_name: str, agent: Agent):
+    if _ours(project, backend_name, agent) is not None:
+        backend(backend_name).delete(agent.machine)
+
+
+def _previous_backend(project: Project, agent: Agent) -> str | None:
+    try:
+        return json.loads(placement(project, agent).read_text())['backend']
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @action
 def create(project: Project, agent: Agent, image: Image):
-    runtime = backend(agent.backend)
-    if _ours(project, agent) is not None:
-        runtime.delete(agent.machine)
+    previous = _previous_backend(project, agent)
+    if previous and previous != agent.backend:     # the agent moved: take the old machine down
+        try:
+            _delete(project, previous, agent)
+        except BackendMissing:
+            print(f'note: {agent.machine} may still exist on {previous}, whose CLI is gone')
+    _delete(project, agent.backend, agent)
     identity = uuid.uuid4().hex
-    runtime.create(MachineSpec(
-        name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus, memory_mib=agent.memory_mib,
+    backend(agent.backend).create(MachineSpec(
+        name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
+        memory_mib=agent.memory_mib, env=agent.env, allow_hosts=agent.allow_hosts,
         labels={AGENT_LABEL: agent.name, PROJECT_LABEL: project.label, IMAGE_LABEL: image.key,
-                ID_LABEL: identity},
-        env=agent.env, allow_hosts=agent.allow_hosts))
+                ID_LABEL: identity}))
+    write_json(placement(project, agent), {'backend': agent.backend, 'machine': agent.machine})
     return {'machine_id': identity}
 
 
@@ -92,5 +118,5 @@ def start(agent: Agent):
 
 @action
 def delete(project: Project, agent: Agent):
-    if _ours(project, agent) is not None:
-        backend(agent.backend).delete(agent.machine)
+    for name in dict.fromkeys(filter(None, [_previous_backend(project, agent), agent.backend])):
+        _delete(project, name, agent)

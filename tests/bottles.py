@@ -338,6 +338,30 @@ def read_log(log: Path) -> list[list[str]]:
     return [json.loads(line)['argv'] for line in log.read_text().splitlines() if line.strip()]
 
 
+def podman_claude_process(machine: str) -> dict:
+    """How claude runs in the container, read from the host's /proc: Claude Code makes
+    itself non-dumpable, so even root in the container cannot read its environment."""
+    top = subprocess.run(['podman', 'top', machine, 'hpid', 'args'], capture_output=True, text=True)
+    for line in top.stdout.splitlines()[1:]:
+        hpid, args = line.strip().split(None, 1)
+        if args.split()[0] != 'claude':
+            continue
+        proc = Path('/proc') / hpid
+        env = dict(item.split('=', 1) for item in proc.joinpath('environ').read_text().split('\0')
+                   if '=' in item)
+        uid = next(line.split()[1] for line in proc.joinpath('status').read_text().splitlines()
+                   if line.startswith('Uid:'))
+        passwd = subprocess.run(['podman', 'exec', machine, 'getent', 'passwd', uid], capture_output=True,
+                                text=True).stdout
+        info = {'uid': uid, 'user': passwd.split(':')[0], 'home': env.get('HOME', ''),
+                'args': args.split(None, 1)[1] if ' ' in args.strip() else '',
+                'tty': 'yes' if os.readlink(proc / 'fd' / '0').startswith('/dev/pts/') else 'no'}
+        if 'BOTTLE_TEST_SECRET' in env:
+            info['secret_sha256'] = hashlib.sha256(env['BOTTLE_TEST_SECRET'].encode()).hexdigest()
+        return info
+    return {}
+
+
 class Podman:
     """The docker backend on the real podman engine, real Claude Code in every image."""
     name = 'podman'
@@ -407,29 +431,7 @@ class Podman:
         bottles.doit(f'provision:{agent}', env=env)
         self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,
-                           lambda: self.inspect_claude(f'bottle-{agent}'))
-
-    def inspect_claude(self, machine: str) -> dict:
-        """How claude runs in the container, read from the host's /proc: Claude Code makes
-        itself non-dumpable, so even root in the container cannot read its environment."""
-        top = subprocess.run(['podman', 'top', machine, 'hpid', 'args'], capture_output=True, text=True)
-        for line in top.stdout.splitlines()[1:]:
-            hpid, args = line.strip().split(None, 1)
-            if args.split()[0] != 'claude':
-                continue
-            proc = Path('/proc') / hpid
-            env = dict(item.split('=', 1) for item in proc.joinpath('environ').read_text().split('\0')
-                       if '=' in item)
-            uid = next(line.split()[1] for line in proc.joinpath('status').read_text().splitlines()
-                       if line.startswith('Uid:'))
-            passwd = self.guest(machine, f'getent passwd {uid}')
-            info = {'uid': uid, 'user': passwd.split(':')[0], 'home': env.get('HOME', ''),
-                    'args': args.split(None, 1)[1] if ' ' in args.strip() else '',
-                    'tty': 'yes' if os.readlink(proc / 'fd' / '0').startswith('/dev/pts/') else 'no'}
-            if 'BOTTLE_TEST_SECRET' in env:
-                info['secret_sha256'] = hashlib.sha256(env['BOTTLE_TEST_SECRET'].encode()).hexdigest()
-            return info
-        return {}
+                           lambda: podman_claude_process(f'bottle-{agent}'))
 
     def containers(self, project_label: str) -> list[str]:
         return subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',

@@ -72,6 +72,18 @@ def bottles(request, tmp_path, standin_images, claude_cache):
 
 
 @pytest.fixture
+def podman(tmp_path, standin_images, claude_cache):
+    """The podman engine only: for what is about the docker backend itself."""
+    backend = _podman(tmp_path, standin_images, claude_cache)
+    project = Bottles(tmp_path / 'project', backend)
+    try:
+        yield project
+    finally:
+        backend.close(Project(project.root).label)
+        shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)
+
+
+@pytest.fixture
 def standin(tmp_path, standin_images, claude_cache):
     """The stand-in only: for what is about smolvm itself."""
     backend = _standin(tmp_path, standin_images, claude_cache)

@@ -1,0 +1,45 @@
+"""What is about the docker backend itself, on the real podman engine."""
+from __future__ import annotations
+
+import json
+
+from tests.test_scenarios import setup_agent
+
+
+def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(podman):
+    podman.agent('a', prompt='hi')
+    podman.doit('provision')
+    record = json.loads(next((podman.root / '.bottle/images').glob('*/image.json')).read_text())
+    assert record['base'] == 'debootstrap:bookworm' and record['backend'] == 'podman'
+    facts = dict(line.split('=', 1) for line in podman.guest('a', '''
+        echo "claude=$(su agent -s /bin/sh -c 'claude --version')"
+        echo "git=$(git --version)"
+        echo "curl=$(curl --version | head -1)"
+        echo "update_ca=$(command -v update-ca-certificates)"
+        echo "agent_uid=$(id -u agent)"
+        echo "image=$(cat /etc/claude-bottle/image.json)"
+    ''').splitlines())
+    assert facts['claude'].startswith(record['claude_code'] + ' ')
+    assert facts['git'].startswith('git version') and facts['curl'].startswith('curl ')
+    assert facts['update_ca'] == '/usr/sbin/update-ca-certificates'
+    assert facts['agent_uid'] != '0'
+    inside = json.loads(facts['image'])
+    assert inside['recipe'] == record['key'] and inside['claude_code'] == facts['claude']
+
+
+def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(podman):
+    setup_agent(podman, resources={'cpus': 1, 'memory': 1024}, env={'MODE': 'review'})
+    run = podman.doit('provision')
+    create = next(c for c in run.calls if c[0] == 'create' and 'bottle-a' in c)
+    assert create[create.index('--cpus') + 1] == '1' and create[create.index('--memory') + 1] == '1024m'
+    assert create[create.index('--network') + 1] == 'none'
+    assert 'claude-bottle.agent=a' in create and 'MODE=review' in create
+    assert podman.guest('a', 'echo $MODE; cat /proc/net/dev | tail -n +3 | cut -d: -f1').split() == ['review', 'lo']
+
+
+def test_attach_command_passes_secrets_by_name_only(podman):
+    setup_agent(podman, secrets=['BOTTLE_TEST_SECRET'])
+    run = podman.doit('launch:a', env=podman.env(BOTTLE_TEST_SECRET='value-never-printed'))
+    assert 'podman exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET bottle-a' \
+        in run.stdout
+    assert 'value-never-printed' not in run.output
