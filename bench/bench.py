@@ -18,7 +18,7 @@ attach command instead of attaching) and `python -m doit provision` for the flee
 Backend calls are read from the stand-in's call log for exactly that invocation;
 time is the wall time of the whole invocation (Python and doit start-up included).
 
-Baseline side ("the original system"): `baseline_launch` below does, on EVERY
+Baseline side ("the original system"): `Baseline.launch` below does, on EVERY
 launch, what the original system did: `smolvm machine start` (idempotent), then per
 skill one `exec ... mkdir -p` of its directories and one `machine cp` per file, plus
 one `cp` of the prompt. It runs against its own stand-in data dir with the same
@@ -316,14 +316,15 @@ def kinds_text(kinds: Counter) -> str:
     return ', '.join(f'{kind} {n}' for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def report(rows, facts, oddities, shape: Shape, latency_ms: int, total: float) -> str:
+def report(rows, facts, oddities, shape: Shape, latency_ms: int, total: float, load: str) -> str:
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else cpus
     subdirs = sorted({str(Path(f).parent) for f in SKILL_FILES})
     out = [
         'claude-bottle provisioning bench (smolvm stand-in)',
         f'machine:  {platform.system()} {platform.machine()}, {cpus} CPUs ({usable} usable), '
-        f'Python {platform.python_version()}; stand-in latency {latency_ms} ms per smolvm call',
+        f'Python {platform.python_version()}, load average at start {load}; '
+        f'stand-in latency {latency_ms} ms per smolvm call',
         f'agent a:  {shape.skills} skills x {shape.files} files (dirs per skill: {", ".join(subdirs)}), '
         f'plus a prompt',
         f'fleet:    {shape.fleet} agents x {shape.fleet_skills} skills x {shape.files} files, plus a prompt '
@@ -355,7 +356,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--latency-ms', type=int, default=DEFAULT_LATENCY_MS,
                         help=f'stand-in latency per smolvm call (default {DEFAULT_LATENCY_MS})')
-    parser.add_argument('--quick', action='store_true', help='smaller shapes, for a smoke run')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: agent a with 5 skills, a fleet of 10 agents')
     parser.add_argument('--keep', action='store_true', help='keep the temporary directory')
     args = parser.parse_args()
     shape = Shape(skills=5, fleet=10, fleet_skills=2) if args.quick else Shape(skills=20, fleet=50, fleet_skills=2)
@@ -364,11 +366,14 @@ def main() -> int:
         print(f'[{time.perf_counter() - began:6.1f} s] {message}', file=sys.stderr, flush=True)
 
     began = time.perf_counter()
+    load = ' '.join(f'{x:.2f}' for x in os.getloadavg())
     tmp = Path(tempfile.mkdtemp(prefix='claude-bottle-bench-'))
     try:
         rows, facts, oddities = bench(tmp, args.latency_ms, shape, log)
     except BenchFailure as err:
         print(f'bench failed: {err}', file=sys.stderr)
+        if not args.keep:
+            print('(the temporary projects are removed; rerun with --keep to look at them)', file=sys.stderr)
         return 1
     finally:
         if args.keep:
@@ -376,7 +381,7 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - began
-    print(report(rows, facts, oddities, shape, args.latency_ms, total))
+    print(report(rows, facts, oddities, shape, args.latency_ms, total, load))
     return 0
 
 

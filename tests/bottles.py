@@ -362,6 +362,18 @@ def podman_claude_process(machine: str) -> dict:
     return {}
 
 
+def podman_containers(project_label: str) -> list[str]:
+    return subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
+                           f'label=claude-bottle.project={project_label}'], capture_output=True,
+                          text=True).stdout.split()
+
+
+def remove_podman_containers(project_label: str):
+    names = podman_containers(project_label)
+    if names:
+        subprocess.run(['podman', 'rm', '-f', *names], capture_output=True)
+
+
 class Podman:
     """The docker backend on the real podman engine, real Claude Code in every image."""
     name = 'podman'
@@ -433,11 +445,6 @@ class Podman:
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,
                            lambda: podman_claude_process(f'bottle-{agent}'))
 
-    def containers(self, project_label: str) -> list[str]:
-        return subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
-                               f'label=claude-bottle.project={project_label}'],
-                              capture_output=True, text=True).stdout.split()
-
     def state_dirs(self) -> list[Path]:
         """The writable layers of every bottle: where a guest would have written a secret."""
         names = subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
@@ -446,6 +453,70 @@ class Podman:
                      .stdout.decode().strip()) for n in names]
 
     def close(self, project_label):
-        ours = self.containers(project_label)
-        if ours:
-            subprocess.run(['podman', 'rm', '-f', *ours], capture_output=True)
+        remove_podman_containers(project_label)
+
+
+# How the claude process runs, read from /proc inside a smolvm guest (whose root, unlike a
+# container's, has CAP_SYS_PTRACE and may read a non-dumpable process's environment).
+INSPECT_CLAUDE = r'''for d in /proc/[0-9]*; do
+  cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
+  case "$cmd" in claude*) ;; *) continue ;; esac
+  uid=$(sed -n 's/^Uid:[[:space:]]*\([0-9]*\).*/\1/p' "$d/status")
+  echo "uid=$uid"
+  echo "user=$(getent passwd "$uid" | cut -d: -f1)"
+  echo "home=$(tr '\0' '\n' < "$d/environ" | sed -n 's/^HOME=//p')"
+  args=${cmd#claude}; args=${args# }; echo "args=${args% }"
+  case "$(readlink "$d/fd/0")" in /dev/pts/*) echo tty=yes ;; *) echo tty=no ;; esac
+  secret=$(tr '\0' '\n' < "$d/environ" | sed -n 's/^BOTTLE_TEST_SECRET=//p')
+  [ -z "$secret" ] || echo "secret_sha256=$(printf %s "$secret" | sha256sum | cut -d' ' -f1)"
+  exit 0
+done
+exit 1
+'''
+
+
+class RealSmolvm(StandinSmolvm):
+    """The real smolvm, when it is on PATH: its calls logged by a shim, real images and Claude."""
+    name = 'smolvm'
+
+    def __init__(self, tmp: Path, cache: Path):
+        self.log = tmp / 'smolvm-calls.jsonl'
+        self.shims = tmp / 'shims'
+        make_logging_shim(self.shims, 'smolvm', self.log)
+        self.cache = cache
+
+    def env(self) -> dict:
+        return {'PATH': f'{self.shims}{os.pathsep}{os.environ["PATH"]}', 'XDG_CACHE_HOME': str(self.cache)}
+
+    def manifest_defaults(self) -> dict:
+        return {'image': {'base': 'debootstrap:bookworm'}}
+
+    @staticmethod
+    def stall_pack_env() -> dict:
+        return {}            # a real pack takes seconds: time enough to kill it
+
+    def call_mark(self) -> int:
+        return len(read_log(self.log))
+
+    def calls_since(self, mark: int) -> list[list[str]]:
+        return read_log(self.log)[mark:]
+
+    def state_dirs(self) -> list[Path]:
+        return []            # smolvm's own disks are images of whole machines; the project is scanned
+
+    def attach(self, bottles: Bottles, agent: str, env: dict) -> Attached:
+        bottles.doit(f'provision:{agent}', env=env)
+        self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
+
+        def inspect():
+            try:
+                return parse_fields(self.guest(f'bottle-{agent}', INSPECT_CLAUDE))
+            except subprocess.CalledProcessError:
+                return {}
+        return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env, inspect)
+
+    def close(self, project_label):
+        listed = json.loads(self.smolvm('machine', 'ls', '--json').stdout)
+        for machine in listed:
+            if (machine.get('labels') or {}).get('claude-bottle.project') == project_label:
+                self.smolvm('machine', 'delete', '--name', machine['name'], '-f')

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.project import Project
-from tests.bottles import Bottles, Podman, StandinSmolvm, make_fake_claude_archive
+from tests.bottles import Bottles, Podman, RealSmolvm, StandinSmolvm, make_fake_claude_archive
 
 # Downloads and debootstrap bases are cached here when set (CI points it at a
 # directory the machine keeps); otherwise per test session.
@@ -57,7 +57,13 @@ def _podman(tmp_path, standin_images, claude_cache):
     return Podman(tmp_path, claude_cache)
 
 
-BACKENDS = {'standin': _standin, 'podman': _podman}
+def _smolvm(tmp_path, standin_images, claude_cache):
+    if not shutil.which('smolvm'):
+        pytest.skip('the real smolvm is not on PATH; the same scenarios ran against the stand-in')
+    return RealSmolvm(tmp_path, claude_cache)
+
+
+BACKENDS = {'standin': _standin, 'smolvm': _smolvm, 'podman': _podman}
 
 
 @pytest.fixture(params=list(BACKENDS))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tasks.project import Project
-from tests.bottles import REPO, SKIP_ONBOARDING, podman_claude_process, tmux_attach
+from tests.bottles import REPO, SKIP_ONBOARDING, podman_claude_process, remove_podman_containers, tmux_attach
 from tests.conftest import podman_problem
 
 
@@ -37,8 +37,4 @@ def test_demo_from_a_fresh_clone_ends_with_a_working_attach_command(tmp_path, cl
         assert attached.claude['args'] == '--append-system-prompt-file /home/agent/.claude-bottle/system-prompt.md'
         assert attached.claude['tty'] == 'yes'
     finally:
-        label = Project(clone).label
-        names = subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
-                                f'label=claude-bottle.project={label}'], capture_output=True, text=True).stdout
-        if names.split():
-            subprocess.run(['podman', 'rm', '-f', *names.split()], capture_output=True)
+        remove_podman_containers(Project(clone).label)

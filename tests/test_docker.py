@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
-from tests.test_scenarios import setup_agent
+import pytest
+import yaml
+
+from tasks.project import Project
+from tests.bottles import TEST_CLAUDE_VERSION, podman_containers, remove_podman_containers
+from tests.conftest import podman_problem
+from tests.test_scenarios import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
 
 
 def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(podman):
@@ -43,3 +50,33 @@ def test_attach_command_passes_secrets_by_name_only(podman):
     assert 'podman exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET bottle-a' \
         in run.stdout
     assert 'value-never-printed' not in run.output
+
+
+def test_switching_backends_needs_only_the_environment_variable_or_the_manifest_key(standin):
+    if podman_problem():
+        pytest.skip(podman_problem())
+    standin.write(standin.root / 'agents/_defaults.yaml',
+                  yaml.safe_dump({'image': {'base': 'debootstrap:bookworm', 'claude_code': TEST_CLAUDE_VERSION}}))
+    setup_agent(standin)
+    label = Project(standin.root).label
+    try:
+        standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND='podman'))
+        assert podman_guest('a', f'cat {PROMPT}') == standin.prompt_text('a')
+        assert standin.backend.machine_state('bottle-a') is None
+
+        standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))      # the default: smolvm
+        assert_fully_provisioned(standin)
+        assert podman_containers(label) == []
+
+        setup_agent(standin, backend='podman')
+        standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))
+        assert podman_guest('a', f'ls {SKILLS}').split() == ['review', 'style']
+        assert standin.backend.machine_state('bottle-a') is None
+    finally:
+        remove_podman_containers(label)
+
+
+def podman_guest(agent: str, script: str) -> str:
+    return subprocess.run(['podman', 'exec', f'bottle-{agent}', 'sh', '-c', script], capture_output=True,
+                          text=True, check=True).stdout
+

@@ -9,6 +9,9 @@ See ../shared/research/smolvm-cli.md. The facts this module leans on:
 - a pack keeps the machine's `network` flag but not its allowlist, so the build
   machine is switched to `--no-net` before packing and every agent machine gets
   its `--allow-host` flags again at create;
+- `pack create --from-vm` refuses a machine made from a local archive or directory,
+  so a local base is served as a registry image on 127.0.0.1 from the build machine's
+  create through its pack, which pulls it again (registry.py says why that works);
 - there is no `--user` on exec: the attach command drops to the agent user with setpriv.
 """
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from tasks.backends import (Backend, BackendError, BackendMissing, BottleError, ImageBuild,
                             Machine, MachineSpec, run)
+from tasks.backends.registry import serve_base
 
 INSTALL_HELP = (
     'smolvm is not installed: there is no `smolvm` on PATH. claude-bottle runs each agent in a '
@@ -52,26 +57,28 @@ class Smolvm(Backend):
     def build_image(self, build: ImageBuild):
         if self.machine(build.machine):          # left over from an interrupted build
             self.delete(build.machine)
-        try:
-            self._smolvm('machine', 'create', '--name', build.machine, '--image', build.base, '--net',
-                         '--', *WORKLOAD)
-            self._remember(build.machine, Machine(build.machine, 'created'))
-            self.start(build.machine)
-            for guest_path, host_path in build.files.items():
-                self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
-            self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
-            self.stop(build.machine)
-            self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
-            stub = build.artifact.with_suffix('')
-            self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
-            os.unlink(stub)                      # only the .smolmachine payload is used
-        except BaseException:
+        local = os.path.isabs(build.base)
+        with serve_base(Path(build.base)) if local else nullcontext(build.base) as image:
             try:
-                if self.machine(build.machine):
-                    self.delete(build.machine)
-            except BottleError:
-                pass    # the build's own error says more; the next build deletes the leftover
-            raise
+                self._smolvm('machine', 'create', '--name', build.machine, '--image', image, '--net',
+                             '--', *WORKLOAD)
+                self._remember(build.machine, Machine(build.machine, 'created'))
+                self.start(build.machine)
+                for guest_path, host_path in build.files.items():
+                    self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
+                self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
+                self.stop(build.machine)
+                self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
+                stub = build.artifact.with_suffix('')
+                self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
+                os.unlink(stub)                  # only the .smolmachine payload is used
+            except BaseException:
+                try:
+                    if self.machine(build.machine):
+                        self.delete(build.machine)
+                except BottleError:
+                    pass    # the build's own error says more; the next build deletes the leftover
+                raise
         self.delete(build.machine)
 
     def _create(self, spec: MachineSpec):
