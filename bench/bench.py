@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bottles import Bottles, StandinSmolvm, make_fake_claude_archive  # noqa: E402
+from tests.bottles import Bottles, StandinSmolvm, make_fake_claude_archive, make_standin_images  # noqa: E402
 from tests.standin import harness  # noqa: E402
 
 # 50 ms: the order of one real smolvm CLI round trip (process start, connect to the
@@ -112,16 +112,6 @@ def make_project(root: Path, backend: StandinSmolvm, agents: dict[str, list[str]
     for name, skills in agents.items():
         bottles.agent(name, prompt=PROMPT, skills=skills)
     return bottles
-
-
-def make_images(base: Path) -> Path:
-    """The stand-in's image index, as tests/conftest.py sets it up."""
-    entry = harness.make_tools_rootfs(base / 'rootfs')
-    (base / 'rootfs/etc/ssl/certs').mkdir(parents=True, exist_ok=True)
-    (base / 'rootfs/etc/ca-certificates.conf').touch()
-    index = base / 'index.json'
-    harness.write_image_index(index, {'debian:bookworm-slim': entry})
-    return index
 
 
 # --- claude-bottle side ------------------------------------------------------------------------
@@ -210,7 +200,7 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
     """Run every scenario; return (rows, facts, oddities)."""
     cache = tmp / 'cache'
     make_fake_claude_archive(cache)
-    index = make_images(tmp / 'images')
+    index = make_standin_images(tmp / 'images')
     facts, rows, oddities = {}, [], []
 
     single_skills = [f's{i:02d}' for i in range(shape.skills)]

@@ -218,6 +218,18 @@ def make_fake_claude_archive(cache: Path) -> Path:
     return archive
 
 
+def make_standin_images(base: Path) -> Path:
+    """The stand-in's image index: `debian:bookworm-slim` is a tiny root that borrows the
+    host's /usr read-only, plus what the ca-certificates package would have laid down."""
+    from tests.standin import harness
+    entry = harness.make_tools_rootfs(base / 'rootfs')
+    (base / 'rootfs/etc/ssl/certs').mkdir(parents=True, exist_ok=True)
+    (base / 'rootfs/etc/ca-certificates.conf').touch()
+    index = base / 'index.json'
+    harness.write_image_index(index, {'debian:bookworm-slim': entry})
+    return index
+
+
 # --- backends -----------------------------------------------------------------------------------
 
 class StandinSmolvm:
@@ -374,20 +386,30 @@ def remove_podman_containers(project_label: str):
         subprocess.run(['podman', 'rm', '-f', *names], capture_output=True)
 
 
-class Podman:
-    """The docker backend on the real podman engine, real Claude Code in every image."""
-    name = 'podman'
-    cli = 'podman'
+class LoggedCli:
+    """A real backend CLI whose calls a shim on PATH logs, for counting."""
+    cli: str
 
     def __init__(self, tmp: Path, cache: Path):
-        self.log = tmp / 'podman-calls.jsonl'
+        self.log = tmp / f'{self.cli}-calls.jsonl'
         self.shims = tmp / 'shims'
-        make_logging_shim(self.shims, 'podman', self.log)
+        make_logging_shim(self.shims, self.cli, self.log)
         self.cache = cache
-        self.project_label = None
 
     def env(self) -> dict:
         return {'PATH': f'{self.shims}{os.pathsep}{os.environ["PATH"]}', 'XDG_CACHE_HOME': str(self.cache)}
+
+    def call_mark(self) -> int:
+        return len(read_log(self.log))
+
+    def calls_since(self, mark: int) -> list[list[str]]:
+        return read_log(self.log)[mark:]
+
+
+class Podman(LoggedCli):
+    """The docker backend on the real podman engine, real Claude Code in every image."""
+    name = 'podman'
+    cli = 'podman'
 
     def manifest_defaults(self) -> dict:
         return {'backend': 'podman', 'image': {'base': 'debootstrap:bookworm'}}
@@ -395,12 +417,6 @@ class Podman:
     @staticmethod
     def stall_pack_env() -> dict:
         return {}            # `save` of a real image takes seconds: time enough to kill it
-
-    def call_mark(self) -> int:
-        return len(read_log(self.log))
-
-    def calls_since(self, mark: int) -> list[list[str]]:
-        return read_log(self.log)[mark:]
 
     @staticmethod
     def kind(argv: list[str]) -> str:
@@ -475,18 +491,11 @@ exit 1
 '''
 
 
-class RealSmolvm(StandinSmolvm):
-    """The real smolvm, when it is on PATH: its calls logged by a shim, real images and Claude."""
+class RealSmolvm(LoggedCli, StandinSmolvm):
+    """The real smolvm, when it is on PATH: its calls logged by a shim, real images and Claude.
+    What it shares with the stand-in (argv kinds, exec, state) comes from StandinSmolvm."""
     name = 'smolvm'
-
-    def __init__(self, tmp: Path, cache: Path):
-        self.log = tmp / 'smolvm-calls.jsonl'
-        self.shims = tmp / 'shims'
-        make_logging_shim(self.shims, 'smolvm', self.log)
-        self.cache = cache
-
-    def env(self) -> dict:
-        return {'PATH': f'{self.shims}{os.pathsep}{os.environ["PATH"]}', 'XDG_CACHE_HOME': str(self.cache)}
+    cli = 'smolvm'
 
     def manifest_defaults(self) -> dict:
         return {'image': {'base': 'debootstrap:bookworm'}}
@@ -494,12 +503,6 @@ class RealSmolvm(StandinSmolvm):
     @staticmethod
     def stall_pack_env() -> dict:
         return {}            # a real pack takes seconds: time enough to kill it
-
-    def call_mark(self) -> int:
-        return len(read_log(self.log))
-
-    def calls_since(self, mark: int) -> list[list[str]]:
-        return read_log(self.log)[mark:]
 
     def state_dirs(self) -> list[Path]:
         return []            # smolvm's own disks are images of whole machines; the project is scanned

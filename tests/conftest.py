@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tasks.project import Project
-from tests.bottles import Bottles, Podman, RealSmolvm, StandinSmolvm, make_fake_claude_archive
+from tests.bottles import (Bottles, Podman, RealSmolvm, StandinSmolvm, make_fake_claude_archive,
+                           make_standin_images)
 
 # Downloads and debootstrap bases are cached here when set (CI points it at a
 # directory the machine keeps); otherwise per test session.
@@ -36,15 +37,7 @@ def podman_problem() -> str | None:
 
 @pytest.fixture(scope='session')
 def standin_images(tmp_path_factory):
-    from tests.standin import harness
-    base = tmp_path_factory.mktemp('images')
-    entry = harness.make_tools_rootfs(base / 'rootfs')
-    # what the ca-certificates package would have laid down, for update-ca-certificates
-    (base / 'rootfs/etc/ssl/certs').mkdir(parents=True, exist_ok=True)
-    (base / 'rootfs/etc/ca-certificates.conf').touch()
-    index = base / 'index.json'
-    harness.write_image_index(index, {'debian:bookworm-slim': entry})
-    return index
+    return make_standin_images(tmp_path_factory.mktemp('images'))
 
 
 def _standin(tmp_path, standin_images, claude_cache):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -130,6 +131,34 @@ class Backend(ABC):
     def delete(self, name: str):
         self._delete(name)
         self._remember(name, None)
+
+    # -- image builds: the steps both runtimes share
+
+    @contextmanager
+    def build_machine(self, name: str):
+        """A throwaway machine: a leftover of an interrupted build is removed first, and
+        this one is removed afterwards, also when the build fails."""
+        if self.machine(name):
+            self.delete(name)
+        try:
+            yield
+        except BaseException:
+            try:
+                if self.machine(name):
+                    self.delete(name)
+            except BottleError:
+                pass    # the build's own error says more; the next build removes the leftover
+            raise
+        self.delete(name)
+
+    def set_up(self, build: ImageBuild):
+        """In the just-created build machine: start, stage files, run the setup, stop."""
+        self._remember(build.machine, Machine(build.machine, 'created'))
+        self.start(build.machine)
+        for guest_path, host_path in build.files.items():
+            self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
+        self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
+        self.stop(build.machine)
 
     # -- what each runtime implements
 

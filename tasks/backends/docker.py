@@ -14,8 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks.backends import (Backend, BackendError, BackendMissing, BottleError, ImageBuild,
-                            Machine, MachineSpec, run)
+from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 
 WORKLOAD = ['sleep', 'infinity']
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
@@ -90,25 +89,10 @@ class Docker(Backend):
         self._cli('save', '-o', str(build.artifact), tag)
 
     def _build(self, build: ImageBuild, tag: str):
-        if self.machine(build.machine):          # left over from an interrupted build
-            self.delete(build.machine)
-        try:
+        with self.build_machine(build.machine):
             self._cli('create', '--name', build.machine, *STOP, self._base_ref(build.base), *WORKLOAD)
-            self._remember(build.machine, Machine(build.machine, 'created'))
-            self.start(build.machine)
-            for guest_path, host_path in build.files.items():
-                self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
-            self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
-            self.stop(build.machine)
+            self.set_up(build)
             self._cli('commit', build.machine, tag)
-        except BaseException:
-            try:
-                if self.machine(build.machine):
-                    self.delete(build.machine)
-            except BottleError:
-                pass    # the build's own error says more; the next build deletes the leftover
-            raise
-        self.delete(build.machine)
 
     def _create(self, spec: MachineSpec):
         ref = image_ref(spec.image_key)

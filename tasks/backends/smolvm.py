@@ -22,8 +22,7 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-from tasks.backends import (Backend, BackendError, BackendMissing, BottleError, ImageBuild,
-                            Machine, MachineSpec, run)
+from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.registry import serve_base
 
 INSTALL_HELP = (
@@ -55,31 +54,16 @@ class Smolvm(Backend):
         return {m['name']: Machine(m['name'], m['state'], m.get('labels') or {}) for m in listed}
 
     def build_image(self, build: ImageBuild):
-        if self.machine(build.machine):          # left over from an interrupted build
-            self.delete(build.machine)
         local = os.path.isabs(build.base)
-        with serve_base(Path(build.base)) if local else nullcontext(build.base) as image:
-            try:
-                self._smolvm('machine', 'create', '--name', build.machine, '--image', image, '--net',
-                             '--', *WORKLOAD)
-                self._remember(build.machine, Machine(build.machine, 'created'))
-                self.start(build.machine)
-                for guest_path, host_path in build.files.items():
-                    self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
-                self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())
-                self.stop(build.machine)
-                self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
-                stub = build.artifact.with_suffix('')
-                self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
-                os.unlink(stub)                  # only the .smolmachine payload is used
-            except BaseException:
-                try:
-                    if self.machine(build.machine):
-                        self.delete(build.machine)
-                except BottleError:
-                    pass    # the build's own error says more; the next build deletes the leftover
-                raise
-        self.delete(build.machine)
+        with serve_base(Path(build.base)) if local else nullcontext(build.base) as image, \
+                self.build_machine(build.machine):
+            self._smolvm('machine', 'create', '--name', build.machine, '--image', image, '--net',
+                         '--', *WORKLOAD)
+            self.set_up(build)
+            self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
+            stub = build.artifact.with_suffix('')
+            self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
+            os.unlink(stub)                      # only the .smolmachine payload is used
 
     def _create(self, spec: MachineSpec):
         args = ['machine', 'create', '--name', spec.name, '--from', str(spec.image),
