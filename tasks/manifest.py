@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -301,19 +301,19 @@ def _key(path) -> str:
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """Maps merge key by key; lists and values replace."""
     merged = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != 'env':
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
-        elif key == 'env' and isinstance(value, dict):
-            merged[key] = {**merged.get(key, {}), **value}
         else:
             merged[key] = value
     return merged
 
 
-def load_agents(agents_dir: Path, display_root: Path) -> dict[str, Agent]:
-    """Read and validate every agents/*.yaml; raise ManifestError listing all problems."""
+def load_agents(agents_dir: Path, display_root: Path, templates: Callable[[str], bool]) -> dict[str, Agent]:
+    """Read and validate every agents/*.yaml; raise ManifestError listing all problems.
+    `templates(name)` says whether a template of that name exists."""
     problems: list[str] = []
 
     def display(path: Path) -> str:
@@ -352,7 +352,7 @@ def load_agents(agents_dir: Path, display_root: Path) -> dict[str, Agent]:
         spec = _merge(BUILTIN_DEFAULTS, defaults)
         if from_env:
             spec['backend'] = from_env
-        agent = _build(name, path, doc, _merge(spec, doc.data), defaults_path, display, problems)
+        agent = _build(name, path, doc, _merge(spec, doc.data), defaults_path, display, problems, templates)
         if agent:
             agents[name] = agent
     if problems:
@@ -360,7 +360,7 @@ def load_agents(agents_dir: Path, display_root: Path) -> dict[str, Agent]:
     return agents
 
 
-def _build(name, path, doc, spec, defaults_path, display, problems) -> Agent | None:
+def _build(name, path, doc, spec, defaults_path, display, problems, templates) -> Agent | None:
     """Cross-key checks on the merged spec; the Agent only when no problem was found so far."""
 
     def report(key_path, message):
@@ -404,6 +404,10 @@ def _build(name, path, doc, spec, defaults_path, display, problems) -> Agent | N
                                       f'tarball ({", ".join(TARBALL_SUFFIXES)}); fix the path (relative '
                                       'to the manifest\'s directory) or use an image name such as '
                                       'debian:bookworm-slim')
+    setup = spec['image'].get('setup') if isinstance(spec.get('image'), dict) else None
+    if isinstance(setup, str) and not templates(setup):
+        report(('image', 'setup'), f'template {setup!r} not found in templates/; add it there, or leave '
+                                   'the key out for the built-in image-setup.sh.j2')
     env = spec.get('env') if isinstance(spec.get('env'), dict) else {}
     secrets = spec.get('secrets') if isinstance(spec.get('secrets'), list) else []
     for i, secret in enumerate(secrets):

@@ -35,9 +35,16 @@ class Project:
     def agents(self) -> dict[str, Agent]:
         """Every agent manifest, validated; all problems at once, before any task runs."""
         try:
-            return load_agents(self.agents_dir, self.root)
+            return load_agents(self.agents_dir, self.root, self._has_template)
         except ManifestError as err:
             raise InvalidDodoFile(str(err)) from None
+
+    def _has_template(self, name: str) -> bool:
+        try:
+            self.templates.get_template(name)
+            return True
+        except jinja2.TemplateNotFound:
+            return False
 
     @property
     def label(self) -> str:

@@ -23,6 +23,10 @@ CASES = {
     'secret also in env': ('a.yaml', 'env: {TOKEN: x}\nsecrets: [TOKEN]\n', ["'secrets[0]'", 'also set in env']),
     'yaml syntax': ('a.yaml', 'prompt: hi\nskills: [a, b\nimage: {}\n', ['agents/a.yaml:', 'YAML syntax error']),
     'not a mapping': ('a.yaml', '- just\n- a list\n', ['agents/a.yaml:1', 'expected a mapping']),
+    'missing setup template': ('a.yaml', 'image: {setup: nope.sh.j2}\n',
+                               ["agents/a.yaml:1", "'image.setup'", "template 'nope.sh.j2' not found"]),
+    'bad debootstrap suite': ('a.yaml', 'image: {base: "debootstrap:Book worm"}\n', ["'image.base'", 'Debian suite']),
+    'missing local base': ('a.yaml', 'image: {base: ./rootfs.tar}\n', ["'image.base'", 'neither a directory']),
     'duplicate key': ('a.yaml', 'prompt: a\nprompt: b\n', ["agents/a.yaml:2", "'prompt'", 'twice']),
 }
 
