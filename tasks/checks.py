@@ -10,12 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.backends import BottleError, Machine, backend
+from tasks.backends import BottleError, backend
 from tasks.manifest import Agent
-
-
-def machine_of(agent: Agent) -> Machine | None:
-    return backend(agent.backend).machine(agent.machine)
 
 
 class _Check:
@@ -24,7 +20,7 @@ class _Check:
 
     def __call__(self, task, values):
         try:
-            return self.holds(machine_of(self.agent), values)
+            return self.holds(backend(self.agent.backend).machine(self.agent.machine), values)
         except BottleError:
             return False
 

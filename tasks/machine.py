@@ -64,8 +64,8 @@ def teardown_tasks(project: Project):
 
 
 def placement(project: Project, agent: Agent) -> Path:
-    """Where the agent's machine lives (backend, name), so that switching backends or
-    tearing down finds it even after the manifest moved it elsewhere."""
+    """The record of which backend holds the agent's machine: after the manifest moves the
+    agent to another backend, the old machine is still found and taken down."""
     return project.agent_dir(agent.name) / 'machine.json'
 
 
@@ -85,22 +85,23 @@ def _delete(project: Project, backend_name: str, agent: Agent):
         backend(backend_name).delete(agent.machine)
 
 
-def _previous_backend(project: Project, agent: Agent) -> str | None:
+def _delete_everywhere(project: Project, agent: Agent):
+    """Delete the agent's machine on its backend and on the one that held it before, if another."""
     try:
-        return json.loads(placement(project, agent).read_text())['backend']
+        previous = json.loads(placement(project, agent).read_text())['backend']
     except (OSError, ValueError, KeyError):
-        return None
-
-
-@action
-def create(project: Project, agent: Agent, image: Image):
-    previous = _previous_backend(project, agent)
-    if previous and previous != agent.backend:     # the agent moved: take the old machine down
+        previous = None
+    if previous and previous != agent.backend:
         try:
             _delete(project, previous, agent)
         except BackendMissing:
             print(f'note: {agent.machine} may still exist on {previous}, whose CLI is gone')
     _delete(project, agent.backend, agent)
+
+
+@action
+def create(project: Project, agent: Agent, image: Image):
+    _delete_everywhere(project, agent)
     identity = uuid.uuid4().hex
     backend(agent.backend).create(MachineSpec(
         name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
@@ -118,5 +119,4 @@ def start(agent: Agent):
 
 @action
 def delete(project: Project, agent: Agent):
-    for name in dict.fromkeys(filter(None, [_previous_backend(project, agent), agent.backend])):
-        _delete(project, name, agent)
+    _delete_everywhere(project, agent)

@@ -177,7 +177,6 @@ class Bottles:
 # --- the Claude Code that stand-in images install --------------------------------------------
 
 TEST_CLAUDE_VERSION = '0.0.0-test'
-TEST_SECRET = 'BOTTLE_TEST_SECRET'
 
 # Stands in for the native claude binary in stand-in images only (a real one is 370 MB;
 # the podman suite installs the real one). It records how it was started.

@@ -8,13 +8,12 @@ configuration (containers.conf, daemon.json), not here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
-from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
+from tasks.backends import Backend, BackendMissing, ImageBuild, Machine, MachineSpec, run
+from tasks.backends.registry import base_image
 
 WORKLOAD = ['sleep', 'infinity']
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
@@ -65,21 +64,14 @@ class Docker(Backend):
         return self._cli('image', 'inspect', ref, check=False).returncode == 0
 
     def _base_ref(self, base: str) -> str:
-        """An OCI reference as it is; a local rootfs tarball imported once per version of the file."""
+        """An OCI reference as it is; a local root filesystem imported once per version of it,
+        from the same cached layer the smolvm backend serves (registry.base_image)."""
         if not base.startswith('/'):
             return base
-        path = Path(base)
-        stamp = hashlib.sha256(f'{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}'.encode())
-        ref = f'localhost/claude-bottle-base:{stamp.hexdigest()[:16]}'
+        image = base_image(Path(base))
+        ref = f'localhost/claude-bottle-base:{image.tag}'
         if not self._has_image(ref):
-            if path.is_dir():
-                tar = subprocess.run(['tar', '-C', str(path), '--numeric-owner', '-c', '.'],
-                                     capture_output=True, check=False)
-                if tar.returncode != 0:
-                    raise BackendError(f'cannot read the base directory {path}:\n{tar.stderr.decode()}')
-                self._cli('import', '-', ref, stdin=tar.stdout)
-            else:
-                self._cli('import', str(path), ref)
+            self._cli('import', str(image.layer), ref)
         return ref
 
     def build_image(self, build: ImageBuild):

@@ -28,6 +28,7 @@ The image is one layer: a directory is tarred (uncompressed: it only crosses loo
 a tarball is served as it is, gzip-compressed or not. It is kept as an OCI image layout
 in the user cache, bases/oci/<key>/, where the key changes with any file of the base
 (from file metadata, ctime included), so an unchanged base is never tarred or hashed again.
+The docker backend imports the same cached layer, so both backends see one version of a base.
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ class BaseImage:
     @property
     def tag(self) -> str:
         return _tag(self.manifest_digest)
+
+    @property
+    def layer(self) -> Path:
+        """The one layer: the root filesystem as a tar (gzip-compressed if the base was)."""
+        return self.blob(json.loads(self.manifest)['layers'][0]['digest'])
 
     def blob(self, digest: str) -> Path | None:
         match = re.fullmatch(r'sha256:([0-9a-f]{64})', digest)
