@@ -3,14 +3,15 @@
 Each reads the backend's one-per-run machine probe, so checking any number of
 agents costs one CLI call. Each is a class with a readable repr, because
 `doit info` prints the checks that failed. A check never raises (an exception
-there aborts the whole doit run): when the backend cannot answer, the check
-says "not up to date" and the task's action reports the real error.
+there aborts the whole doit run with a traceback): when the backend cannot answer,
+whatever the reason, the check says "not up to date" and the task's action reports
+the real error in words.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.backends import BottleError, backend
+from tasks.backends import backend
 from tasks.manifest import Agent
 
 
@@ -21,7 +22,7 @@ class _Check:
     def __call__(self, task, values):
         try:
             return self.holds(backend(self.agent.backend).machine(self.agent.machine), values)
-        except BottleError:
+        except Exception:    # BottleError or worse: the action meets it again and reports it
             return False
 
 

@@ -65,7 +65,12 @@ class Image:
         return f'bottle-build-{self.key}'
 
 
-def _setup_values(recipe: Recipe, key: str) -> dict:
+# The variables a setup template may use: the keys of setup_values (manifests are checked against them).
+SETUP_VARIABLES = frozenset({'user', 'uid', 'home', 'claude_code', 'claude_code_archive', 'packages', 'run',
+                             'recipe_key'})
+
+
+def setup_values(recipe: Recipe, key: str) -> dict:
     return {'user': recipe.user.name, 'uid': recipe.user.uid, 'home': recipe.user.home,
             'claude_code': recipe.claude_code, 'claude_code_archive': GUEST_CLAUDE_ARCHIVE,
             'packages': recipe.packages, 'run': recipe.run, 'recipe_key': key}
@@ -74,7 +79,7 @@ def _setup_values(recipe: Recipe, key: str) -> dict:
 @functools.cache
 def image_of(project: Project, recipe: Recipe) -> Image:
     # The key covers the rendered setup (with the key itself left blank), the base and the backend.
-    setup = project.render(recipe.setup, **_setup_values(recipe, key=''))
+    setup = project.render(recipe.setup, **setup_values(recipe, key=''))
     ingredients = {'backend': recipe.backend, 'base': recipe.base, 'setup': setup,
                    'platform': npm_platform()}
     key = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,7 +148,7 @@ def build(project: Project, image: Image):
         backend(recipe.backend).build_image(ImageBuild(
             key=image.key, machine=image.build_machine,
             base=base.resolve(recipe).reference,
-            setup=project.render(recipe.setup, **_setup_values(recipe, image.key)),
+            setup=project.render(recipe.setup, **setup_values(recipe, image.key)),
             files={GUEST_CLAUDE_ARCHIVE: claude_code_archive(recipe.claude_code)},
             artifact=partial / image.artifact.name))
         os.replace(partial / image.artifact.name, image.artifact)

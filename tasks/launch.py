@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from tasks import guest
 from tasks.backends import BottleError, backend
-from tasks.manifest import Agent
+from tasks.manifest import BACKEND_ENV, Agent
 from tasks.project import Project, action
 from tasks.prompt import prompt_file
 
@@ -37,6 +40,19 @@ def claude_argv(project: Project, agent: Agent) -> list[str]:
     return argv
 
 
+def relaunch_command(project: Project, agent: Agent) -> str:
+    """`doit launch:<agent>` as it works when pasted into the user's shell: from the project
+    directory, with the backend the environment chose (a new shell may not have it), and
+    through this Python when no `doit` is on PATH."""
+    command = f'doit launch:{agent.name}' if shutil.which('doit') else \
+        f'{shlex.quote(sys.executable)} -m doit launch:{agent.name}'
+    if os.environ.get(BACKEND_ENV) == agent.backend:
+        command = f'{BACKEND_ENV}={agent.backend} {command}'
+    if Path(os.environ.get('PWD', '')).resolve() != project.root:   # doit runs in the project dir
+        command = f'cd {shlex.quote(str(project.root))} && {command}'
+    return command
+
+
 @action
 def attach(project: Project, agent: Agent):
     command = backend(agent.backend).attach_argv(
@@ -44,8 +60,9 @@ def attach(project: Project, agent: Agent):
         secrets=agent.secrets)
     missing = [name for name in agent.secrets if name not in os.environ]
     if not (os.isatty(0) and os.isatty(1)):
-        print(f'{agent.name} is up and provisioned in {agent.machine}. Attach Claude Code from a '
-              f'terminal with\n  doit launch:{agent.name}\nor directly with\n  {shlex.join(command)}')
+        print(f'{agent.name} is up and provisioned in {agent.machine} on {agent.backend}. Attach Claude '
+              f'Code from a terminal with\n  {relaunch_command(project, agent)}\nor directly with\n'
+              f'  {shlex.join(command)}')
         if missing:
             print(f'Set {", ".join(missing)} in your environment first; the bottle gets '
                   f'{"it" if len(missing) == 1 else "them"} at attach time only.')

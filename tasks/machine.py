@@ -33,7 +33,7 @@ def tasks(project: Project):
                   'allow_hosts': agent.allow_hosts, 'env': agent.env, 'backend': agent.backend}
         yield {
             'name': agent.name,
-            'doc': f'create machine {agent.machine} from image {image.key}',
+            'doc': f'create machine {agent.machine} on {agent.backend} from image {image.key}',
             'actions': [(create, [project, agent, image])],
             'file_dep': [image.manifest],
             'uptodate': [config_changed(config), SameMachine(agent)],

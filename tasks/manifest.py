@@ -1,154 +1,403 @@
 """Agent manifests: `agents/<name>.yaml`, validated before any task runs.
 
-Every problem in every manifest is collected and reported at once, each naming
-the file (and line), the key and the fix. Relative paths in a manifest are
-relative to the directory that holds it.
+Every manifest key is declared once, in KEYS (type, default, description, the Agent attribute it
+becomes); validation, defaults, the Agent, the README's reference table and the JSON Schema in
+schema/ all come from there. Every problem in every manifest is collected and reported at once,
+each naming the file, the line (where there is one), the key and the fix.
+
+Manifests are untrusted input that must never hang or crash the tool: only regular files of
+bounded size are read, YAML is loaded with bounded nesting and alias expansion, and every value
+is checked before it is used. Relative paths in a manifest are relative to the directory that
+holds it.
+
+    python -m tasks.manifest --reference   the README's reference table
+    python -m tasks.manifest --schema      the JSON Schema (committed as schema/agent.schema.json)
 """
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
 DEFAULTS_FILE = '_defaults.yaml'
+MANIFEST_SUFFIX = '.yaml'
 
 # smolvm's machine-name rules (src/data/mod.rs validate_vm_name): letters,
 # digits, '-' and '_', starting alphanumeric, no trailing '-', no '--'.
 MACHINE_NAME = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9_]|-(?!-))*(?<!-)')
 MACHINE_PREFIX = 'bottle-'
 MAX_MACHINE_NAME = 128
-SKILL_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
-ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
-USER_NAME = re.compile(r'[a-z_][a-z0-9_-]*')
-HOST_NAME = re.compile(r'(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*'
-                       r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?')
+MAX_AGENT_NAME = MAX_MACHINE_NAME - len(MACHINE_PREFIX)
 BACKENDS = ('smolvm', 'docker', 'podman')
-BACKEND_ENV = 'BOTTLE_BACKEND'     # the backend of agents whose own manifest names none
+BACKEND_ENV = 'BOTTLE_BACKEND'     # the backend of agents whose manifests name none
 DEBOOTSTRAP = 'debootstrap:'
 TARBALL_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
+
+# Bounds that keep a hostile manifest from hanging the tool or eating memory; a real manifest
+# is a few hundred bytes, a few levels deep, with a handful of aliases at most.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_NODES = 10_000           # YAML nodes, every alias expanded
+MAX_TEXT = 4 << 20           # characters of all scalars, every alias expanded
+MAX_NAME_BYTES = 255         # one path component (Linux NAME_MAX)
+MAX_PATH_BYTES = 4095        # a whole path (Linux PATH_MAX without the NUL)
 
 
 def is_local_base(base: str) -> bool:
     """A root filesystem on this host (directory or tarball), as opposed to an OCI reference."""
     return base.startswith(('./', '../', '/')) or base.endswith(TARBALL_SUFFIXES)
 
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    'prompt': '',
-    'skills': [],
-    'skills_dir': 'skills',
-    'image': {
-        'base': 'debian:bookworm-slim',
-        'setup': 'image-setup.sh.j2',
-        'claude_code': '2.1.328',
-        'packages': [],
-        'run': [],
-    },
-    'resources': {'cpus': 2, 'memory': 2048},
-    'network': {'allow_hosts': []},
-    'env': {},
-    'secrets': [],
-    'user': {'name': 'agent', 'uid': 1000, 'home': '/home/agent'},
-    'backend': 'smolvm',
-}
+
+# --- value types: each says what it is called, checks a value, and gives its JSON Schema
+
+_show = reprlib.Repr()
+_show.maxstring = _show.maxother = _show.maxlong = 60
+_show.maxlevel = 1
 
 
-class ManifestError(Exception):
-    """All problems found in the manifests, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        count = f'{len(problems)} problem' + ('s' if len(problems) > 1 else '')
-        super().__init__(f'{count} in agent manifests; nothing was run:\n'
-                         + '\n'.join(f'  {p}' for p in problems))
+def quote(value) -> str:
+    """A value as a problem message quotes it: short, and in one line."""
+    return _show.repr(value)
 
 
-# --- value checkers: each returns an error text, or None when the value is fine
-
-def _text(value):
-    if not isinstance(value, str):
-        return f'expected text, got {_show(value)}'
-
-
-def _integer(low, high=None):
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f'expected a whole number, got {_show(value)}'
-        if value < low or (high is not None and value > high):
-            span = f'between {low} and {high}' if high is not None else f'at least {low}'
-            return f'expected a number {span}, got {value}'
-    return check
-
-
-def _matching(pattern: re.Pattern, what: str):
-    def check(value):
-        if not isinstance(value, str):
-            return f'expected {what}, got {_show(value)}'
-        if not pattern.fullmatch(value):
-            return f'{value!r} is not {what}'
-    return check
-
-
-def _absolute_path(value):
-    if not isinstance(value, str) or not value.startswith('/'):
-        return f'expected an absolute guest path such as /home/agent, got {_show(value)}'
-
-
-def _scalar(value):
-    if not isinstance(value, (str, int, float, bool)):
-        return f'expected a plain value (text, number or true/false), got {_show(value)}'
-
-
-def _choice(*options):
-    def check(value):
-        if value not in options:
-            return f'expected one of {", ".join(options)}, got {_show(value)}'
-    return check
-
-
-class ListOf:
-    def __init__(self, item):
-        self.item = item
-
-
-class MapOf:
-    def __init__(self, key, value):
-        self.key, self.value = key, value
-
-
-SCHEMA: dict[str, Any] = {
-    'prompt': _text,
-    'prompt_file': _text,
-    'skills': ListOf(_matching(SKILL_NAME, 'a skill directory name')),
-    'skills_dir': _text,
-    'image': {
-        'base': _text,
-        'setup': _text,
-        'claude_code': _matching(re.compile(r'[0-9][0-9A-Za-z.+-]*'), 'a Claude Code version such as 2.1.328'),
-        'packages': ListOf(_matching(re.compile(r'[a-z0-9][a-z0-9.+-]+'), 'a Debian package name')),
-        'run': ListOf(_text),
-    },
-    'resources': {'cpus': _integer(1, 64), 'memory': _integer(256)},
-    'network': {'allow_hosts': ListOf(_matching(HOST_NAME, 'a host name such as api.anthropic.com'))},
-    'env': MapOf(_matching(ENV_NAME, 'an environment variable name'), _scalar),
-    'secrets': ListOf(_matching(ENV_NAME, 'an environment variable name')),
-    'user': {
-        'name': _matching(USER_NAME, 'a user name (lowercase letters, digits, _ and -)'),
-        'uid': _integer(1, 60000),
-        'home': _absolute_path,
-    },
-    'backend': _choice(*BACKENDS),
-}
-
-
-def _show(value) -> str:
+def show(value) -> str:
+    """A value and its type, as a problem message shows what it got."""
     kind = {dict: 'a mapping', list: 'a list', type(None): 'nothing'}.get(type(value))
-    return kind or f'{value!r} ({type(value).__name__})'
+    return kind or f'{quote(value)} ({type(value).__name__})'
 
+
+def printable(text: str) -> str:
+    """Text for a one-line message: control and unencodable characters escaped."""
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape', 'backslashreplace').decode()
+                   for c in text)
+
+
+class Index(int):
+    """A list position in a key path (printed as [i]; a mapping key 0 prints as .0)."""
+
+
+class Kind:
+    """A value type of the manifest."""
+    name = ''          # the README's type column
+
+    def problems(self, value) -> Iterator[tuple[tuple, str]]:
+        """(path below this key, what is wrong and how to fix it) for each problem."""
+        return iter(())
+
+    def schema(self) -> dict:
+        raise NotImplementedError
+
+    def convert(self, value, base_dir: Path):
+        """The form the Agent holds."""
+        return value
+
+
+class Text(Kind):
+    """A string; optionally matching a pattern, at most max_length characters, with an extra rule."""
+
+    def __init__(self, name: str, what: str, pattern: str | None = None, max_length: int | None = None,
+                 rule: Callable[[str], str | None] | None = None):
+        self.name, self.what, self.max_length, self.rule = name, what, max_length, rule
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def problems(self, value):
+        error = self.problem(value)
+        if error:
+            yield (), error
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, str):
+            return f'expected {self.what}, got {show(value)}'
+        if '\0' in value:
+            return 'contains a NUL byte (\\0); remove it'
+        try:
+            value.encode()
+        except UnicodeEncodeError as err:
+            return (f'contains {printable(value[err.start:err.end])}, which is not a Unicode character; '
+                    'remove it')
+        if self.max_length is not None and len(value) > self.max_length:
+            return f'expected {self.what} of at most {self.max_length} characters, got {len(value)}'
+        if self.pattern and not self.pattern.fullmatch(value):
+            return f'{quote(value)} is not {self.what}'
+        return self.rule(value) if self.rule else None
+
+    def schema(self):
+        schema = {'type': 'string'}
+        if self.pattern:
+            schema['pattern'] = f'^(?:{self.pattern.pattern})$'
+        if self.max_length is not None:
+            schema['maxLength'] = self.max_length
+        return schema
+
+
+def _path_problem(value: str) -> str | None:
+    if not value:
+        return 'expected a path, got an empty text'
+    if len(value.encode()) > MAX_PATH_BYTES:
+        return f'the path is longer than {MAX_PATH_BYTES} bytes; use a shorter one'
+    for part in value.split('/'):
+        if len(part.encode()) > MAX_NAME_BYTES:
+            return (f'the path component {quote(part)} is longer than '
+                    f'{MAX_NAME_BYTES} bytes, which no file system allows; use a shorter name')
+    return None
+
+
+class HostPath(Text):
+    """A path on this host, relative to the manifest's directory."""
+
+    def __init__(self, what: str):
+        super().__init__('path', what, rule=_path_problem)
+
+    def convert(self, value, base_dir):
+        return None if value is None else Path(os.path.abspath(base_dir / value))
+
+    def schema(self):
+        return {'type': 'string', 'minLength': 1}
+
+
+class Integer(Kind):
+    def __init__(self, low: int, high: int, unit: str = ''):
+        self.low, self.high, self.unit = low, high, unit
+        self.name = f'{unit}, {low}-{high}' if unit else f'{low}-{high}'
+
+    def problems(self, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            yield (), f'expected a whole number, got {show(value)}'
+        elif not self.low <= value <= self.high:
+            yield (), f'expected a number between {self.low} and {self.high}, got {quote(value)}'
+
+    def schema(self):
+        return {'type': 'integer', 'minimum': self.low, 'maximum': self.high}
+
+
+class Choice(Kind):
+    def __init__(self, *options: str):
+        self.options = options
+        self.name = ', '.join(f'`{o}`' for o in options)
+
+    def problems(self, value):
+        if not isinstance(value, str) or value not in self.options:
+            yield (), f'expected one of {", ".join(self.options)}, got {show(value)}'
+
+    def schema(self):
+        return {'enum': list(self.options)}
+
+
+class ListOf(Kind):
+    def __init__(self, item: Text, name: str, unique: bool = False):
+        self.item, self.name, self.unique = item, name, unique
+
+    def problems(self, value):
+        if not isinstance(value, list):
+            yield (), f'expected a list (one "- item" per line, or [a, b]), got {show(value)}'
+            return
+        seen = set()
+        for i, entry in enumerate(value):
+            error = self.item.problem(entry)
+            if error:
+                yield (Index(i),), error
+            elif self.unique and entry in seen:
+                yield (Index(i),), f'{entry!r} is listed twice; keep one'
+            seen.add(entry if not error else None)
+
+    def schema(self):
+        schema = {'type': 'array', 'items': self.item.schema()}
+        if self.unique:
+            schema['uniqueItems'] = True
+        return schema
+
+    def convert(self, value, base_dir):
+        return tuple(value)
+
+
+class EnvValue(Kind):
+    """A plain value for an environment variable: text, number or true/false, no NUL byte."""
+    text = Text('text', 'text')
+
+    def problems(self, value):
+        if isinstance(value, str):
+            yield from self.text.problems(value)
+        elif not isinstance(value, (int, float, bool)):
+            yield (), f'expected a plain value (text, number or true/false), got {show(value)}'
+
+    def schema(self):
+        return {'type': ['string', 'number', 'boolean']}
+
+
+class EnvMap(Kind):
+    """NAME: value; maps from _defaults.yaml and the agent merge variable by variable."""
+    name = 'map of NAME: value'
+
+    def __init__(self, names: Text):
+        self.names, self.values = names, EnvValue()
+
+    def problems(self, value):
+        if not isinstance(value, dict):
+            yield (), f'expected a mapping of NAME: value, got {show(value)}'
+            return
+        for key, entry in value.items():
+            for below, error in self.values.problems(entry):
+                yield (key,) + below, error
+            error = self.names.problem(key)
+            if error:
+                yield (key,), error
+
+    def schema(self):
+        return {'type': 'object', 'propertyNames': self.names.schema(), 'additionalProperties': self.values.schema()}
+
+    def convert(self, value, base_dir):
+        return {name: ('true' if v is True else 'false' if v is False else str(v)) for name, v in value.items()}
+
+
+def _root_refused(name: str) -> str | None:
+    if name == 'root':
+        return 'the agent user must not be root (Claude Code refuses to skip permissions as root); use e.g. agent'
+    return None
+
+
+class UserName(Text):
+    def __init__(self):
+        super().__init__('user name', 'a user name (lowercase letters, digits, _ and -, at most 32)',
+                         r'[a-z_][a-z0-9_-]{0,31}', rule=_root_refused)
+
+    def schema(self):
+        return {**super().schema(), 'not': {'const': 'root'}}
+
+
+# An OCI image reference (the grammar of distribution/reference): [host[:port]/]path[:tag][@digest].
+_DOMAIN_PART = r'[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?'
+_PATH_PART = r'[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*'
+IMAGE_REFERENCE = re.compile(
+    rf'(?:(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?/)?'
+    rf'{_PATH_PART}(?:/{_PATH_PART})*'
+    r'(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?'
+    r'(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?')
+DEBIAN_SUITE = re.compile(r'[a-z]+')
+MAX_REFERENCE = 512
+
+
+def _base_problem(base: str) -> str | None:
+    if base.startswith(DEBOOTSTRAP):
+        if not DEBIAN_SUITE.fullmatch(base.removeprefix(DEBOOTSTRAP)):
+            return f'{quote(base)}: name a Debian suite after "debootstrap:", e.g. debootstrap:bookworm'
+        return None
+    if is_local_base(base):
+        return _path_problem(base)
+    if len(base) > MAX_REFERENCE or not IMAGE_REFERENCE.fullmatch(base) or len(base.split(':')[0]) > 255:
+        return (f'{quote(base)} is not an image reference such as debian:bookworm-slim or '
+                'registry.example.com/team/image:tag (lowercase name, a tag after ":"), nor a local '
+                'root filesystem (./rootfs/, ./rootfs.tar) nor debootstrap:<suite>')
+    return None
+
+
+class ImageBase(Text):
+    name = 'image reference, local path or `debootstrap:<suite>`'
+
+    def __init__(self):
+        super().__init__(self.name, 'an image base', rule=_base_problem)
+
+    def schema(self):
+        return {'type': 'string', 'anyOf': [
+            {'pattern': f'^{DEBOOTSTRAP}{DEBIAN_SUITE.pattern}$'},
+            {'pattern': r'^(?:\./|\.\./|/)|(?:' + '|'.join(re.escape(s) for s in TARBALL_SUFFIXES) + ')$'},
+            {'pattern': f'^(?:{IMAGE_REFERENCE.pattern})$', 'maxLength': MAX_REFERENCE}]}
+
+
+class GuestPath(Text):
+    """An absolute path inside the guest, plain enough to go into a shell script unquoted."""
+
+    def __init__(self):
+        super().__init__('absolute guest path', 'an absolute guest path of letters, digits, ".", "_" and "-" '
+                         'such as /home/agent', pattern=r'(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]{1,255})+',
+                         max_length=MAX_PATH_BYTES)
+
+
+class TemplateName(Text):
+    def __init__(self):
+        super().__init__('template', 'a template file name in templates/, such as image-setup.sh.j2',
+                         rule=_path_problem)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One manifest key: its dotted path, type, default, meaning, and the Agent attribute it becomes
+    (`recipe.x` and `user.x` go to the Recipe and the GuestUser)."""
+    path: str
+    kind: Kind
+    default: Any
+    description: str
+    attribute: str
+    default_text: str | None = None    # the README's default column, when the value alone says too little
+
+
+SKILL_NAME = Text('name', 'a skill directory name (letters, digits, ".", "_" and "-")',
+                  r'[A-Za-z0-9][A-Za-z0-9._-]*', max_length=MAX_NAME_BYTES)
+ENV_NAME = Text('name', 'an environment variable name such as API_TOKEN', r'[A-Za-z_][A-Za-z0-9_]*',
+                max_length=MAX_NAME_BYTES)
+HOST_NAME = Text('host name', 'a host name such as api.anthropic.com',
+                 r'(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*'
+                 r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?', max_length=253)
+
+KEYS: tuple[Key, ...] = (
+    Key('prompt', Text('text', 'text'), '',
+        'the system prompt; Claude starts with `--append-system-prompt-file` only when it is non-empty', 'prompt'),
+    Key('prompt_file', HostPath('a path to the prompt file'), None,
+        'the prompt from a file instead (not both in one file; an agent\'s own key wins over `_defaults.yaml`)',
+        'prompt_file'),
+    Key('skills', ListOf(SKILL_NAME, 'list of skill names', unique=True), [],
+        'each is a directory `<skills_dir>/<name>/` with a `SKILL.md`', 'skills'),
+    Key('skills_dir', HostPath('a path to the skills directory'), 'skills',
+        'where skills live (so `agents/skills/`)', 'skills_dir'),
+    Key('image.base', ImageBase(), 'debian:bookworm-slim',
+        'an OCI reference; a local root filesystem (`./rootfs/`, `./rootfs.tar`, `.tar.gz`, `.tgz`); or '
+        '`debootstrap:<suite>` (built locally, no registry)', 'recipe.base'),
+    Key('image.setup', TemplateName(), 'image-setup.sh.j2',
+        'the setup script template, looked up in `templates/`; it may use only the variables the setup '
+        'provides', 'recipe.setup'),
+    Key('image.claude_code', Text('version', 'a Claude Code version such as 2.1.328',
+                                  r'[0-9][0-9A-Za-z.+-]*', max_length=128), '2.1.328',
+        'the Claude Code release installed in the image', 'recipe.claude_code'),
+    Key('image.packages', ListOf(Text('name', 'a Debian package name', r'[a-z0-9][a-z0-9.+-]+', max_length=128),
+                                 'list of Debian package names'), [],
+        'extra Debian packages (installed with apt, so they need network at build time)', 'recipe.packages'),
+    Key('image.run', ListOf(Text('text', 'a shell line'), 'list of shell lines'), [],
+        'extra setup steps, run as root after the rest', 'recipe.run'),
+    Key('resources.cpus', Integer(1, 64), 2, 'virtual CPUs', 'cpus'),
+    Key('resources.memory', Integer(256, 1 << 20, 'MiB'), 2048, 'memory', 'memory_mib'),
+    Key('network.allow_hosts', ListOf(HOST_NAME, 'list of host names'), [],
+        'smolvm: passed as `--allow-host` at every create; empty means no network at all', 'allow_hosts'),
+    Key('env', EnvMap(ENV_NAME), {},
+        'plain environment variables of the machine (merged with `_defaults.yaml` variable by variable)', 'env'),
+    Key('secrets', ListOf(ENV_NAME, 'list of variable names', unique=True), [],
+        'host environment variables handed to Claude at attach time only (never written anywhere)', 'secrets'),
+    Key('user.name', UserName(), 'agent',
+        'the non-root user Claude runs as', 'user.name'),
+    Key('user.uid', Integer(1, 60000), 1000, 'its uid (and gid)', 'user.uid'),
+    Key('user.home', GuestPath(), '/home/agent', 'its home directory', 'user.home'),
+    Key('backend', Choice(*BACKENDS), None, 'where the bottle runs', 'backend',
+        default_text=f'`{BACKEND_ENV}` (it also overrides `_defaults.yaml`), else the first that works '
+                     'here: smolvm, podman, docker'),
+)
+KEY = {key.path: key for key in KEYS}
+SECTIONS = {
+    'image': 'what goes into the agent image',
+    'resources': 'the machine\'s size',
+    'network': 'what the machine may reach',
+    'user': 'the user Claude runs as in the guest',
+}
+TOP_LEVEL = list(dict.fromkeys(key.path.split('.')[0] for key in KEYS))
+
+
+# --- what load_agents returns
 
 @dataclass(frozen=True)
 class GuestUser:
@@ -195,242 +444,581 @@ class Agent:
         return self.skills_dir / skill
 
 
-class _Document:
-    """One YAML file: its data, and the line of every key path."""
+@dataclass(frozen=True)
+class Problem:
+    file: str                 # as shown to the user
+    line: int | None
+    key: str | None           # dotted key path; None for a problem with the whole file
+    text: str
 
-    def __init__(self, path: Path, display: str, problems: list[str]):
-        self.path, self.display, self.problems = path, display, problems
-        self.lines: dict[tuple, int] = {}
-        self.data: dict = {}
+    def __str__(self):
+        where = f'{self.file}:{self.line}' if self.line else self.file
+        return f'{where}: key {self.key!r}: {self.text}' if self.key is not None else f'{where}: {self.text}'
+
+
+class ManifestError(Exception):
+    """All problems found in the manifests, one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        count = f'{len(problems)} problem' + ('s' if len(problems) > 1 else '')
+        super().__init__(f'{count} in agent manifests; nothing was run:\n'
+                         + '\n'.join(f'  {p}' for p in problems))
+
+
+# --- reading one file
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses deep nesting, self-referencing aliases and alias expansion past
+    MAX_NODES nodes or MAX_TEXT characters, turns values it cannot construct (`!!int x`, an
+    integer past Python's digit limit) into errors with a position, and remembers each node's
+    value so that every key, whatever its type, gets its line."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.depth = self.deepest = self.nodes = self.text_size = 0
+        self.shapes: dict[str, tuple[int, int, int]] = {}   # anchor: expanded nodes, characters, height
+        self.open_anchors: set[str] = set()
+        self.own_pairs: dict[yaml.MappingNode, list] = {}    # before `<<` merges flatten them
+        self.values: dict[yaml.Node, Any] = {}
+
+    def _grow(self, nodes: int, text: int, deepest: int, mark):
+        self.nodes += nodes
+        self.text_size += text
+        self.deepest = max(self.deepest, deepest)
+        if self.deepest > MAX_DEPTH:
+            raise _TooComplex(None, None, f'nested deeper than {MAX_DEPTH} levels', mark)
+        if self.nodes > MAX_NODES or self.text_size > MAX_TEXT:
+            raise _TooComplex(None, None, f'aliases expand to more than {MAX_NODES} values or {MAX_TEXT} '
+                              'characters', mark)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.open_anchors:
+                raise _TooComplex(None, None, f'alias *{printable(event.anchor)} is inside the node it refers to',
+                                  event.start_mark)
+            nodes, text, height = self.shapes.get(event.anchor, (1, 0, 1))
+            self._grow(nodes, text, self.depth + height, event.start_mark)
+            return super().compose_node(parent, index)
+        before = (self.nodes, self.text_size, self.deepest)
+        self.depth += 1
+        self.deepest = self.depth
+        self._grow(1, len(getattr(event, 'value', '')), self.depth, event.start_mark)
+        if event.anchor:
+            self.open_anchors.add(event.anchor)
         try:
-            text = path.read_text()
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            where = f':{mark.line + 1}' if mark else ''
-            self.problems.append(f'{display}{where}: YAML syntax error: {err.problem or err}; '
-                                 'fix the syntax (indentation, quoting, a missing ":")')
-            return
-        except (OSError, UnicodeDecodeError) as err:
-            self.problems.append(f'{display}: cannot read the file: {err}')
-            return
-        if data is None:
-            return
-        if not isinstance(data, dict):
-            self.problems.append(f'{display}:1: expected a mapping of keys such as prompt:, skills:, '
-                                 f'image:, got {_show(data)}')
-            return
-        self._index(node, ())
-        self.data = data
-
-    def _index(self, node, path):
+            node = super().compose_node(parent, index)
+        finally:
+            self.open_anchors.discard(event.anchor)
+        height = self.deepest - self.depth + 1
+        self.depth -= 1
+        if event.anchor:
+            self.shapes[event.anchor] = (self.nodes - before[0], self.text_size - before[1], height)
+        self.deepest = max(before[2], self.deepest)
         if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, value_node in node.value:
-                key = key_node.value
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                if key in seen:
-                    self.report(path + (key,), 'the key appears twice; keep one')
-                seen.add(key)
-                self._index(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                self._index(item, path + (i,))
+            self.own_pairs[node] = list(node.value)
+        return node
 
-    def line_of(self, path) -> int | None:
+    def construct_object(self, node, deep=False):
+        try:
+            value = super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as err:    # a scalar constructor given what it cannot read (ValueError, ...)
+            why = f': {str(err).split(";")[0]}' if isinstance(err, ValueError) else ''
+            raise yaml.constructor.ConstructorError(
+                None, None, f'cannot read {quote(node.value)} as {node.tag.rsplit(":", 1)[-1]}{why}',
+                node.start_mark) from None
+        self.values[node] = value
+        return value
+
+
+class _TooComplex(yaml.composer.ComposerError):
+    pass
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a named pipe'),
+                       (stat.S_ISCHR, 'a device'), (stat.S_ISBLK, 'a device'), (stat.S_ISSOCK, 'a socket')):
+        if test(mode):
+            return kind
+    return 'not a regular file'
+
+
+def read_regular(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. O_NONBLOCK so that opening a named
+    pipe does not wait for a writer; the file is then refused by what fstat says it is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise _Unreadable(f'is {_file_kind(info.st_mode)}, not a regular file')
+    with os.fdopen(fd, 'rb') as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise _Unreadable(f'is larger than {limit} bytes')
+    return data
+
+
+class _Unreadable(Exception):
+    pass
+
+
+YAML_LINE_BREAK = re.compile(r'\r\n|[\n\r\x85\u2028\u2029]')
+
+
+def _line_at(text, offset: int) -> int:
+    """The line of a position, counted as YAML counts lines (text) or by newlines (bytes)."""
+    if isinstance(text, bytes):
+        return text.count(b'\n', 0, offset) + 1
+    return len(YAML_LINE_BREAK.findall(text, 0, offset)) + 1
+
+
+@dataclass
+class _Document:
+    """One YAML file: its valid values by declared key, the keys given with a wrong value, and
+    the line of every key path."""
+    path: Path
+    display: str
+    lines: dict[tuple, int] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    invalid: set[str] = field(default_factory=set)
+
+    def line_of(self, path: tuple) -> int | None:
         while path:
             if path in self.lines:
                 return self.lines[path]
             path = path[:-1]
         return None
 
-    def report(self, path, message):
-        line = self.line_of(tuple(path))
-        where = f':{line}' if line else ''
-        self.problems.append(f'{self.display}{where}: key {_key(path)!r}: {message}')
+    def problem(self, path: tuple, text: str) -> Problem:
+        return Problem(self.display, self.line_of(path), _key_text(path), text)
 
-    def has(self, path) -> bool:
-        return tuple(path) in self.lines
-
-    def check(self, schema=SCHEMA, data=None, path=()):
-        data = self.data if data is None else data
-        for key, value in data.items():
-            here = path + (key,)
-            if key not in schema:
-                close = difflib.get_close_matches(str(key), list(schema), n=1)
-                hint = f'did you mean {close[0]!r}?' if close else f'valid keys here: {", ".join(schema)}'
-                self.report(here, f'unknown key; {hint}')
-                continue
-            self._check_value(schema[key], value, here)
-
-    def _check_value(self, rule, value, path):
-        if isinstance(rule, dict):
-            if not isinstance(value, dict):
-                self.report(path, f'expected a mapping with keys {", ".join(rule)}, got {_show(value)}')
-            else:
-                self.check(rule, value, path)
-        elif isinstance(rule, ListOf):
-            if not isinstance(value, list):
-                self.report(path, f'expected a list (- item per line), got {_show(value)}')
-                return
-            for i, item in enumerate(value):
-                error = rule.item(item)
-                if error:
-                    self.report(path + (i,), error)
-        elif isinstance(rule, MapOf):
-            if not isinstance(value, dict):
-                self.report(path, f'expected a mapping of NAME: value, got {_show(value)}')
-                return
-            for key, item in value.items():
-                error = rule.key(key) or rule.value(item)
-                if error:
-                    self.report(path + (key,), error)
-        else:
-            error = rule(value)
-            if error:
-                self.report(path, error)
+    def has(self, key: str) -> bool:
+        return key in self.values or key in self.invalid
 
 
-def _key(path) -> str:
+def _key_text(path) -> str:
     text = ''
     for part in path:
-        text += f'[{part}]' if isinstance(part, int) else (f'.{part}' if text else str(part))
+        if isinstance(part, Index):
+            text += f'[{part}]'
+        else:
+            part = printable(part) if isinstance(part, str) else quote(part)
+            text += f'.{part}' if text else part
     return text
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """Maps merge key by key; lists and values replace."""
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+def _read_document(path: Path, display: str, problems: list[Problem]) -> _Document | None:
+    """The file parsed, its keys indexed and checked against KEYS; None when it cannot be read."""
+    doc = _Document(path, display)
+
+    def whole_file(line, text):
+        problems.append(Problem(display, line, None, text))
+
+    try:
+        raw = read_regular(path)
+    except _Unreadable as err:
+        whole_file(None, f'{err}; a manifest must be a regular YAML file')
+        return None
+    except (OSError, ValueError) as err:
+        whole_file(None, f'cannot read the file ({printable(getattr(err, "strerror", None) or str(err))}); '
+                         'fix or remove it')
+        return None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as err:
+        whole_file(_line_at(raw, err.start), 'the file is not UTF-8 text; save it as UTF-8')
+        return None
+    loader = None
+    try:
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as err:
+        whole_file(_line_at(text, err.position),
+                   f'character {printable(chr(err.character))} (U+{err.character:04X}) is not allowed in YAML, '
+                   'not even in a comment; remove it')
+        return None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        message = printable(': '.join(filter(None, [err.context, err.problem])) or str(err))
+        fix = {_TooComplex: 'write the values out instead of the aliases or nesting',
+               yaml.composer.ComposerError: 'keep one document, with each anchor (&name) once and before its '
+                                            'aliases (*name)',
+               yaml.constructor.ConstructorError: 'remove the tag or fix the value'}.get(
+            type(err), 'fix the syntax (indentation, quoting, a missing ":")')
+        kind = 'YAML syntax error' if isinstance(err, (yaml.scanner.ScannerError, yaml.parser.ParserError)) \
+            else 'YAML error'
+        whole_file(mark.line + 1 if mark else None, f'{kind}: {message}; {fix}')
+        return None
+    except yaml.YAMLError as err:
+        whole_file(None, f'YAML error: {printable(str(err))}')
+        return None
+    finally:
+        if loader:
+            loader.dispose()
+    if data is None:
+        return doc
+    if not isinstance(data, dict):
+        whole_file(node.start_mark.line + 1,
+                   f'expected a mapping of keys such as prompt:, skills:, image:, got {show(data)}')
+        return None
+    _index_lines(loader, node, (), doc, problems)
+    doc.data = data
+    _check(doc, problems)
+    return doc
+
+
+def _index_lines(loader: _BoundedLoader, node, path: tuple, doc: _Document, problems: list[Problem]):
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, _ in loader.own_pairs.get(node, ()):
+            if key_node in loader.values:            # not a `<<` merge key
+                key = loader.values[key_node]
+                if key in seen:
+                    problems.append(Problem(doc.display, key_node.start_mark.line + 1,
+                                            _key_text(path + (key,)), 'the key appears twice; keep one'))
+                seen.add(key)
+        for key_node, value_node in node.value:      # own keys come after merged ones, so they win
+            key = loader.values.get(key_node)
+            doc.lines[path + (key,)] = key_node.start_mark.line + 1
+            _index_lines(loader, value_node, path + (key,), doc, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            doc.lines[path + (Index(i),)] = item.start_mark.line + 1
+            _index_lines(loader, item, path + (Index(i),), doc, problems)
+
+
+def _check(doc: _Document, problems: list[Problem]):
+    """Every key against KEYS; valid values go to doc.values."""
+
+    def unknown(path, choices):
+        close = difflib.get_close_matches(str(path[-1])[:100], choices, n=1)
+        hint = f'did you mean {close[0]!r}?' if close else f'valid keys here: {", ".join(choices)}'
+        problems.append(doc.problem(path, f'unknown key; {hint}'))
+
+    def leaf(key: Key, value, path):
+        errors = list(key.kind.problems(value))
+        for below, error in errors:
+            problems.append(doc.problem(path + below, error))
+        if errors:
+            doc.invalid.add(key.path)
         else:
-            merged[key] = value
-    return merged
+            doc.values[key.path] = value
+
+    for name, value in doc.data.items():
+        if name in KEY:
+            leaf(KEY[name], value, (name,))
+        elif name in SECTIONS:
+            inner = [key.path.split('.', 1)[1] for key in KEYS if key.path.startswith(f'{name}.')]
+            if not isinstance(value, dict):
+                problems.append(doc.problem((name,), f'expected a mapping with keys {", ".join(inner)}, '
+                                                     f'got {show(value)}'))
+                doc.invalid.update(f'{name}.{k}' for k in inner)
+                continue
+            for sub, sub_value in value.items():
+                if isinstance(sub, str) and f'{name}.{sub}' in KEY:
+                    leaf(KEY[f'{name}.{sub}'], sub_value, (name, sub))
+                else:
+                    unknown((name, sub), inner)
+        else:
+            unknown((name,), TOP_LEVEL)
 
 
-def load_agents(agents_dir: Path, display_root: Path, templates: Callable[[str], bool]) -> dict[str, Agent]:
+# --- all manifests
+
+def load_agents(agents_dir: Path, display_root: Path, setup_problem: Callable[[Recipe], str | None],
+                default_backend: Callable[[], str]) -> dict[str, Agent]:
     """Read and validate every agents/*.yaml; raise ManifestError listing all problems.
-    `templates(name)` says whether a template of that name exists."""
-    problems: list[str] = []
+
+    `setup_problem(recipe)` says why the recipe's setup template cannot be used, or None.
+    `default_backend()` picks the backend of agents whose manifests and environment name none;
+    it is called at most once, and only when every manifest is valid (it may raise BottleError)."""
+    problems: list[Problem] = []
 
     def display(path: Path) -> str:
         try:
-            return str(path.relative_to(display_root))
+            return printable(str(path.relative_to(display_root)))
         except ValueError:
-            return str(path)
+            return printable(str(path))
 
-    defaults = {}
-    defaults_path = agents_dir / DEFAULTS_FILE
-    if defaults_path.exists():
-        doc = _Document(defaults_path, display(defaults_path), problems)
-        doc.check()
-        defaults = doc.data
+    try:
+        entries = sorted(agents_dir.iterdir()) if agents_dir.is_dir() else []
+    except OSError as err:
+        raise ManifestError([Problem(display(agents_dir), None, None,
+                                     f'cannot list the directory: {err.strerror}')]) from None
+    defaults = None
+    manifests = []
+    for path in entries:
+        name = path.name
+        if name.startswith('.'):      # editors' lock and backup files, never agents
+            continue
+        if name == DEFAULTS_FILE:
+            defaults = _read_document(path, display(path), problems)
+        elif name.startswith('_') and name.endswith(MANIFEST_SUFFIX):
+            problems.append(Problem(display(path), None, None,
+                                    f'only {DEFAULTS_FILE} may start with "_" (agent names start with a letter '
+                                    f'or digit); rename it to {DEFAULTS_FILE} if it holds shared defaults, or '
+                                    'give the agent a name without the "_"'))
+        elif name.endswith('.yml'):
+            problems.append(Problem(display(path), None, None,
+                                    f'manifests end in {MANIFEST_SUFFIX}; rename it to '
+                                    f'{printable(name[:-4])}{MANIFEST_SUFFIX}'))
+        elif name.endswith(MANIFEST_SUFFIX):
+            manifests.append(path)
+    if defaults is not None:
+        _check_prompt_keys(defaults, problems)
 
-    from_env = os.environ.get(BACKEND_ENV)
+    from_env = os.environ.get(BACKEND_ENV) or None
     if from_env and from_env not in BACKENDS:
-        problems.append(f'{BACKEND_ENV}={from_env} in the environment: not a backend; '
-                        f'use one of {", ".join(BACKENDS)}')
+        problems.append(Problem(f'{BACKEND_ENV}={printable(from_env)} in the environment', None, None,
+                                f'not a backend; use one of {", ".join(BACKENDS)}'))
 
-    agents = {}
-    for path in sorted(agents_dir.glob('*.yaml')):
-        if path.name.startswith('_'):
+    drafts = []
+    setup_checked: dict[Recipe, str | None] = {}
+    for path in manifests:
+        name = path.name[:-len(MANIFEST_SUFFIX)]
+        name_problem = _agent_name_problem(name, display(path))
+        if name_problem:
+            problems.append(name_problem)
+        doc = _read_document(path, display(path), problems)
+        if doc is None:
             continue
-        doc = _Document(path, display(path), problems)
-        name = path.stem
-        machine = MACHINE_PREFIX + name
-        if not MACHINE_NAME.fullmatch(name) or len(machine) > MAX_MACHINE_NAME:
-            fixed = re.sub(r'-+', '-', re.sub(r'[^A-Za-z0-9_-]', '-', name)).strip('-_') or 'agent'
-            problems.append(
-                f'{doc.display}: the agent name {name!r} comes from the file name and must become the '
-                f'machine name {machine!r}: use only letters, digits, "-" and "_", start with a letter '
-                f'or digit, no "--", no trailing "-", at most {MAX_MACHINE_NAME - len(MACHINE_PREFIX)} '
-                f'characters; rename the file, e.g. to {fixed}.yaml')
-        doc.check()
-        spec = _merge(BUILTIN_DEFAULTS, defaults)
-        if from_env:
-            spec['backend'] = from_env
-        agent = _build(name, path, doc, _merge(spec, doc.data), defaults_path, display, problems, templates)
-        if agent:
-            agents[name] = agent
-    if problems:
-        raise ManifestError(problems)
-    return agents
-
-
-def _build(name, path, doc, spec, defaults_path, display, problems, templates) -> Agent | None:
-    """Cross-key checks on the merged spec; the Agent only when no problem was found so far."""
-
-    def report(key_path, message):
-        if doc.has(key_path) or not defaults_path.exists():
-            doc.report(key_path, message)
-        else:
-            problems.append(f'{display(defaults_path)} (for {display(path)}): key {_key(key_path)!r}: {message}')
-
-    base_dir = path.parent
-    prompt_file = None
-    if doc.has(('prompt',)) and doc.has(('prompt_file',)):
-        doc.report(('prompt_file',), 'give either prompt (inline text) or prompt_file, not both')
-    if isinstance(spec.get('prompt_file'), str) and not (doc.has(('prompt',))):
-        prompt_file = (base_dir / spec['prompt_file']).resolve()
-        if not prompt_file.is_file():
-            report(('prompt_file',), f'file {display(prompt_file)} does not exist; create it or fix the '
-                                     'path (relative to the manifest\'s directory)')
-    skills_dir = (base_dir / str(spec.get('skills_dir', 'skills'))).resolve()
-    skills = spec.get('skills') if isinstance(spec.get('skills'), list) else []
-    for i, skill in enumerate(skills):
-        if not isinstance(skill, str) or not SKILL_NAME.fullmatch(skill):
+        _check_prompt_keys(doc, problems)
+        draft = _Draft(name, doc, defaults, display, from_env)
+        found = list(draft.check())
+        problems.extend(found)
+        if found or draft.blocked or name_problem:
             continue
-        where = skills_dir / skill
-        if skills.count(skill) > 1 and skills.index(skill) < i:
-            report(('skills', i), f'skill {skill!r} is listed twice; keep one')
-        elif not where.is_dir():
-            report(('skills', i), f'skill {skill!r} not found: no directory {display(where)}; create it with '
-                                  f'a SKILL.md, or remove {skill!r} from skills')
-        elif not (where / 'SKILL.md').is_file():
-            report(('skills', i), f'skill {skill!r} has no SKILL.md in {display(where)}; add one '
-                                  '(Claude Code loads a skill from its SKILL.md)')
-    base = spec['image'].get('base') if isinstance(spec.get('image'), dict) else None
-    if isinstance(base, str) and base.startswith(DEBOOTSTRAP):
-        if not re.fullmatch(r'[a-z]+', base.removeprefix(DEBOOTSTRAP)):
-            report(('image', 'base'), f'{base!r}: name a Debian suite after "debootstrap:", '
-                                      'e.g. debootstrap:bookworm')
-    elif isinstance(base, str) and is_local_base(base):
-        where = (base_dir / base).resolve()
-        if not (where.is_dir() or (where.is_file() and where.name.endswith(TARBALL_SUFFIXES))):
-            report(('image', 'base'), f'local base {display(where)} is neither a directory nor a '
-                                      f'tarball ({", ".join(TARBALL_SUFFIXES)}); fix the path (relative '
-                                      'to the manifest\'s directory) or use an image name such as '
-                                      'debian:bookworm-slim')
-    setup = spec['image'].get('setup') if isinstance(spec.get('image'), dict) else None
-    if isinstance(setup, str) and not templates(setup):
-        report(('image', 'setup'), f'template {setup!r} not found in templates/; add it there, or leave '
-                                   'the key out for the built-in image-setup.sh.j2')
-    env = spec.get('env') if isinstance(spec.get('env'), dict) else {}
-    secrets = spec.get('secrets') if isinstance(spec.get('secrets'), list) else []
-    for i, secret in enumerate(secrets):
-        if secret in env:
-            report(('secrets', i), f'{secret!r} is also set in env; a secret comes only from the host '
-                                   'environment at attach time, so remove it from env')
+        # The setup does not depend on the backend, which may not be chosen yet.
+        recipe = draft.recipe(draft.backend or BACKENDS[0])
+        if recipe not in setup_checked:
+            setup_checked[recipe] = setup_problem(recipe)
+        if setup_checked[recipe]:
+            problems.append(draft.report('image.setup', ('image', 'setup'), printable(setup_checked[recipe])))
+        drafts.append(draft)
     if problems:
+        raise ManifestError(list(dict.fromkeys(problems)))   # a _defaults.yaml problem once, not per agent
+
+    detected = []
+
+    def backend_of(draft: _Draft) -> str:
+        if draft.backend:
+            return draft.backend
+        if not detected:
+            detected.append(default_backend())
+        return detected[0]
+
+    return {draft.name: draft.agent(backend_of(draft)) for draft in drafts}
+
+
+def _agent_name_problem(name: str, display: str) -> Problem | None:
+    machine = MACHINE_PREFIX + name
+    if MACHINE_NAME.fullmatch(name) and len(machine) <= MAX_MACHINE_NAME:
         return None
-    user = GuestUser(**spec['user'])
-    recipe = Recipe(base=spec['image']['base'], setup=spec['image']['setup'],
-                    claude_code=str(spec['image']['claude_code']),
-                    packages=tuple(spec['image']['packages']), run=tuple(spec['image']['run']),
-                    user=user, backend=spec['backend'], source_dir=base_dir)
-    return Agent(
-        name=name, manifest=path, prompt=spec['prompt'] if prompt_file is None else '',
-        prompt_file=prompt_file, skills=tuple(skills), skills_dir=skills_dir, recipe=recipe,
-        cpus=spec['resources']['cpus'], memory_mib=spec['resources']['memory'],
-        allow_hosts=tuple(spec['network']['allow_hosts']),
-        env={k: _env_text(v) for k, v in env.items()}, secrets=tuple(secrets), user=user,
-        backend=spec['backend'])
+    fixed = re.sub(r'-+', '-', re.sub(r'[^A-Za-z0-9_-]', '-', name)).strip('-_')[:MAX_AGENT_NAME]
+    fixed = re.sub(r'[-_]+$', '', fixed) or 'agent'
+    return Problem(display, None, None,
+                   f'the agent name comes from the file name and must become the machine name '
+                   f'{printable(MACHINE_PREFIX)}<name>: use only letters, digits, "-" and "_", start with a '
+                   f'letter or digit, no "--", no trailing "-", at most {MAX_AGENT_NAME} characters; rename '
+                   f'the file, e.g. to {fixed}{MANIFEST_SUFFIX}')
 
 
-def _env_text(value) -> str:
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    return str(value)
+def _check_prompt_keys(doc: _Document, problems: list[Problem]):
+    if doc.has('prompt') and doc.has('prompt_file'):
+        problems.append(doc.problem(('prompt_file',), 'give either prompt (inline text) or prompt_file, not both'))
+
+
+class _Draft:
+    """One agent's values, merged from its manifest, _defaults.yaml and the declared defaults."""
+
+    def __init__(self, name: str, doc: _Document, defaults: _Document | None, display, from_env: str | None):
+        self.name, self.doc, self.display = name, doc, display
+        self.base_dir = doc.path.parent
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, _Document] = {}   # where each value was given
+        self.wrong: set[str] = set()              # keys whose given value is wrong (already reported)
+        own_prompt = doc.has('prompt') or doc.has('prompt_file')
+        for key in KEYS:
+            # An agent's own prompt or prompt_file replaces both of _defaults.yaml's.
+            layers = [doc] if defaults is None or (own_prompt and key.path in ('prompt', 'prompt_file')) \
+                else [defaults, doc]
+            self.values[key.path] = self._merged(key, layers)
+        # The agent's own key, then the environment (a choice for this run), then _defaults.yaml.
+        own = doc.values['backend'] if doc.has('backend') and 'backend' not in doc.invalid else None
+        self.backend = own or from_env or self.values['backend']
+
+    def _merged(self, key: Key, layers: list[_Document]):
+        if isinstance(key.kind, EnvMap):      # maps merge entry by entry
+            given = [d for d in layers if d.has(key.path)]
+        else:
+            given = [d for d in layers if d.has(key.path)][-1:]
+        if any(key.path in d.invalid for d in given):
+            self.wrong.add(key.path)
+            return key.default
+        if given:
+            self.sources[key.path] = given[-1]
+        if isinstance(key.kind, EnvMap):
+            return {name: value for d in given for name, value in d.values[key.path].items()}
+        return given[0].values[key.path] if given else key.default
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.wrong)
+
+    def report(self, key: str, path: tuple, text: str) -> Problem:
+        return self.sources.get(key, self.doc).problem(path, text)
+
+    def check(self) -> Iterator[Problem]:
+        """Checks across keys and against the file system, of the values that are valid."""
+        values, wrong = self.values, self.wrong
+        prompt_file = KEY['prompt_file'].kind.convert(values['prompt_file'], self.base_dir)
+        if prompt_file is not None:
+            error = _regular_text_problem(prompt_file)
+            if error:
+                yield self.report('prompt_file', ('prompt_file',),
+                                  f'{self.display(prompt_file)} {error} fix the path (relative to the '
+                                  'manifest\'s directory)')
+        skills_dir = KEY['skills_dir'].kind.convert(values['skills_dir'], self.base_dir)
+        for i, skill in enumerate(values['skills'] if not wrong & {'skills', 'skills_dir'} else ()):
+            where = skills_dir / skill
+            info = _stat(where)
+            if isinstance(info, str) or not stat.S_ISDIR(info.st_mode):
+                yield self.report('skills', ('skills', Index(i)),
+                                  f'skill {skill!r} not found: no directory {self.display(where)}; create it '
+                                  f'with a SKILL.md, or remove {skill!r} from skills')
+                continue
+            info = _stat(where / 'SKILL.md')
+            if isinstance(info, str) or not stat.S_ISREG(info.st_mode):
+                yield self.report('skills', ('skills', Index(i)),
+                                  f'skill {skill!r} has no SKILL.md in {self.display(where)}; add one '
+                                  '(Claude Code loads a skill from its SKILL.md)')
+        base = values['image.base']
+        if 'image.base' not in wrong and is_local_base(base) and not base.startswith(DEBOOTSTRAP):
+            where = Path(os.path.abspath(self.base_dir / base))
+            info = _stat(where)
+            if isinstance(info, str) or not (stat.S_ISDIR(info.st_mode) or (
+                    stat.S_ISREG(info.st_mode) and where.name.endswith(TARBALL_SUFFIXES))):
+                yield self.report('image.base', ('image', 'base'),
+                                  f'local base {self.display(where)} is neither a directory nor a tarball '
+                                  f'({", ".join(TARBALL_SUFFIXES)}); fix the path (relative to the manifest\'s '
+                                  'directory) or use an image name such as debian:bookworm-slim')
+        for i, secret in enumerate(values['secrets']):
+            if secret in values['env']:
+                yield self.report('secrets', ('secrets', Index(i)),
+                                  f'{secret!r} is also set in env; a secret comes only from the host '
+                                  'environment at attach time, so remove it from env')
+
+    def _fields(self, backend: str) -> dict:
+        """Agent attributes by KEYS' `attribute`, with the `recipe.` and `user.` ones grouped."""
+        groups: dict[str, dict] = {'': {}, 'recipe': {}, 'user': {}}
+        for key in KEYS:
+            group, _, attribute = key.attribute.rpartition('.')
+            groups[group][attribute] = key.kind.convert(self.values[key.path], self.base_dir)
+        fields = groups['']
+        fields['backend'] = backend
+        fields['user'] = GuestUser(**groups['user'])
+        fields['recipe'] = Recipe(**groups['recipe'], user=fields['user'], backend=backend,
+                                  source_dir=self.base_dir)
+        if fields['prompt_file'] is not None:
+            fields['prompt'] = ''
+        return fields
+
+    def recipe(self, backend: str) -> Recipe:
+        return self._fields(backend)['recipe']
+
+    def agent(self, backend: str) -> Agent:
+        return Agent(name=self.name, manifest=self.doc.path, **self._fields(backend))
+
+
+def _stat(path: Path) -> os.stat_result | str:
+    """os.stat, or why it failed (a missing file, a symlink loop, a name too long)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError) as err:
+        return getattr(err, 'strerror', None) or str(err)
+
+
+def _regular_text_problem(path: Path) -> str | None:
+    try:
+        read_regular(path).decode()
+    except _Unreadable as err:
+        return f'{err};'
+    except FileNotFoundError:
+        return 'does not exist; create it or'
+    except UnicodeDecodeError:
+        return 'is not UTF-8 text; save it as UTF-8 or'
+    except (OSError, ValueError) as err:
+        return f'cannot be read ({getattr(err, "strerror", None) or err});'
+    return None
+
+
+# --- the README's table and the JSON Schema, from KEYS
+
+def _default_text(key: Key) -> str:
+    if key.default_text is not None:
+        return key.default_text
+    if key.default == '':
+        return 'empty'
+    if key.default is None:
+        return ''
+    if isinstance(key.default, (list, dict, str)):
+        return f'`{json.dumps(key.default)}`' if not isinstance(key.default, str) else f'`{key.default}`'
+    return str(key.default)
+
+
+def reference_table() -> str:
+    rows = ['| key | type | default | meaning |', '|---|---|---|---|']
+    rows += [f'| `{key.path}` | {key.kind.name} | {_default_text(key)} | {key.description} |' for key in KEYS]
+    return '\n'.join(rows) + '\n'
+
+
+def json_schema() -> dict:
+    def property_of(key: Key) -> dict:
+        schema = {'description': key.description, **key.kind.schema()}
+        if key.default is not None:
+            schema['default'] = key.default
+        return schema
+
+    properties: dict[str, Any] = {}
+    for key in KEYS:
+        section, _, inner = key.path.rpartition('.')
+        if section:
+            properties.setdefault(section, {'description': SECTIONS[section], 'type': 'object',
+                                            'properties': {}, 'additionalProperties': False})
+            properties[section]['properties'][inner] = property_of(key)
+        else:
+            properties[inner] = property_of(key)
+    return {
+        '$schema': 'https://json-schema.org/draft/2020-12/schema',
+        'title': 'claude-bottle agent manifest (agents/<name>.yaml, agents/_defaults.yaml)',
+        'type': ['object', 'null'],
+        'properties': properties,
+        'additionalProperties': False,
+        'not': {'required': ['prompt', 'prompt_file']},
+    }
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + '\n'
+
+
+def main():
+    parser = argparse.ArgumentParser(prog='python -m tasks.manifest', description=__doc__.split('\n\n')[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument('--reference', action='store_true', help="print the README's manifest reference table")
+    what.add_argument('--schema', action='store_true', help='print the manifests\' JSON Schema')
+    args = parser.parse_args()
+    print(reference_table() if args.reference else schema_text(), end='')
+
+
+if __name__ == '__main__':
+    main()

@@ -6,14 +6,17 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 from doit.exceptions import InvalidDodoFile, TaskFailed
 
 from tasks.backends import BottleError
-from tasks.manifest import Agent, ManifestError, load_agents
+from tasks.backends.detect import default_backend
+from tasks.manifest import Agent, ManifestError, Recipe, load_agents
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / 'templates'
 STATE_DIR = '.bottle'
@@ -35,16 +38,41 @@ class Project:
     def agents(self) -> dict[str, Agent]:
         """Every agent manifest, validated; all problems at once, before any task runs."""
         try:
-            return load_agents(self.agents_dir, self.root, self._has_template)
-        except ManifestError as err:
+            return load_agents(self.agents_dir, self.root, self.setup_template_problem, default_backend)
+        except (ManifestError, BottleError) as err:     # BottleError: no backend works here
             raise InvalidDodoFile(str(err)) from None
 
-    def _has_template(self, name: str) -> bool:
+    def setup_template_problem(self, recipe: Recipe) -> str | None:
+        """Why the recipe's setup template cannot be rendered, or None: it is missing, does not parse,
+        uses a variable the setup does not provide (in any branch, or in a template it includes), or
+        fails to render with this recipe's values."""
+        from tasks.image import SETUP_VARIABLES, setup_values    # tasks.image imports this module
+        known = SETUP_VARIABLES | set(self.templates.globals)
+        pending, seen = [recipe.setup], set()
+        while pending:
+            name = pending.pop()
+            seen.add(name)
+            try:
+                source, filename, _ = self.templates.loader.get_source(self.templates, name)
+                tree = self.templates.parse(source, name, filename)
+            except jinja2.TemplateNotFound:
+                return (f'template {name!r} not found in templates/; add it there, or leave the key out for '
+                        'the built-in image-setup.sh.j2')
+            except jinja2.TemplateSyntaxError as err:
+                return f'template {name!r} line {err.lineno}: {err.message}; fix the template'
+            except (OSError, UnicodeDecodeError) as err:
+                return f'template {name!r} cannot be read: {err}'
+            unknown = jinja2.meta.find_undeclared_variables(tree) - known
+            if unknown:
+                line = min(n.lineno for n in tree.find_all(jinja2.nodes.Name) if n.name in unknown)
+                return (f'template {name!r} line {line} uses {", ".join(sorted(unknown))}, which the setup does '
+                        f'not provide; it provides {", ".join(sorted(SETUP_VARIABLES))}')
+            pending += [t for t in jinja2.meta.find_referenced_templates(tree) if t and t not in seen]
         try:
-            self.templates.get_template(name)
-            return True
-        except jinja2.TemplateNotFound:
-            return False
+            self.templates.get_template(recipe.setup).render(**setup_values(recipe, key=''))
+        except Exception as err:     # the template is the project's own code: anything can go wrong in it
+            return f'template {recipe.setup!r} fails to render with this recipe: {type(err).__name__}: {err}'
+        return None
 
     @property
     def label(self) -> str:
@@ -52,6 +80,7 @@ class Project:
         return hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
 
     def doit_config(self) -> dict:
+        sys.excepthook = _interrupted
         self.state_dir.mkdir(exist_ok=True)
         return {
             'dep_file': str(self.state_dir / 'doit.sqlite'),
@@ -84,17 +113,25 @@ def cache_dir() -> Path:
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644):
-    """Readers see the old file or the whole new one, never a part."""
+    """Readers see the old file or the whole new one, never a part, also after a crash:
+    the data is on disk before the rename, and the rename is on disk before we return."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as out:
             out.write(data.encode() if isinstance(data, str) else data)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_json(path: Path, data: dict):
@@ -102,11 +139,25 @@ def write_json(path: Path, data: dict):
 
 
 def action(func):
-    """Report BottleErrors as task failures without a traceback."""
+    """Report any error of a task's action as the task's failure, in words, without a
+    traceback: doit then names the task and keeps no state for it, so the next run redoes it."""
     @functools.wraps(func)
     def run(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except BottleError as err:
             return TaskFailed(str(err))
+        except Exception as err:     # a bug of ours or an unforeseen failure: still one readable line
+            return TaskFailed(f'unexpected {type(err).__name__}: {err}. Nothing was recorded as done; '
+                              'run the same command again, and report it if it persists.')
     return run
+
+
+def _interrupted(kind, value, tb, previous=sys.excepthook):
+    """Ctrl-C: one line. doit has already saved the state of every finished task (its
+    runner closes the database on the way out), so the next run does only the rest."""
+    if issubclass(kind, KeyboardInterrupt):
+        print('\ninterrupted: the tasks that finished are recorded; run the same command again to do '
+              'the rest', file=sys.stderr)
+    else:
+        previous(kind, value, tb)

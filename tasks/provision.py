@@ -5,6 +5,8 @@ provision_skill:<agent>:<skill> one skill directory, moved as one tar stream in 
 provision_skills:<agent>        skills dropped from the manifest, removed from the guest
 provision:<agent>               all of the above for one agent
 
+The work in the agent's own directories is done as the agent user (see GUARDS below).
+
 Each step records the identity of the machine it provisioned (`machine_id`), so an
 unchanged prompt or skill is never copied twice, while a machine recreated by doit
 or behind its back gets everything again. An agent's steps run one after another
@@ -31,26 +33,65 @@ FAMILIES = {
     'provision_skills': 'remove skills dropped from a manifest from the machine',
 }
 
-# Guest side of one skill transfer: unpack next to the old copy, then swap, so the
-# skill is never half there. Arguments: skills dir, skill name, owner uid:gid.
-RECEIVE_SKILL = r'''set -eu
-dir=$1 name=$2 owner=$3
-[ -d "$dir" ] || { mkdir -p "$dir"; chown "$owner" "$dir"; }
-incoming="$dir/.$name.incoming"
-rm -rf "$incoming"; mkdir "$incoming"
-tar -x -f - -C "$incoming" --no-same-owner
-chown -R "$owner" "$incoming"
-rm -rf "${dir:?}/$name"; mv "$incoming" "$dir/$name"
-grep -qxF "$name" "$dir/{managed}" 2>/dev/null || echo "$name" >> "$dir/{managed}"
-'''.replace('{managed}', guest.MANAGED_SKILLS)
+# Every guest script below but PREPARE_SKILLS_DIR runs as the agent user, inside the agent's own
+# tree, so a path the agent planted can lead it nowhere the agent could not write anyway. Even
+# so, a script follows no symbolic link it did not make: a link (or the wrong kind of file) at a
+# name the script owns is removed, and a link in a directory above those names is refused.
+# fail() reads its stdin to the end first: podman drops the output of a command that ends
+# before it has read its stdin (podman 4.3: the message was lost 8 times in 30).
+GUARDS = r'''fail() { cat > /dev/null; echo "claude-bottle: $*" >&2; exit 1; }
+no_links_above() {
+  at=$(dirname "$1")
+  while [ "$at" != / ]; do
+    [ ! -L "$at" ] || fail "$at is a symbolic link, which provisioning does not follow; \
+remove it in the bottle and run doit again"
+    at=$(dirname "$at")
+  done
+}
+clear_unless() {  # clear_unless -d|-f NAME: whatever is at NAME and is not a real dir|file goes
+  if [ -L "$2" ] || { [ -e "$2" ] && [ ! "$1" "$2" ]; }; then rm -rf "$2"; fi
+}
+own_dir() {
+  no_links_above "$1"
+  clear_unless -d "$1"
+  mkdir -p "$1" 2>/dev/null && [ -w "$1" ] ||
+    fail "$1 cannot be made or written by $(id -un); it must be a directory the agent user owns"
+}
+'''
 
-# Remove managed skills not in the keep list. The list lives in an agent-writable
-# dir, so every name read from it is checked before anything is removed.
-PRUNE_SKILLS = r'''set -eu
-dir=$1; shift
-list="$dir/{managed}"
+# One skill transfer: unpack next to the old copy, then swap with two renames, so a reader sees
+# the old copy or the new one, never a mix (for the instant between the renames, neither).
+# Arguments: skills dir, skill name, name of the list of managed skills.
+RECEIVE_SKILL = GUARDS + r'''set -eu
+dir=$1 name=$2 list="$1/$3"
+own_dir "$dir"
+incoming="$dir/.$name.incoming" old="$dir/.$name.old"
+rm -rf "$incoming" "$old"
+mkdir "$incoming"
+tar -x -f - -C "$incoming" --no-same-owner
+if [ -e "$dir/$name" ] || [ -L "$dir/$name" ]; then mv -T "$dir/$name" "$old"; fi
+mv -T "$incoming" "$dir/$name"
+rm -rf "$old"
+clear_unless -f "$list"
+if ! grep -qxF "$name" "$list" 2>/dev/null; then
+  rm -rf "$list.new"
+  { cat "$list" 2>/dev/null || :; echo "$name"; } > "$list.new"
+  mv -fT "$list.new" "$list"
+fi
+'''
+
+# Remove managed skills not in the keep list. The list is the agent's to write, so every
+# name read from it is checked before anything is removed. Arguments: skills dir, name of the
+# list, the skills to keep.
+PRUNE_SKILLS = GUARDS + r'''set -eu
+dir=$1 list="$1/$2"; shift 2
+no_links_above "$dir"
+clear_unless -d "$dir"
+[ -d "$dir" ] || exit 0
+clear_unless -f "$list"
 [ -f "$list" ] || exit 0
 keep=" $* "
+rm -rf "$list.new"
 : > "$list.new"
 while IFS= read -r name; do
   case "$name" in ''|*/*|.*) continue ;; esac
@@ -59,8 +100,48 @@ while IFS= read -r name; do
     *) rm -rf "${dir:?}/$name" ;;
   esac
 done < "$list"
-mv "$list.new" "$list"
-'''.replace('{managed}', guest.MANAGED_SKILLS)
+mv -fT "$list.new" "$list"
+'''
+
+# The prompt from stdin, written to a temporary name and renamed. Arguments: path, octal mode.
+RECEIVE_PROMPT = GUARDS + r'''set -eu
+dest=$1 mode=$2
+umask 077
+own_dir "$(dirname "$dest")"
+tmp="$dest.incoming"
+rm -rf "$tmp"
+cat > "$tmp"
+chmod "$mode" "$tmp"
+clear_unless -f "$dest"
+mv -fT "$tmp" "$dest"
+'''
+
+# No prompt: none may stay behind. Argument: path.
+REMOVE_PROMPT = GUARDS + r'''set -eu
+dest=$1
+no_links_above "$(dirname "$dest")"
+clear_unless -d "$(dirname "$dest")"
+rm -rf "$dest"
+'''
+
+# As root, for a skills dir outside the agent's home: make it where only root may change the
+# path (below directories root owns and alone may write) and give it to the agent. Anywhere
+# else root does nothing and the agent makes it. Arguments: skills dir, owner uid:gid.
+PREPARE_SKILLS_DIR = r'''set -eu
+dir=$1 owner=$2
+[ ! -e "$dir" ] && [ ! -L "$dir" ] || exit 0
+at=$(dirname "$dir")
+while :; do
+  if [ -e "$at" ] || [ -L "$at" ]; then
+    [ ! -L "$at" ] && [ -O "$at" ] && [ -z "$(find "$at" -maxdepth 0 -perm /022)" ] || exit 0
+  fi
+  [ "$at" != / ] || break
+  at=$(dirname "$at")
+done
+mkdir -p "$(dirname "$dir")"
+mkdir "$dir"
+chown "$owner" "$dir"
+'''
 
 
 def tasks(project: Project):
@@ -130,9 +211,11 @@ def copy_prompt(agent: Agent, source: Path):
     identity = _current_identity(agent)
     runtime = backend(agent.backend)
     if source.stat().st_size:
-        runtime.copy_in(agent.machine, source, guest.prompt_path(agent), mode=0o600, **_owner(agent))
+        runtime.exec(agent.machine, ['sh', '-c', RECEIVE_PROMPT, 'sh', guest.prompt_path(agent), '600'],
+                     stdin=source.read_bytes(), user=agent.user.name)
     else:   # no prompt: Claude starts without the flag, and no stale prompt stays behind
-        runtime.exec(agent.machine, ['rm', '-f', guest.prompt_path(agent)])
+        runtime.exec(agent.machine, ['sh', '-c', REMOVE_PROMPT, 'sh', guest.prompt_path(agent)],
+                     user=agent.user.name)
     return {'machine_id': identity}
 
 
@@ -143,9 +226,13 @@ def copy_skill(agent: Agent, skill: str):
     with tarfile.open(fileobj=stream, mode='w') as tar:
         for path in sorted(agent.skill_dir(skill).rglob('*')):
             tar.add(path, arcname=str(path.relative_to(agent.skill_dir(skill))), recursive=False)
-    owner = f'{agent.user.uid}:{agent.user.uid}'
-    backend(agent.backend).exec(agent.machine, ['sh', '-c', RECEIVE_SKILL, 'sh', guest.skills_dir(agent),
-                                                skill, owner], stdin=stream.getvalue())
+    runtime = backend(agent.backend)
+    skills_dir = guest.skills_dir(agent)
+    if not _in_home(agent, skills_dir):     # the agent may not be allowed to make it there
+        runtime.exec(agent.machine, ['sh', '-c', PREPARE_SKILLS_DIR, 'sh', skills_dir,
+                                     f'{agent.user.uid}:{agent.user.uid}'])
+    runtime.exec(agent.machine, ['sh', '-c', RECEIVE_SKILL, 'sh', skills_dir, skill, guest.MANAGED_SKILLS],
+                 stdin=stream.getvalue(), user=agent.user.name)
     return {'machine_id': identity}
 
 
@@ -153,5 +240,9 @@ def copy_skill(agent: Agent, skill: str):
 def prune_skills(agent: Agent):
     identity = _current_identity(agent)
     backend(agent.backend).exec(agent.machine, ['sh', '-c', PRUNE_SKILLS, 'sh', guest.skills_dir(agent),
-                                                *agent.skills])
+                                                guest.MANAGED_SKILLS, *agent.skills], user=agent.user.name)
     return {'machine_id': identity}
+
+
+def _in_home(agent: Agent, path: str) -> bool:
+    return path.startswith(agent.user.home.rstrip('/') + '/')

@@ -11,6 +11,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -137,6 +138,9 @@ class Bottles:
 
     def env(self, **extra) -> dict:
         env = {**os.environ, **self.backend.env()}
+        # The dodo.py copied into the project imports `tasks`: from this checkout, not from
+        # whatever claude-bottle site-packages holds.
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), extra.pop('PYTHONPATH', None)]))
         env.update({k: v for k, v in extra.items() if v is not None})
         for key in [k for k, v in extra.items() if v is None]:
             env.pop(key, None)
@@ -248,7 +252,7 @@ class StandinSmolvm:
                 'XDG_CACHE_HOME': str(self.cache)}
 
     def manifest_defaults(self) -> dict:
-        return {'image': {'claude_code': TEST_CLAUDE_VERSION}}
+        return {'backend': 'smolvm', 'image': {'claude_code': TEST_CLAUDE_VERSION}}
 
     @staticmethod
     def stall_pack_env() -> dict:
@@ -264,6 +268,8 @@ class StandinSmolvm:
     def kind(argv: list[str]) -> str:
         if argv[:2] == ['pack', 'create']:
             return 'pack'
+        if argv[:2] == ['machine', 'exec'] and any('cat > "$tmp"' in a for a in argv):
+            return 'cp'                    # the prompt is copied through exec, as the agent user
         if argv and argv[0] in ('machine', 'vm') and len(argv) > 1:
             return {'ls': 'probe', 'list': 'probe', 'rm': 'delete'}.get(argv[1], argv[1])
         return ' '.join(argv[:2])
@@ -349,40 +355,116 @@ def read_log(log: Path) -> list[list[str]]:
     return [json.loads(line)['argv'] for line in log.read_text().splitlines() if line.strip()]
 
 
-def podman_claude_process(machine: str) -> dict:
-    """How claude runs in the container, read from the host's /proc: Claude Code makes
-    itself non-dumpable, so even root in the container cannot read its environment."""
-    top = subprocess.run(['podman', 'top', machine, 'hpid', 'args'], capture_output=True, text=True)
-    for line in top.stdout.splitlines()[1:]:
-        hpid, args = line.strip().split(None, 1)
-        if args.split()[0] != 'claude':
-            continue
-        proc = Path('/proc') / hpid
-        env = dict(item.split('=', 1) for item in proc.joinpath('environ').read_text().split('\0')
-                   if '=' in item)
-        uid = next(line.split()[1] for line in proc.joinpath('status').read_text().splitlines()
-                   if line.startswith('Uid:'))
-        passwd = subprocess.run(['podman', 'exec', machine, 'getent', 'passwd', uid], capture_output=True,
-                                text=True).stdout
-        info = {'uid': uid, 'user': passwd.split(':')[0], 'home': env.get('HOME', ''),
-                'args': args.split(None, 1)[1] if ' ' in args.strip() else '',
-                'tty': 'yes' if os.readlink(proc / 'fd' / '0').startswith('/dev/pts/') else 'no'}
-        if 'BOTTLE_TEST_SECRET' in env:
-            info['secret_sha256'] = hashlib.sha256(env['BOTTLE_TEST_SECRET'].encode()).hexdigest()
-        return info
-    return {}
+class Engine:
+    """One engine of the docker CLI family as the tests call it, behind the backend's back."""
+
+    def __init__(self, cli: str, env: dict | None = None, top: tuple[str, ...] = ('hpid',)):
+        self.cli = cli
+        self.env = env or {}
+        self.top = top            # `top` arguments that list the host PID of each process
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([self.cli, *args], capture_output=True, check=check,
+                              env={**os.environ, **self.env})
+
+    def claude_process(self, machine: str) -> dict:
+        """How claude runs in the container, read from the host's /proc: Claude Code makes
+        itself non-dumpable, so even root in the container cannot read its environment."""
+        top = self('top', machine, *self.top, check=False).stdout.decode(errors='replace')
+        for hpid in top.split()[1:]:
+            proc = Path('/proc') / hpid
+            try:
+                argv = proc.joinpath('cmdline').read_text().split('\0')[:-1]
+                if argv[:1] != ['claude']:
+                    continue
+                env = dict(item.split('=', 1) for item in proc.joinpath('environ').read_text().split('\0')
+                           if '=' in item)
+                uid = next(line.split()[1] for line in proc.joinpath('status').read_text().splitlines()
+                           if line.startswith('Uid:'))
+                tty = os.readlink(proc / 'fd' / '0').startswith('/dev/pts/')
+            except OSError:
+                continue                # the process ended meanwhile
+            passwd = self('exec', machine, 'getent', 'passwd', uid, check=False).stdout.decode()
+            info = {'uid': uid, 'user': passwd.split(':')[0], 'home': env.get('HOME', ''),
+                    'args': ' '.join(argv[1:]), 'tty': 'yes' if tty else 'no'}
+            if 'BOTTLE_TEST_SECRET' in env:
+                info['secret_sha256'] = hashlib.sha256(env['BOTTLE_TEST_SECRET'].encode()).hexdigest()
+            return info
+        return {}
+
+    def containers(self, project_label: str) -> list[str]:
+        return self('ps', '-a', '--format', '{{.Names}}', '--filter',
+                    f'label=claude-bottle.project={project_label}', check=False).stdout.decode().split()
+
+    def remove_containers(self, project_label: str):
+        names = self.containers(project_label)
+        if names:
+            self('rm', '-f', *names, check=False)
 
 
-def podman_containers(project_label: str) -> list[str]:
-    return subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
-                           f'label=claude-bottle.project={project_label}'], capture_output=True,
-                          text=True).stdout.split()
+PODMAN = Engine('podman')
+podman_claude_process = PODMAN.claude_process
+podman_containers = PODMAN.containers
+remove_podman_containers = PODMAN.remove_containers
 
 
-def remove_podman_containers(project_label: str):
-    names = podman_containers(project_label)
-    if names:
-        subprocess.run(['podman', 'rm', '-f', *names], capture_output=True)
+class Dockerd:
+    """A Docker engine of the tests' own: data, state and socket in one directory, no iptables
+    rules and no bridge (bottles run with `--network none`). dockerd starts a containerd of its
+    own, in the same directory, unless the system already runs one."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.host = f'unix://{directory}/docker.sock'
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> str | None:
+        """Start it and wait until it answers; None, or why it cannot run here."""
+        exe = shutil.which('dockerd', path=f'{os.environ["PATH"]}{os.pathsep}/usr/sbin')
+        if exe is None:
+            return 'dockerd is not installed (Debian: apt-get install docker.io)'
+        if shutil.which('docker') is None:
+            return 'the docker CLI is not on PATH (Debian: apt-get install docker.io)'
+        if os.geteuid() != 0:
+            return 'dockerd needs root'
+        log = self.dir / 'dockerd.log'
+        with open(log, 'wb') as out:
+            self.proc = subprocess.Popen(
+                [exe, '--iptables=false', '--bridge=none', '--data-root', str(self.dir / 'data'),
+                 '--exec-root', str(self.dir / 'exec'), '--pidfile', str(self.dir / 'dockerd.pid'),
+                 '-H', self.host], stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        engine = Engine('docker', {'DOCKER_HOST': self.host})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                return f'dockerd exited with code {self.proc.returncode}:\n{log.read_text()[-2000:]}'
+            if engine('version', check=False).returncode == 0:
+                return None
+            time.sleep(0.2)
+        self.stop()
+        return f'dockerd did not answer within {timeout} s:\n{log.read_text()[-2000:]}'
+
+    def stop(self):
+        """Stop dockerd (it stops its containers and its containerd), then remove its data."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        # dockerd stops its containerd itself, unless it had to be killed
+        try:
+            pid = int((self.dir / 'exec' / 'containerd' / 'containerd.pid').read_text())
+            if str(self.dir) in Path(f'/proc/{pid}/cmdline').read_text():
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        # a dockerd that failed to start leaves its data root mounted on itself
+        subprocess.run(['umount', '--recursive', str(self.dir / 'data')], capture_output=True)
+        shutil.rmtree(self.dir / 'data', ignore_errors=True)
 
 
 class LoggedCli:
@@ -405,13 +487,12 @@ class LoggedCli:
         return read_log(self.log)[mark:]
 
 
-class Podman(LoggedCli):
-    """The docker backend on the real podman engine, real Claude Code in every image."""
-    name = 'podman'
-    cli = 'podman'
+class DockerFamily(LoggedCli):
+    """The docker backend on a real engine of the docker CLI family, real Claude Code in every image."""
+    engine: Engine
 
     def manifest_defaults(self) -> dict:
-        return {'backend': 'podman', 'image': {'base': 'debootstrap:bookworm'}}
+        return {'backend': self.name, 'image': {'base': 'debootstrap:bookworm'}}
 
     @staticmethod
     def stall_pack_env() -> dict:
@@ -427,29 +508,26 @@ class Podman(LoggedCli):
         if verb == 'rm':
             return 'delete'
         if verb == 'exec' and any('cat > "$tmp"' in a for a in argv):
-            return 'cp'                    # the docker backend copies one file through exec
+            return 'cp'                    # a file copied through exec (RECEIVE_FILE, the prompt)
         if verb == 'image':
             return ' '.join(argv[:2])
         return verb
 
-    def podman(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(['podman', *args], capture_output=True, check=True)
-
     def guest(self, machine: str, script: str) -> str:
-        return self.podman('exec', machine, 'sh', '-c', script).stdout.decode()
+        return self.engine('exec', machine, 'sh', '-c', script).stdout.decode()
 
     def machine_state(self, machine: str) -> str | None:
-        proc = subprocess.run(['podman', 'container', 'inspect', '--format', '{{.State.Status}}', machine],
-                              capture_output=True, text=True)
+        proc = self.engine('container', 'inspect', '--format', '{{.State.Status}}', machine, check=False)
         if proc.returncode != 0:
             return None
-        return {'exited': 'stopped'}.get(proc.stdout.strip(), proc.stdout.strip())
+        state = proc.stdout.decode().strip()
+        return {'exited': 'stopped'}.get(state, state)
 
     def delete_behind_back(self, machine: str):
-        self.podman('rm', '-f', machine)
+        self.engine('rm', '-f', machine)
 
     def stop_behind_back(self, machine: str):
-        self.podman('stop', machine)
+        self.engine('stop', machine)
 
     def attach(self, bottles: Bottles, agent: str, env: dict) -> Attached:
         """The real claude keeps running: it is inspected in the bottle, then left to teardown.
@@ -458,17 +536,37 @@ class Podman(LoggedCli):
         bottles.doit(f'provision:{agent}', env=env)
         self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,
-                           lambda: podman_claude_process(f'bottle-{agent}'))
+                           lambda: self.engine.claude_process(f'bottle-{agent}'))
 
     def state_dirs(self) -> list[Path]:
         """The writable layers of every bottle: where a guest would have written a secret."""
-        names = subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}', '--filter',
-                                'name=^bottle-'], capture_output=True, text=True).stdout.split()
-        return [Path(self.podman('inspect', '--format', '{{.GraphDriver.Data.UpperDir}}', n)
+        names = self.engine('ps', '-a', '--format', '{{.Names}}', '--filter', 'name=^bottle-').stdout.split()
+        return [Path(self.engine('inspect', '--format', '{{.GraphDriver.Data.UpperDir}}', n.decode())
                      .stdout.decode().strip()) for n in names]
 
     def close(self, project_label):
-        remove_podman_containers(project_label)
+        self.engine.remove_containers(project_label)
+
+
+class Podman(DockerFamily):
+    name = 'podman'
+    cli = 'podman'
+    engine = PODMAN
+
+
+class Docker(DockerFamily):
+    """On the tests' own dockerd, with the `docker` CLI first on PATH (its API version is
+    negotiated down to the engine's)."""
+    name = 'docker'
+    cli = 'docker'
+
+    def __init__(self, tmp: Path, cache: Path, dockerd: Dockerd):
+        super().__init__(tmp, cache)
+        # `docker top` takes ps options and runs ps on the host, so its PIDs are the host's.
+        self.engine = Engine('docker', {'DOCKER_HOST': dockerd.host}, top=('-o', 'pid'))
+
+    def env(self) -> dict:
+        return {**super().env(), **self.engine.env}
 
 
 # How the claude process runs, read from /proc inside a smolvm guest (whose root, unlike a

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tasks.project import Project
-from tests.bottles import (Bottles, Podman, RealSmolvm, StandinSmolvm, make_fake_claude_archive,
-                           make_standin_images)
+from tests.bottles import (Bottles, Docker, Dockerd, Podman, RealSmolvm, StandinSmolvm,
+                           make_fake_claude_archive, make_standin_images)
 
 # Downloads and debootstrap bases are cached here when set (CI points it at a
 # directory the machine keeps); otherwise per test session.
@@ -36,32 +36,52 @@ def podman_problem() -> str | None:
 
 
 @pytest.fixture(scope='session')
+def dockerd(tmp_path_factory):
+    """A Docker engine started for this session and stopped after it; the docker tests
+    are skipped, with the reason, where it cannot start."""
+    engine = Dockerd(tmp_path_factory.mktemp('dockerd'))
+    problem = engine.start()
+    if problem:
+        pytest.skip(f'no Docker engine for the docker backend: {problem}')
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope='session')
 def standin_images(tmp_path_factory):
     return make_standin_images(tmp_path_factory.mktemp('images'))
 
 
-def _standin(tmp_path, standin_images, claude_cache):
-    return StandinSmolvm(tmp_path, standin_images, claude_cache)
+# Each makes one backend harness; session fixtures (an engine, the stand-in's images) are
+# asked for only by the backends that need them.
+
+def _standin(request, tmp_path, claude_cache):
+    return StandinSmolvm(tmp_path, request.getfixturevalue('standin_images'), claude_cache)
 
 
-def _podman(tmp_path, standin_images, claude_cache):
+def _podman(request, tmp_path, claude_cache):
     if podman_problem():
         pytest.skip(podman_problem())
     return Podman(tmp_path, claude_cache)
 
 
-def _smolvm(tmp_path, standin_images, claude_cache):
+def _docker(request, tmp_path, claude_cache):
+    return Docker(tmp_path, claude_cache, request.getfixturevalue('dockerd'))
+
+
+def _smolvm(request, tmp_path, claude_cache):
     if not shutil.which('smolvm'):
         pytest.skip('the real smolvm is not on PATH; the same scenarios ran against the stand-in')
     return RealSmolvm(tmp_path, claude_cache)
 
 
-BACKENDS = {'standin': _standin, 'smolvm': _smolvm, 'podman': _podman}
+BACKENDS = {'standin': _standin, 'smolvm': _smolvm, 'podman': _podman, 'docker': _docker}
 
 
-@pytest.fixture(params=list(BACKENDS))
-def bottles(request, tmp_path, standin_images, claude_cache):
-    backend = BACKENDS[request.param](tmp_path, standin_images, claude_cache)
+def _project(backend, tmp_path):
+    """A project on that backend; its machines and image artifacts are removed afterwards."""
     project = Bottles(tmp_path / 'project', backend)
     try:
         yield project
@@ -70,22 +90,27 @@ def bottles(request, tmp_path, standin_images, claude_cache):
         shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)   # large artifacts
 
 
-@pytest.fixture
-def podman(tmp_path, standin_images, claude_cache):
-    """The podman engine only: for what is about the docker backend itself."""
-    backend = _podman(tmp_path, standin_images, claude_cache)
-    project = Bottles(tmp_path / 'project', backend)
-    try:
-        yield project
-    finally:
-        backend.close(Project(project.root).label)
-        shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)
+@pytest.fixture(params=list(BACKENDS))
+def bottles(request, tmp_path, claude_cache):
+    yield from _project(BACKENDS[request.param](request, tmp_path, claude_cache), tmp_path)
+
+
+@pytest.fixture(params=['podman', 'docker'])
+def engine(request, tmp_path, claude_cache):
+    """Each engine of the docker CLI family: for what is about the docker backend itself."""
+    yield from _project(BACKENDS[request.param](request, tmp_path, claude_cache), tmp_path)
 
 
 @pytest.fixture
-def standin(tmp_path, standin_images, claude_cache):
+def podman(request, tmp_path, claude_cache):
+    """The podman engine only: for what is about podman itself."""
+    yield from _project(_podman(request, tmp_path, claude_cache), tmp_path)
+
+
+@pytest.fixture
+def standin(request, tmp_path, claude_cache):
     """The stand-in only: for what is about smolvm itself."""
-    backend = _standin(tmp_path, standin_images, claude_cache)
+    backend = _standin(request, tmp_path, claude_cache)
     try:
         yield Bottles(tmp_path / 'project', backend)
     finally:

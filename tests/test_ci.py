@@ -53,7 +53,7 @@ NOT_RUN_HERE = {
                                       'where the install script puts smolvm, on PATH as the step does; '
                                       'debootstrap is installed on this machine',
 }
-CHECKOUT = ('dodo.py', 'pyproject.toml', 'README.md', 'tasks', 'templates')   # what `pip install -e .` needs
+CHECKOUT = ('dodo.py', 'pyproject.toml', 'README.md', 'tasks', 'daemons', 'templates')   # what `pip install -e .` needs
 SYSTEM_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 RUNNER_ARCH = {'x86_64': 'X64', 'aarch64': 'ARM64'}.get(platform.machine(), platform.machine())
 EXPRESSION = re.compile(r'\$\{\{\s*([\w.-]+)\s*\}\}')

@@ -1,4 +1,4 @@
-"""What is about the docker backend itself, on the real podman engine."""
+"""What is about the docker backend itself, on each real engine: podman and a dockerd of the tests' own."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ from tests.conftest import podman_problem
 from tests.test_scenarios import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
 
 
-def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(podman):
-    podman.agent('a', prompt='hi')
-    podman.doit('provision')
-    record = json.loads(next((podman.root / '.bottle/images').glob('*/image.json')).read_text())
-    assert record['base'] == 'debootstrap:bookworm' and record['backend'] == 'podman'
-    facts = dict(line.split('=', 1) for line in podman.guest('a', '''
+def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(engine):
+    engine.agent('a', prompt='hi')
+    engine.doit('provision')
+    record = json.loads(next((engine.root / '.bottle/images').glob('*/image.json')).read_text())
+    assert record['base'] == 'debootstrap:bookworm' and record['backend'] == engine.backend.name
+    facts = dict(line.split('=', 1) for line in engine.guest('a', '''
         echo "claude=$(su agent -s /bin/sh -c 'claude --version')"
         echo "git=$(git --version)"
         echo "curl=$(curl --version | head -1)"
@@ -34,21 +34,21 @@ def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(po
     assert inside['recipe'] == record['key'] and inside['claude_code'] == facts['claude']
 
 
-def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(podman):
-    setup_agent(podman, resources={'cpus': 1, 'memory': 1024}, env={'MODE': 'review'})
-    run = podman.doit('provision')
+def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(engine):
+    setup_agent(engine, resources={'cpus': 1, 'memory': 1024}, env={'MODE': 'review'})
+    run = engine.doit('provision')
     create = next(c for c in run.calls if c[0] == 'create' and 'bottle-a' in c)
     assert create[create.index('--cpus') + 1] == '1' and create[create.index('--memory') + 1] == '1024m'
     assert create[create.index('--network') + 1] == 'none'
     assert 'claude-bottle.agent=a' in create and 'MODE=review' in create
-    assert podman.guest('a', 'echo $MODE; cat /proc/net/dev | tail -n +3 | cut -d: -f1').split() == ['review', 'lo']
+    assert engine.guest('a', 'echo $MODE; cat /proc/net/dev | tail -n +3 | cut -d: -f1').split() == ['review', 'lo']
 
 
-def test_attach_command_passes_secrets_by_name_only(podman):
-    setup_agent(podman, secrets=['BOTTLE_TEST_SECRET'])
-    run = podman.doit('launch:a', env=podman.env(BOTTLE_TEST_SECRET='value-never-printed'))
-    assert 'podman exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET bottle-a' \
-        in run.stdout
+def test_attach_command_passes_secrets_by_name_only(engine):
+    setup_agent(engine, secrets=['BOTTLE_TEST_SECRET'])
+    run = engine.doit('launch:a', env=engine.env(BOTTLE_TEST_SECRET='value-never-printed'))
+    assert (f'{engine.backend.cli} exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET '
+            'bottle-a') in run.stdout
     assert 'value-never-printed' not in run.output
 
 

@@ -11,6 +11,7 @@ checks of any number of agents cost a single call.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from abc import ABC, abstractmethod
@@ -81,8 +82,17 @@ def run(argv: list[str], *, stdin: bytes | None = None, check: bool = True) -> s
     if check and proc.returncode != 0:
         shown = ' '.join(argv[:6]) + (' ...' if len(argv) > 6 else '')
         err = proc.stderr.decode(errors='replace').strip() or proc.stdout.decode(errors='replace').strip()
-        raise BackendError(f'`{shown}` failed with exit code {proc.returncode}:\n{err}')
+        how = (f'was killed by {_signal_name(-proc.returncode)}' if proc.returncode < 0
+               else f'failed with exit code {proc.returncode}')
+        raise BackendError(f'`{shown}` {how}:\n{err or "(it printed nothing)"}')
     return proc
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f'signal {number}'
 
 
 class Backend(ABC):
@@ -184,11 +194,14 @@ class Backend(ABC):
 
     @abstractmethod
     def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
-        """Copy one host file into the running machine, atomically, with owner and mode."""
+        """Copy one host file into the running machine, atomically, with owner and mode. Root
+        writes it: only for destinations in directories no one but root can change (a file
+        for the agent user goes through exec as that user)."""
 
     @abstractmethod
-    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
-        """Run argv as root in the running machine; return stdout, raise on failure."""
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None, user: str = 'root') -> str:
+        """Run argv as `user` (a user name of the guest) in the running machine; return stdout,
+        raise on failure."""
 
     @abstractmethod
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,

@@ -13,20 +13,37 @@ import shutil
 from pathlib import Path
 
 from tasks.backends import Backend, BackendMissing, ImageBuild, Machine, MachineSpec, run
+from tasks.backends.detect import alternatives
 from tasks.backends.registry import base_image
 
 WORKLOAD = ['sleep', 'infinity']
+# One JSON object per container, with only what the probe needs: `{{json .}}` would make
+# docker compute every container's disk usage as well.
+DOCKER_PS_FORMAT = '{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}}'
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
 STOP = ['--stop-signal', 'SIGKILL']
 
-# One-call atomic file copy with owner and mode, through exec (docker cp can set neither).
+# One-call atomic file copy with owner and mode, through exec (docker cp can set neither). It
+# runs as root, so it refuses a destination below a symbolic link or a directory root does not
+# own; the temporary file is a new name (mktemp), and the rename replaces whatever is at dest.
 RECEIVE_FILE = r'''set -eu
 dest=$1 owner=$2 mode=$3
+at=$(dirname "$dest")
+while :; do
+  if [ -L "$at" ] || { [ -e "$at" ] && [ ! -O "$at" ]; }; then
+    cat > /dev/null     # podman may drop the message of a command that leaves its stdin unread
+    echo "claude-bottle: not writing $dest as root: $at is a symbolic link or not owned by root" >&2
+    exit 1
+  fi
+  [ "$at" != / ] || break
+  at=$(dirname "$at")
+done
 mkdir -p "$(dirname "$dest")"
-tmp="$dest.incoming"
+tmp=$(mktemp "$dest.XXXXXX")
+trap 'rm -f "$tmp"' EXIT
 cat > "$tmp"
 chown "$owner" "$tmp"; chmod "$mode" "$tmp"
-mv -f "$tmp" "$dest"
+mv -fT "$tmp" "$dest"
 '''
 
 
@@ -44,7 +61,7 @@ class Docker(Backend):
                 f'{self.name} is not installed: there is no `{self.name}` on PATH. Install it '
                 f'(Debian: `apt-get install {"podman runc" if self.name == "podman" else "docker.io"}`), '
                 'or pick another backend with BOTTLE_BACKEND=smolvm|docker|podman or the manifest '
-                'key backend.')
+                'key backend.' + alternatives(self.name))
         return run([exe, *args], stdin=stdin, check=check)
 
     def _probe(self) -> dict[str, Machine]:
@@ -52,12 +69,14 @@ class Docker(Backend):
             listed = json.loads(self._cli('ps', '-a', '--format', 'json').stdout or b'[]')
             return {m['Names'][0]: Machine(m['Names'][0], _state(m['State']), m.get('Labels') or {})
                     for m in listed}
-        lines = self._cli('ps', '-a', '--no-trunc', '--format', '{{json .}}').stdout.splitlines()
+        lines = self._cli('ps', '-a', '--no-trunc', '--format', DOCKER_PS_FORMAT).stdout.splitlines()
         machines = {}
         for line in filter(None, lines):
             m = json.loads(line)
-            labels = dict(kv.split('=', 1) for kv in m.get('Labels', '').split(',') if '=' in kv)
-            machines[m['Names']] = Machine(m['Names'], _state(m['State']), labels)
+            # docker prints the labels joined by commas: a value with a comma in it (only
+            # another tool's) comes out cut, one of ours never does.
+            labels = dict(kv.split('=', 1) for kv in m['labels'].split(',') if '=' in kv)
+            machines[m['name']] = Machine(m['name'], _state(m['state']), labels)
         return machines
 
     def _has_image(self, ref: str) -> bool:
@@ -113,9 +132,9 @@ class Docker(Backend):
         self.exec(name, ['sh', '-c', RECEIVE_FILE, 'sh', dest, f'{uid}:{gid}', f'{mode:o}'],
                   stdin=src.read_bytes())
 
-    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None, user: str = 'root') -> str:
         flags = ['-i'] if stdin is not None else []
-        return self._cli('exec', *flags, '-u', 'root', name, *argv, stdin=stdin).stdout.decode(errors='replace')
+        return self._cli('exec', *flags, '-u', user, name, *argv, stdin=stdin).stdout.decode(errors='replace')
 
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
                     secrets: tuple[str, ...]) -> list[str]:

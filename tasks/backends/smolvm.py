@@ -12,7 +12,8 @@ See ../shared/research/smolvm-cli.md. The facts this module leans on:
 - `pack create --from-vm` refuses a machine made from a local archive or directory,
   so a local base is served as a registry image on 127.0.0.1 from the build machine's
   create through its pack, which pulls it again (registry.py says why that works);
-- there is no `--user` on exec: the attach command drops to the agent user with setpriv.
+- there is no `--user` on exec: attach and exec as the agent user drop root with setpriv;
+- `cp` writes as root: it is used only for destinations no one but root can change.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
+from tasks.backends.detect import alternatives
 from tasks.backends.registry import serve_base
 
 INSTALL_HELP = (
@@ -41,17 +43,19 @@ class Smolvm(Backend):
     def _smolvm(self, *args: str, stdin: bytes | None = None):
         exe = shutil.which('smolvm')
         if exe is None:
-            raise BackendMissing(INSTALL_HELP)
+            raise BackendMissing(INSTALL_HELP + alternatives('smolvm'))
         return run([exe, *args], stdin=stdin)
 
     def _probe(self) -> dict[str, Machine]:
         out = self._smolvm('machine', 'ls', '--json').stdout
         try:
-            listed = json.loads(out)
-        except ValueError as err:
-            raise BackendError(f'`smolvm machine ls --json` printed something that is not JSON ({err}); '
-                               'is the smolvm on PATH a supported version (1.9 or later)?') from None
-        return {m['name']: Machine(m['name'], m['state'], m.get('labels') or {}) for m in listed}
+            return {m['name']: Machine(m['name'], m['state'], dict(m.get('labels') or {}))
+                    for m in json.loads(out)}
+        except (ValueError, LookupError, TypeError, AttributeError) as err:
+            shown = out[:200].decode(errors='replace')
+            raise BackendError(f'`smolvm machine ls --json` printed what is not a list of machines '
+                               f'({type(err).__name__}: {err}; it began {shown!r}); is the smolvm on PATH '
+                               'a supported version (1.9 or later)?') from None
 
     def build_image(self, build: ImageBuild):
         local = os.path.isabs(build.base)
@@ -93,8 +97,10 @@ class Smolvm(Backend):
         self._smolvm('machine', 'cp', str(src), f'{name}:{dest}', '--mode', f'{mode:o}',
                      '--uid', str(uid), '--gid', str(gid))
 
-    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None) -> str:
+    def exec(self, name: str, argv: list[str], *, stdin: bytes | None = None, user: str = 'root') -> str:
         flags = ['-i'] if stdin is not None else []
+        if user != 'root':
+            argv = _as_user(user, argv)
         return self._smolvm('machine', 'exec', '--name', name, *flags, '--', *argv,
                             stdin=stdin).stdout.decode(errors='replace')
 
@@ -105,3 +111,9 @@ class Smolvm(Backend):
             env += ['--secret-env', f'{secret}={secret}']
         return ['smolvm', 'machine', 'exec', '--name', name, '-it', '-w', home, *env, '--',
                 'setpriv', '--reuid', user, '--regid', user, '--init-groups', '--', *argv]
+
+
+def _as_user(user: str, argv: list[str]) -> list[str]:
+    """argv run as `user`: exec has no --user, so the guest's setpriv drops root first
+    (as the attach command does)."""
+    return ['setpriv', '--reuid', user, '--regid', user, '--init-groups', '--', *argv]

@@ -1,0 +1,202 @@
+"""Start, check and stop one host daemon, detached from whoever starts it (doit, a test).
+
+A daemon has a name and a state directory, where it keeps:
+
+    <name>.pid    JSON {"pid", "start_time", "argv"}, replaced atomically
+    <name>.log    its stdout and stderr, appended across restarts, with a line per start
+    <name>.lock   serialises starting and stopping between processes (parallel doit runs)
+
+The pid file records the process's start time (field 22 of /proc/<pid>/stat, fixed at fork), so a
+pid that the kernel reused after a crash is never taken for the daemon, and never signalled.
+`healthy()` makes no backend call and never raises: it can serve as a doit `uptodate` check.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+POLL_SECONDS = 0.05
+
+
+class DaemonError(Exception):
+    """A daemon that would not start or stop; the message says which, where its log is, and its end."""
+
+
+class Daemon:
+    def __init__(self, name: str, state_dir: Path, argv: Sequence[str],
+                 probe: Callable[[], bool] = lambda: True, *, env: Mapping[str, str] | None = None,
+                 start_timeout: float = 20.0, stop_timeout: float = 5.0):
+        """`probe` says whether the running daemon does its job (answers on its socket...); it must
+        return within a few seconds. `start_timeout` bounds the wait for the first good probe."""
+        self.name = name
+        self.state_dir = Path(state_dir)
+        self.argv = [str(a) for a in argv]
+        self.probe = probe
+        self.env = dict(os.environ if env is None else env)
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.pid_file = self.state_dir / f'{name}.pid'
+        self.log_file = self.state_dir / f'{name}.log'
+        self.lock_file = self.state_dir / f'{name}.lock'
+
+    def pid(self) -> int | None:
+        """The pid of the running daemon, or None: no pid file, or its process is gone (a crash),
+        or the pid now belongs to another process."""
+        record = self._record()
+        if record and _alive(record['pid'], record['start_time']):
+            return record['pid']
+        return None
+
+    def healthy(self) -> bool:
+        """Alive (by pid and start time) and the probe passes. Never raises."""
+        if self.pid() is None:
+            return False
+        try:
+            return bool(self.probe())
+        except Exception:        # the caller's probe: any failure of it means not healthy
+            return False
+
+    def ensure_running(self) -> bool:
+        """Start the daemon unless it is healthy; a crashed or hung one is stopped first.
+        True when it was (re)started."""
+        with self._locked():
+            if self.healthy():
+                return False
+            self._stop()
+            self._start()
+            return True
+
+    def start(self) -> int:
+        """Start it (stopping a previous instance first) and wait until the probe passes."""
+        with self._locked():
+            self._stop()
+            return self._start()
+
+    def stop(self) -> None:
+        """SIGTERM to the daemon's process group, SIGKILL after `stop_timeout`; the pid file goes."""
+        with self._locked():
+            self._stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return '\n'.join(self.log_file.read_text(errors='replace').splitlines()[-lines:])
+        except OSError:
+            return '(no log)'
+
+    @contextmanager
+    def _locked(self):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _record(self) -> dict | None:
+        try:
+            record = json.loads(self.pid_file.read_text())
+            return {'pid': int(record['pid']), 'start_time': int(record['start_time'])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _start(self) -> int:
+        with open(self.log_file, 'a') as log:
+            log.write(f'--- {time.strftime("%Y-%m-%dT%H:%M:%S%z")} starting {self.name}: {" ".join(self.argv)}\n')
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)
+        try:
+            # A new session: no controlling terminal, and doit's Ctrl-C does not reach it.
+            pid = os.posix_spawnp(self.argv[0], self.argv, self.env, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2)])
+        except OSError as err:
+            raise DaemonError(f'{self.name}: cannot run {self.argv[0]!r}: {err}') from None
+        finally:
+            os.close(log_fd)
+        start_time = _start_time(pid)
+        write_atomic(self.pid_file, json.dumps({'pid': pid, 'start_time': start_time, 'argv': self.argv}))
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if not _alive(pid, start_time):
+                self.pid_file.unlink(missing_ok=True)
+                raise DaemonError(f'{self.name} exited while starting; the end of its log {self.log_file}:\n'
+                                  f'{self.log_tail()}')
+            if self.healthy():
+                return pid
+            if time.monotonic() > deadline:
+                self._stop()
+                raise DaemonError(f'{self.name} (pid {pid}) did not pass its health check within '
+                                  f'{self.start_timeout:g} s and was stopped; the end of its log '
+                                  f'{self.log_file}:\n{self.log_tail()}')
+            time.sleep(POLL_SECONDS)
+
+    def _stop(self) -> None:
+        record = self._record()
+        if record and _alive(record['pid'], record['start_time']):
+            pid, start_time = record['pid'], record['start_time']
+            for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(pid, sig)     # the daemon leads its own group: its children go too
+                except ProcessLookupError:
+                    break
+                if _wait_gone(pid, start_time, wait):
+                    break
+            else:
+                raise DaemonError(f'{self.name} (pid {pid}) survived SIGKILL; see {self.log_file}')
+        self.pid_file.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> int:
+    return int(_stat_fields(pid)[19])
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of /proc/<pid>/stat (the command name, field 2, may hold spaces)."""
+    with open(f'/proc/{pid}/stat') as stat:
+        return stat.read().rsplit(')', 1)[1].split()
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    try:
+        fields = _stat_fields(pid)
+    except (OSError, IndexError):
+        return False
+    if int(fields[19]) != start_time:
+        return False
+    if fields[0] in ('Z', 'X'):
+        try:
+            os.waitpid(pid, os.WNOHANG)     # our own child that exited: reap it
+        except ChildProcessError:
+            pass
+        return False
+    return True
+
+
+def _wait_gone(pid: int, start_time: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid, start_time):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, 'w') as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,326 @@
+"""mitmproxy addon: the egress fence of every bottle of a project, in one mitmdump process.
+
+Runs inside mitmproxy's own environment (standard library, mitmproxy and the sibling `rules.py`).
+
+Which bottle a connection belongs to comes only from the listener it arrived on: each bottle has
+its own `regular@127.0.0.1:PORT` listener, reached only through that bottle's door (a host Unix
+socket relayed to the port), never from anything the client sends. The doors file (option
+`bottle_doors`) maps bottles to listeners and files; the addon reads it at start and polls it,
+changing the `mode` option live so adding or removing a bottle never restarts the proxy:
+
+    {"bottles": {"<bottle>": {"port": 41234, "rules": "/abs/egress-rules.json",
+                              "log": "/abs/egress.log"}}}
+
+For every request, in this order:
+- `health.bottle.invalid` (a reserved name that can never resolve) is answered here with
+  {"bottle": <name>}: the health check through a door, with no upstream;
+- CONNECT to a port other than 443 or 80, or to an IPv4 address in a non-canonical form
+  (`2130706433`, `0x7f000001`, `127.1`), is refused with a 403 at CONNECT time;
+- any other CONNECT is accepted without connecting upstream (connection_strategy=lazy); the TLS
+  inside is always intercepted (never passed through), so every request is checked here, and a
+  denied one gets a readable 403 naming the host and how to get it allowed, before any DNS lookup
+  or connection upstream;
+- the TLS SNI and the Host header must both name the CONNECT target (no fronting);
+- the bottle's rules (see rules.py), re-read when the file changes (written as temp + rename);
+- the allowed name is resolved once per client connection, and refused when any address is
+  loopback, private, link-local or otherwise not public, unless the rules' `allow_private` lists it;
+  the upstream connection goes to that checked address (no DNS rebinding), its certificate checked
+  against the name.
+Raw TCP is never relayed. Responses are streamed to the client as they arrive (server-sent events,
+large downloads). Each decision is one JSON line in the bottle's log: time, bottle, method, host,
+port, path (without the query, which may hold secrets), allowed, reason, status, bytes (response
+body bytes sent to the client), address (the upstream address connected to).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from mitmproxy import ctx, http
+
+import rules as bottle_rules
+from rules import HEALTH_HOST, PORTS
+
+LISTEN_HOST = '127.0.0.1'
+DOORS_POLL_SECONDS = 0.25
+
+log = logging.getLogger(__name__)
+
+
+class Bottle:
+    def __init__(self, name: str, port: int, rules_file: Path, log_file: Path):
+        self.name, self.port, self.rules_file, self.log_file = name, port, rules_file, log_file
+        self._rules_key = None
+        self._rules: bottle_rules.Rules | str = 'no rules read yet'
+
+    def rules(self) -> bottle_rules.Rules | str:
+        """The current rules, or why there are none (then everything is denied)."""
+        try:
+            st = os.stat(self.rules_file)
+            key = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            key = None
+        if key != self._rules_key:
+            self._rules_key = key
+            try:
+                self._rules = bottle_rules.load(self.rules_file)
+            except bottle_rules.RulesError as err:
+                self._rules = f'the rules of bottle {self.name} cannot be used ({err})'
+        return self._rules
+
+    def record(self, flow: http.HTTPFlow, allowed: bool, reason: str | None, status: int | None,
+               response_bytes: int | None = None, address: str | None = None):
+        line = {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'bottle': self.name,
+                'method': flow.request.method, 'host': flow.request.host, 'port': flow.request.port,
+                'path': '' if flow.request.method == 'CONNECT' else flow.request.path.split('?', 1)[0],
+                'allowed': allowed, 'reason': reason, 'status': status, 'bytes': response_bytes,
+                'address': address}
+        try:
+            with open(self.log_file, 'a') as out:
+                out.write(json.dumps(line) + '\n')
+        except OSError as err:
+            log.warning(f'cannot write the egress log of bottle {self.name}: {err}')
+
+
+class ByteCounter:
+    """The response's `stream` callable: passes chunks through as they come, counting them."""
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.count += len(chunk)
+        return chunk
+
+
+class EgressFence:
+    def __init__(self):
+        self.bottles: dict[int, Bottle] = {}
+        self._doors_key = None
+        self._watch: asyncio.Task | None = None
+        # (client connection id, host, port) -> the address checked for it; the upstream
+        # connection is made to that address and no other.
+        self.checked: dict[tuple[str, str, int], str] = {}
+        self._connecting: dict[str, tuple[str, int]] = {}
+
+    def load(self, loader):
+        loader.add_option('bottle_doors', str, '', 'The JSON file mapping bottles to listeners, rules and logs.')
+
+    def configure(self, updated):
+        if 'bottle_doors' in updated:
+            self.read_doors()
+
+    def running(self):
+        self._watch = asyncio.create_task(self.watch_doors())
+
+    def done(self):
+        if self._watch:
+            self._watch.cancel()
+
+    async def watch_doors(self):
+        while True:
+            await asyncio.sleep(DOORS_POLL_SECONDS)
+            try:
+                self.read_doors()
+            except Exception:       # keep watching: the next write of the file may be good
+                log.exception('cannot apply the doors file')
+
+    def read_doors(self):
+        path = Path(ctx.options.bottle_doors)
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            key = None
+        if key == self._doors_key:
+            return
+        try:
+            doors = json.loads(path.read_text())['bottles'] if key else {}
+            bottles = {}
+            for name, door in doors.items():
+                new = Bottle(name, int(door['port']), Path(door['rules']), Path(door['log']))
+                old = self.bottles.get(new.port)
+                same = old and (old.name, old.rules_file, old.log_file) == (new.name, new.rules_file, new.log_file)
+                bottles[new.port] = old if same else new     # keeps the parsed rules
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
+            return
+        self._doors_key = key
+        self.bottles = bottles
+        modes = [f'regular@{LISTEN_HOST}:{port}' for port in sorted(bottles)]
+        if modes != list(ctx.options.mode):
+            ctx.options.update(mode=modes)
+
+    def bottle_of(self, flow: http.HTTPFlow) -> Bottle | None:
+        sockname = flow.client_conn.sockname
+        return self.bottles.get(sockname[1]) if sockname else None
+
+    def http_connect(self, flow: http.HTTPFlow):
+        bottle = self.bottle_of(flow)
+        host, port = flow.request.host, flow.request.port
+        if bottle is None:
+            refusal = NO_BOTTLE
+        elif normal_host(host) == HEALTH_HOST:
+            return
+        elif port not in PORTS:
+            refusal = port_refusal(port)
+        elif bottle_rules.noncanonical_ipv4(host):
+            refusal = noncanonical_refusal(host)
+        else:
+            return
+        deny(flow, bottle, refusal)
+
+    async def requestheaders(self, flow: http.HTTPFlow):
+        bottle = self.bottle_of(flow)
+        if bottle is not None and normal_host(flow.request.host) == HEALTH_HOST:
+            flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name}),
+                                               {'Content-Type': 'application/json'})
+            return
+        refusal = NO_BOTTLE if bottle is None else await self.refusal(flow, bottle)
+        if refusal:
+            deny(flow, bottle, refusal)
+        else:
+            flow.metadata['bottle_allowed'] = bottle
+
+    async def refusal(self, flow: http.HTTPFlow, bottle: Bottle) -> Refusal | None:
+        request = flow.request
+        host = normal_host(request.host)
+        if request.port not in PORTS:
+            return port_refusal(request.port)
+        if bottle_rules.noncanonical_ipv4(host):
+            return noncanonical_refusal(host)
+        sni = flow.client_conn.sni
+        if sni is not None and normal_host(sni) != host:
+            return Refusal(f'the TLS server name {sni} is not the CONNECT target {host}')
+        host_header = request.host_header
+        if host_header is not None and normal_host(_without_port(host_header)) != host:
+            return Refusal(f'the Host header {host_header} does not name the target {host}')
+        rules = bottle.rules()
+        if isinstance(rules, str):
+            return Refusal(rules, RELAUNCH)
+        path = request.path.split('?', 1)[0]
+        reason = rules.refusal(request.method, host, path)
+        if reason:
+            return Refusal(reason, ALLOW_HOSTS)
+        return await self.check_address(flow, rules, host, request.port)
+
+    async def check_address(self, flow, rules: bottle_rules.Rules, host: str, port: int) -> Refusal | None:
+        key = (flow.client_conn.id, flow.request.host, port)
+        address = self.checked.get(key)
+        if address is None:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as err:
+                return Refusal(f'{host} does not resolve ({err})')
+            addresses = [info[4][0].split('%', 1)[0] for info in infos]
+        else:
+            addresses = [address]
+        for candidate in addresses:
+            if rules.address_refused(ipaddress.ip_address(candidate)):
+                return Refusal(f'{host} resolves to {candidate}, a loopback, private, link-local or '
+                               'otherwise non-public address', ALLOW_PRIVATE)
+        self.checked[key] = addresses[0]
+        return None
+
+    def server_connect(self, data):
+        host, port = data.server.address
+        address = self.checked.get((data.client.id, host, port))
+        if address is None:      # every allowed request was checked first; anything else is refused
+            data.server.error = f'the egress proxy did not check {host}:{port}'
+            return
+        self._connecting[data.server.id] = (host, port)
+        data.server.address = (address, port)
+
+    def server_connected(self, data):
+        # Name the connection by its host again, so that mitmproxy, which matches connections to
+        # reuse by address, reuses it for later requests to that host; the TLS server name and the
+        # certificate check already use the host. Its guard forbids changing the address of an
+        # open connection, hence the plain attribute write.
+        name = self._connecting.pop(data.server.id, None)
+        if name:
+            object.__setattr__(data.server, 'address', name)
+
+    def server_connect_error(self, data):
+        self._connecting.pop(data.server.id, None)
+
+    def client_disconnected(self, client):
+        for key in [k for k in self.checked if k[0] == client.id]:
+            del self.checked[key]
+
+    def responseheaders(self, flow: http.HTTPFlow):
+        if flow.metadata.get('bottle_allowed'):
+            flow.response.stream = flow.metadata['bottle_bytes'] = ByteCounter()
+
+    def response(self, flow: http.HTTPFlow):
+        bottle = flow.metadata.pop('bottle_allowed', None)
+        if bottle:
+            counter = flow.metadata.get('bottle_bytes')
+            bottle.record(flow, True, None, flow.response.status_code, counter.count if counter else None,
+                          _peer(flow))
+
+    def error(self, flow: http.HTTPFlow):
+        bottle = flow.metadata.pop('bottle_allowed', None)
+        if bottle:
+            counter = flow.metadata.get('bottle_bytes')
+            bottle.record(flow, True, f'upstream failed: {flow.error.msg}',
+                          flow.response.status_code if flow.response else None,
+                          counter.count if counter else None, _peer(flow))
+
+    def tcp_start(self, flow):
+        flow.kill()      # rawtcp is off; this is the second lock on the same door
+
+
+class Refusal(NamedTuple):
+    reason: str
+    remedy: str | None = None      # how to get it allowed, with {bottle} for the agent; None: it cannot be
+
+
+ALLOW_HOSTS = ('To allow it, add the host to network.allow_hosts in the manifest of agent {bottle} '
+               '(a host can be narrowed to methods and paths) and launch the agent again.')
+ALLOW_PRIVATE = ('To allow it, list that network in network.allow_private in the manifest of agent {bottle} '
+                 'and launch the agent again.')
+RELAUNCH = 'Launching agent {bottle} again writes its rules anew.'
+NO_BOTTLE = Refusal('this listener belongs to no bottle')
+
+
+def port_refusal(port: int) -> Refusal:
+    return Refusal(f'port {port} is never reachable through the egress proxy; only 443 and 80 are')
+
+
+def noncanonical_refusal(host: str) -> Refusal:
+    return Refusal(f'{host} is an IPv4 address in a non-canonical form; only a.b.c.d is accepted')
+
+
+def deny(flow: http.HTTPFlow, bottle: Bottle | None, refusal: Refusal):
+    name = bottle.name if bottle else '(none)'
+    remedy = refusal.remedy.format(bottle=name) if refusal.remedy else 'This cannot be allowed.'
+    body = (f'Blocked by the egress proxy of bottle {name}: {flow.request.method} to {flow.request.host} '
+            f'is not allowed.\nReason: {refusal.reason}.\n{remedy}\n')
+    flow.request.stream = False      # a streamed upload would open the upstream connection
+    flow.response = http.Response.make(403, body, {'Content-Type': 'text/plain; charset=utf-8'})
+    if bottle:
+        bottle.record(flow, False, refusal.reason, 403)
+
+
+def normal_host(host: str) -> str:
+    return bottle_rules.normal_host(host)
+
+
+def _without_port(authority: str) -> str:
+    if authority.startswith('['):
+        return authority[1:].split(']', 1)[0]
+    return authority.rsplit(':', 1)[0] if authority.count(':') == 1 else authority
+
+
+def _peer(flow: http.HTTPFlow) -> str | None:
+    peer = flow.server_conn.peername
+    return peer[0] if peer else None
+
+
+addons = [EgressFence()]

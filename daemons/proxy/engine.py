@@ -1,0 +1,332 @@
+"""The egress proxy of a project, host side: mitmproxy's environment, the CA, the doors, the daemon.
+
+One mitmdump process serves every bottle of the project; each bottle has a door (a host Unix socket,
+relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules and log. Files:
+
+    <state_dir>/                      the project's proxy directory (for example .bottle/egress)
+        proxy.pid, proxy.log          the mitmdump daemon (daemons.lifecycle)
+        doors.json                    bottle -> listener port, rules file, log file; read live by the addon
+        ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
+        ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
+    <bottle_dir>/                     the bottle's own directory, given to open_door
+        door/egress.sock              the door: mount door/ into a container (a directory mount keeps
+                                      working when the relay recreates the socket), or pass the socket
+                                      to smolvm --mount-socket
+        egress-rules.json             the rules (daemons/proxy/rules.py), written with write_rules
+        egress.log                    one JSON line per request decision
+        door-relay.pid, door-relay.log  the socat relay daemon
+
+The addon (addon.py) and the CA maker (ca.py) run with the environment's Python; this module runs
+with the project's.
+"""
+from __future__ import annotations
+
+import fcntl
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemons.lifecycle import Daemon, write_atomic
+from daemons.proxy.rules import HEALTH_HOST, Rules
+
+MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
+HERE = Path(__file__).resolve().parent
+ADDON = HERE / 'addon.py'
+CA_MAKER = HERE / 'ca.py'
+LISTEN_HOST = '127.0.0.1'
+PROBE_SECONDS = 3.0
+LISTENER_WAIT_SECONDS = 10.0
+UNIX_PATH_MAX = 107                # sun_path holds 108 bytes with the terminating NUL
+
+
+class ProxyError(Exception):
+    """Something about the egress proxy a person has to fix; the message says what and where."""
+
+
+def venv_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / f'mitmproxy-{MITMPROXY_VERSION}'
+
+
+def ensure_venv(cache_dir: Path) -> Path:
+    """mitmproxy's own virtual environment in the user cache, made once (this needs PyPI).
+    It is built in a temporary directory and renamed into place, so it exists whole or not at all;
+    the proxy runs it as `bin/python -c ...`, which, unlike pip's scripts, survives the rename."""
+    target = venv_dir(cache_dir)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.'))
+    try:
+        for argv in ([sys.executable, '-m', 'venv', build],
+                     [build / 'bin' / 'python', '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
+                      f'mitmproxy=={MITMPROXY_VERSION}']):
+            proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ProxyError(f'making the egress proxy environment {target} failed: {" ".join(map(str, argv))} '
+                                 f'exited {proc.returncode}; PyPI must be reachable the first time.\n'
+                                 f'{(proc.stderr or proc.stdout)[-2000:]}')
+        try:
+            os.rename(build, target)
+        except OSError:
+            if not target.exists():      # else another run made it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return target
+
+
+def write_rules(path: Path, data: dict) -> Rules:
+    """Check `data` against the rules format (rules.py) and write it where the proxy reads it;
+    RulesError says what is wrong. The proxy uses it from the next request on."""
+    rules = Rules.from_json(data)
+    write_atomic(Path(path), json.dumps(rules.to_json(), indent=2) + '\n')
+    return rules
+
+
+@dataclass(frozen=True)
+class Door:
+    bottle: str
+    bottle_dir: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.bottle_dir / 'door'
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / 'egress.sock'
+
+    @property
+    def rules(self) -> Path:
+        return self.bottle_dir / 'egress-rules.json'
+
+    @property
+    def log(self) -> Path:
+        return self.bottle_dir / 'egress.log'
+
+
+class EgressProxy:
+    def __init__(self, state_dir: Path, venv: Path, upstream_ca: Path | None = None):
+        """`upstream_ca`: a PEM file of extra CAs the proxy trusts for upstream servers, besides
+        the system's (an internal registry's CA; the tests' loopback servers)."""
+        self.state_dir = Path(state_dir)
+        self.venv = Path(venv)
+        self.upstream_ca = Path(upstream_ca) if upstream_ca else None
+        self.doors_file = self.state_dir / 'doors.json'
+        self.ca_dir = self.state_dir / 'ca'
+
+    @property
+    def ca_cert(self) -> Path:
+        """The CA certificate for guests (the key stays in ca/mitmproxy-ca.pem)."""
+        return self.ca_dir / 'mitmproxy-ca-cert.pem'
+
+    def ensure_ca(self) -> Path:
+        self._make_ca()
+        return self.ca_cert
+
+    def renew_ca(self) -> Path:
+        """A new CA; a running proxy is restarted to use it. Guests must be given the new certificate."""
+        with self._locked():
+            self._make_ca('--renew')
+            if self.daemon().pid() is not None:
+                self.daemon().start()
+        return self.ca_cert
+
+    def open_door(self, bottle: str, bottle_dir: Path) -> Door:
+        """Give the bottle its door (idempotent) and make sure the proxy serves it; returns once a
+        health request through the door is answered for this bottle. Neither adding nor removing a
+        door restarts the proxy."""
+        door = Door(bottle, Path(bottle_dir).resolve())
+        _check_socket_path(door.socket)
+        with self._locked():
+            doors = self._doors()
+            entry = {'port': doors.get(bottle, {}).get('port') or _free_port(),
+                     'dir': str(door.bottle_dir), 'rules': str(door.rules), 'log': str(door.log)}
+            if doors.get(bottle) != entry:
+                doors[bottle] = entry
+                self._write_doors(doors)
+                proxy = self.daemon()
+                if proxy.pid() is not None:        # the addon picks the new listener up by itself
+                    _wait(lambda: _listener_answers(entry['port'], bottle), LISTENER_WAIT_SECONDS)
+            self._ensure_running(doors)
+        return door
+
+    def close_door(self, bottle: str) -> None:
+        """Stop the bottle's relay and remove its door and listener; the proxy stops with the last door."""
+        with self._locked():
+            doors = self._doors()
+            entry = doors.pop(bottle, None)
+            if entry:
+                door = Door(bottle, Path(entry['dir']))
+                self._relay(door, entry['port']).stop()
+                door.socket.unlink(missing_ok=True)
+                self._write_doors(doors)
+            if not doors:
+                self.daemon().stop()
+
+    def ensure_running(self) -> bool:
+        """Start the proxy and relays that are not healthy (after a crash, a reboot); True when the
+        proxy itself was (re)started. With no doors, nothing runs."""
+        with self._locked():
+            return self._ensure_running(self._doors())
+
+    def healthy(self) -> bool:
+        """The proxy is alive and every door's listener answers for its bottle. Never raises."""
+        return self.daemon().healthy()
+
+    def door_healthy(self, bottle: str) -> bool:
+        """The bottle's relay is alive and a health request through its door is answered for it:
+        the up-to-date check of a bottle's door. No backend call; never raises."""
+        try:
+            entry = self._doors().get(bottle)
+            return bool(entry) and self._relay(Door(bottle, Path(entry['dir'])), entry['port']).healthy()
+        except (ProxyError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """Stop the proxy and every relay; the doors stay registered for the next ensure_running."""
+        with self._locked():
+            for bottle, entry in self._doors().items():
+                self._relay(Door(bottle, Path(entry['dir'])), entry['port']).stop()
+            self.daemon().stop()
+
+    def daemon(self) -> Daemon:
+        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer)
+
+    def _ensure_running(self, doors: dict) -> bool:
+        if not doors:
+            self.daemon().stop()
+            return False
+        self._make_ca()
+        started = self.daemon().ensure_running()
+        for bottle, entry in doors.items():
+            self._relay(Door(bottle, Path(entry['dir'])), entry['port']).ensure_running()
+        return started
+
+    def _argv(self) -> list[str]:
+        argv = [self.venv / 'bin' / 'python', '-c', 'from mitmproxy.tools.main import mitmdump; mitmdump()',
+                '--set', f'confdir={self.ca_dir}',
+                '--set', 'connection_strategy=lazy',   # no upstream contact before a request is allowed
+                '--set', 'rawtcp=false',
+                '--set', 'onboarding=false',
+                '--set', 'stream_large_bodies=1m',
+                '--set', 'http3=false',
+                '--set', 'flow_detail=0', '--set', 'termlog_verbosity=warn',
+                '-s', ADDON, '--set', f'bottle_doors={self.doors_file}']
+        if self.upstream_ca:
+            argv += ['--set', f'ssl_verify_upstream_trusted_ca={self.upstream_ca}']
+        for entry in sorted(self._doors_or_none().values(), key=lambda e: e['port']):
+            argv += ['--mode', f'regular@{LISTEN_HOST}:{entry["port"]}']
+        return [str(a) for a in argv]
+
+    def _relay(self, door: Door, port: int) -> Daemon:
+        socat = shutil.which('socat')
+        if not socat:
+            raise ProxyError('socat is not installed; the bottle doors need it (Debian: apt-get install socat)')
+        argv = [socat, f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
+                f'TCP:{LISTEN_HOST}:{port},nodelay']     # without nodelay, about 40 ms per request
+        door.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle))
+
+    def _listeners_answer(self) -> bool:
+        doors = self._doors_or_none()
+        return bool(doors) and all(_listener_answers(e['port'], b) for b, e in doors.items())
+
+    def _make_ca(self, *flags: str) -> None:
+        if not flags and (self.ca_dir / 'mitmproxy-ca.pem').exists() and self.ca_cert.exists():
+            return      # spares starting the environment's Python on every launch
+        proc = subprocess.run([str(self.venv / 'bin' / 'python'), str(CA_MAKER), str(self.ca_dir), *flags],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ProxyError(f'making the egress CA in {self.ca_dir} failed:\n{proc.stderr[-2000:]}')
+
+    def _doors(self) -> dict:
+        try:
+            return json.loads(self.doors_file.read_text())['bottles']
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ProxyError(f'{self.doors_file} is not a valid doors file ({err}); '
+                             'remove it and open the doors again (doit launch)') from None
+
+    def _doors_or_none(self) -> dict:
+        try:
+            return self._doors()
+        except ProxyError:
+            return {}
+
+    def _write_doors(self, doors: dict) -> None:
+        write_atomic(self.doors_file, json.dumps({'bottles': doors}, indent=2, sort_keys=True) + '\n')
+
+    @contextmanager
+    def _locked(self):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / 'doors.lock', 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def door_answers(door_socket: Path, bottle: str) -> bool:
+    """A health request through the door reaches the proxy and is answered for this bottle."""
+    return _answers(_UnixHTTPConnection(str(door_socket)), bottle)
+
+
+def _listener_answers(port: int, bottle: str) -> bool:
+    return _answers(http.client.HTTPConnection(LISTEN_HOST, port, timeout=PROBE_SECONDS), bottle)
+
+
+def _answers(connection: http.client.HTTPConnection, bottle: str) -> bool:
+    try:
+        connection.request('GET', f'http://{HEALTH_HOST}/')
+        response = connection.getresponse()
+        return response.status == 200 and json.loads(response.read()).get('bottle') == bottle
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__(HEALTH_HOST, timeout=PROBE_SECONDS)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def _check_socket_path(path: Path) -> None:
+    text = str(path)
+    if len(text.encode()) > UNIX_PATH_MAX:
+        raise ProxyError(f'the door {text} is {len(text.encode())} bytes long; a Unix socket path holds at '
+                         f'most {UNIX_PATH_MAX}: move the project to a shorter path')
+    if any(c in text for c in ',:!"\'\\'):
+        raise ProxyError(f'the door {text} has a character socat cannot take (, : ! quotes or \\); '
+                         'move the project to a path without them')
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LISTEN_HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _wait(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

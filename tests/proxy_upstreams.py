@@ -1,0 +1,180 @@
+"""Real things for the egress proxy tests: a test CA and a TLS upstream server on a loopback
+address, a guest-side relay standing in for the one in a bottle, and raw proxy clients."""
+from __future__ import annotations
+
+import http.server
+import random
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def random_loopback_address() -> str:
+    """A 127.x.y.z other than 127.0.0.1, so port 443 is ours alone."""
+    return f'127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}'
+
+
+def make_upstream_ca(directory: Path, address: str) -> tuple[Path, Path, Path]:
+    """A test CA (the proxy is told to trust it) and a server certificate for `address` and
+    localhost, made with the openssl CLI; returns (ca cert, server cert, server key)."""
+    ca_key, ca_cert = directory / 'upstream-ca.key', directory / 'upstream-ca.pem'
+    key, csr, cert = directory / 'upstream.key', directory / 'upstream.csr', directory / 'upstream.pem'
+    ext = directory / 'upstream.ext'
+    ext.write_text(f'subjectAltName=IP:{address},DNS:localhost\n')
+    for argv in (
+        ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+         '-keyout', ca_key, '-out', ca_cert, '-days', '2', '-subj', '/CN=egress test upstream CA'],
+        ['openssl', 'req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+         '-keyout', key, '-out', csr, '-subj', f'/CN={address}'],
+        ['openssl', 'x509', '-req', '-in', csr, '-CA', ca_cert, '-CAkey', ca_key, '-CAcreateserial',
+         '-days', '2', '-extfile', ext, '-out', cert],
+    ):
+        subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+    return ca_cert, cert, key
+
+
+class Upstream:
+    """An HTTPS server on `address`:443 that counts the TCP connections it accepts.
+
+    GET or POST any path: 200 and "upstream saw METHOD PATH". GET /events: three server-sent
+    events one second apart; `last_event_sent` is set just before the third is written."""
+
+    def __init__(self, address: str, cert: Path, key: Path):
+        upstream = self
+        self.connections = 0
+        self.requests: list[tuple[str, str, str]] = []   # (method, path, Host header)
+        self.last_event_sent = threading.Event()
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._record()
+                if self.path == '/events':
+                    self._events()
+                else:
+                    self._answer()
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                self._record()
+                self._answer()
+
+            def _record(self):
+                with upstream.lock:
+                    upstream.requests.append((self.command, self.path, self.headers.get('Host', '')))
+
+            def _answer(self):
+                body = f'upstream saw {self.command} {self.path}\n'.encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/plain')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _events(self):
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/event-stream')
+                self.send_header('Cache-Control', 'no-cache')
+                self.send_header('Connection', 'close')
+                self.end_headers()
+                for number in (1, 2, 3):
+                    if number == 3:
+                        upstream.last_event_sent.set()
+                    self.wfile.write(f'data: event {number}\n\n'.encode())
+                    self.wfile.flush()
+                    if number < 3:
+                        time.sleep(1)
+                self.close_connection = True
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ':' in address else socket.AF_INET
+
+            def get_request(self):
+                sock, peer = super().get_request()
+                with upstream.lock:
+                    upstream.connections += 1
+                return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), peer
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self.server = Server((address, 443), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class GuestRelay:
+    """What runs inside a bottle: TCP on 127.0.0.1:<port> relayed to the bottle's door."""
+
+    def __init__(self, door: Path):
+        with socket.socket() as probe:
+            probe.bind(('127.0.0.1', 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            ['socat', f'TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay', f'UNIX-CONNECT:{door}'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(('127.0.0.1', self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def connect_through(relay: GuestRelay, target: str) -> tuple[socket.socket, bytes]:
+    """Send `CONNECT target` through the relay; returns the socket and the proxy's answer
+    (head and body)."""
+    sock = socket.create_connection(('127.0.0.1', relay.port), timeout=10)
+    sock.sendall(f'CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n'.encode())
+    answer = b''
+    while b'\r\n\r\n' not in answer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    length = re.search(rb'(?im)^content-length:\s*(\d+)', answer.split(b'\r\n\r\n', 1)[0])
+    while length and len(answer.split(b'\r\n\r\n', 1)[1]) < int(length.group(1)):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return sock, answer
+
+
+def read_all(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Everything until the peer closes (or the socket's timeout passes), at most `limit` bytes."""
+    data = b''
+    try:
+        while len(data) < limit:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data

@@ -1,0 +1,95 @@
+"""When the backend misbehaves or the user presses Ctrl-C: one readable line, never a
+traceback, and the next run finishes the work. smolvm (the stand-in) is wrapped in a
+shim that injects the fault; everything else is real."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.standin.harness import STANDIN_DIR
+from tests.test_scenarios import assert_fully_provisioned, setup_agent
+
+# smolvm with one fault, chosen by FAULT:
+#   garbage-probe     `machine ls --json` prints JSON that is not a list of machines
+#   crash:WORDS       a call whose argv contains WORDS dies of SIGSEGV
+#   pause:WORDS       the first call whose argv contains WORDS writes $FAULT_MARK and waits
+FAULTY_SMOLVM = '''#!/bin/sh
+case "$FAULT" in
+  garbage-probe)
+    [ "$1 $2" = "machine ls" ] && { echo '[{"nam": "bottle-x", "labels": 7}]'; exit 0; } ;;
+  crash:*)
+    case "$*" in *"${FAULT#crash:}"*) kill -SEGV $$ ;; esac ;;
+  pause:*)
+    case "$*" in *"${FAULT#pause:}"*)
+      if [ ! -e "$FAULT_MARK" ]; then echo "$*" > "$FAULT_MARK"; sleep 120; fi ;;
+    esac ;;
+esac
+exec {standin} "$@"
+'''
+
+
+@pytest.fixture
+def faulty(standin, tmp_path):
+    shim = tmp_path / 'faulty-bin'
+    shim.mkdir()
+    (shim / 'smolvm').write_text(FAULTY_SMOLVM.replace('{standin}', str(STANDIN_DIR / 'smolvm')))
+    (shim / 'smolvm').chmod(0o755)
+    setup_agent(standin)
+
+    def env(fault: str, **more) -> dict:
+        return standin.env(PATH=f'{shim}{os.pathsep}{standin.env()["PATH"]}', FAULT=fault, **more)
+    standin.faulty_env = env
+    return standin
+
+
+def assert_one_clear_failure(run, *words):
+    assert run.returncode == 1, run.output
+    assert 'Traceback' not in run.output, run.output
+    for word in words:
+        assert word in run.output, run.output
+
+
+def test_a_probe_that_returns_garbage_fails_the_task_in_words_and_the_next_run_completes(faulty):
+    run = faulty.doit('launch:a', check=False, env=faulty.faulty_env('garbage-probe'))
+    assert_one_clear_failure(run, 'TaskFailed', '`smolvm machine ls --json` printed what is not a list of '
+                             'machines', 'supported version')
+    faulty.doit('launch:a')
+    assert_fully_provisioned(faulty)
+
+
+@pytest.mark.parametrize('step', ['machine create --name bottle-a', 'machine start --name bottle-a',
+                                  'pack create', 'machine exec --name bottle-a'])
+def test_a_backend_cli_that_crashes_fails_the_task_in_words_and_the_next_run_completes(faulty, step):
+    run = faulty.doit('launch:a', check=False, env=faulty.faulty_env(f'crash:{step}'))
+    assert_one_clear_failure(run, 'TaskFailed', 'was killed by SIGSEGV')
+    faulty.doit('launch:a')
+    assert_fully_provisioned(faulty)
+
+
+@pytest.mark.parametrize('step', ['machine ls', 'machine create --name bottle-build-', 'pack create',
+                                  'machine create --name bottle-a', 'machine start --name bottle-a',
+                                  'machine exec --name bottle-a'])
+def test_ctrl_c_at_each_step_prints_one_line_and_the_next_run_completes(faulty, tmp_path, step):
+    mark = tmp_path / 'paused'
+    # A terminal's Ctrl-C reaches the whole foreground process group: doit and the smolvm it runs.
+    proc = subprocess.Popen([sys.executable, '-m', 'doit', 'launch:a'], cwd=faulty.root,
+                            env=faulty.faulty_env(f'pause:{step}', FAULT_MARK=str(mark)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f'never reached {step!r}'
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, output       # the shell shows 130, as for any Ctrl-C
+    assert 'Traceback' not in output, output
+    interrupted = [line for line in output.splitlines() if 'interrupted' in line]
+    assert len(interrupted) == 1 and 'run the same command again' in interrupted[0], output
+    faulty.doit('launch:a')
+    assert_fully_provisioned(faulty)

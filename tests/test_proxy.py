@@ -1,0 +1,442 @@
+"""The egress proxy and the daemon lifecycle, against real mitmproxy, socat, curl and a real TLS
+upstream on a loopback address (port 443; the tests run as root, like the rest of the suite).
+
+Two bottles share one proxy: alpha may reach the upstream and `localhost`; beta only GET on
+/public/. Each is reached like from inside a bottle: a socat relay on 127.0.0.1 to its door.
+The mitmproxy environment is made under $BOTTLE_TEST_CACHE when set (CI keeps it), else per
+session; making it the first time needs PyPI."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons.lifecycle import Daemon, DaemonError
+from daemons.proxy.engine import EgressProxy, ProxyError, ensure_venv, write_rules
+from daemons.proxy.rules import RulesError
+from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
+                                   random_loopback_address, read_all)
+
+CACHE_ENV = 'BOTTLE_TEST_CACHE'
+
+
+# --- the lifecycle piece, with plain processes -------------------------------------------------
+
+def python_daemon(tmp_path: Path, code: str, probe=lambda: True, **kw) -> Daemon:
+    return Daemon('sleeper', tmp_path / 'state', [sys.executable, '-c', code], probe, **kw)
+
+
+def test_daemon_is_detached_logs_to_its_file_and_stops(tmp_path):
+    daemon = python_daemon(tmp_path, 'import sys, time; print("ready", flush=True); time.sleep(600)')
+    pid = daemon.start()
+    try:
+        assert daemon.healthy() and daemon.pid() == pid
+        assert os.getsid(pid) == pid                                  # its own session
+        assert os.readlink(f'/proc/{pid}/fd/0') == '/dev/null'
+        assert os.readlink(f'/proc/{pid}/fd/1') == str(daemon.log_file)
+        record = json.loads(daemon.pid_file.read_text())
+        assert record['pid'] == pid
+        assert wait_for(lambda: 'ready' in daemon.log_file.read_text())
+        assert daemon.ensure_running() is False and daemon.pid() == pid   # healthy: left alone
+    finally:
+        daemon.stop()
+    assert not daemon.pid_file.exists() and daemon.pid() is None and not daemon.healthy()
+    assert not Path(f'/proc/{pid}').exists() or proc_state(pid) == 'Z'
+
+
+def test_a_daemon_ignoring_sigterm_is_killed_after_the_bound(tmp_path):
+    daemon = python_daemon(tmp_path, 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+                                     'print("ignoring", flush=True); time.sleep(600)', stop_timeout=1)
+    pid = daemon.start()
+    assert wait_for(lambda: 'ignoring' in daemon.log_file.read_text())
+    daemon.stop()
+    assert daemon.pid() is None and not daemon.pid_file.exists()
+    assert not Path(f'/proc/{pid}').exists() or proc_state(pid) == 'Z'
+
+
+def test_a_crashed_daemon_or_a_reused_pid_is_not_healthy_and_is_restarted(tmp_path):
+    daemon = python_daemon(tmp_path, 'import time; time.sleep(600)')
+    first = daemon.start()
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: daemon.pid() is None)
+    assert daemon.pid_file.exists() and not daemon.healthy()          # a stale pid file
+    assert daemon.ensure_running() is True
+    second = daemon.pid()
+    assert second and second != first
+    # The pid file names a live process that is not the daemon (pid 1, another start time).
+    daemon.stop()
+    daemon.pid_file.write_text(json.dumps({'pid': 1, 'start_time': 12345, 'argv': []}))
+    assert daemon.pid() is None and not daemon.healthy()
+    daemon.stop()                                                     # and nothing signals pid 1
+    assert Path('/proc/1').exists()
+
+
+def test_a_failing_probe_means_unhealthy_and_a_daemon_that_dies_at_start_is_reported(tmp_path):
+    answers = {'ok': False}
+    daemon = python_daemon(tmp_path, 'import time; time.sleep(600)', lambda: answers['ok'], start_timeout=1)
+    with pytest.raises(DaemonError, match='did not pass its health check') as failed:
+        daemon.start()
+    assert str(daemon.log_file) in str(failed.value) and daemon.pid() is None
+    dying = Daemon('dying', tmp_path / 'state', [sys.executable, '-c', 'import sys; sys.exit("out of luck")'],
+                   lambda: False)
+    with pytest.raises(DaemonError, match='exited while starting') as died:
+        dying.start()
+    assert 'out of luck' in str(died.value)
+    raising = python_daemon(tmp_path, 'import time; time.sleep(600)', lambda: 1 / 0)
+    assert raising.healthy() is False                                  # never raises
+
+
+# --- the proxy ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def venv(tmp_path_factory):
+    cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp('cache')
+    return ensure_venv(cache)
+
+
+class Setup:
+    """The module's proxy, upstream, bottles and their guest relays."""
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory, venv):
+    s = Setup()
+    s.root = tmp_path_factory.mktemp('egress')
+    s.address = random_loopback_address()
+    s.upstream_ca, s.upstream_cert, s.upstream_key = make_upstream_ca(s.root, s.address)
+    s.upstream = Upstream(s.address, s.upstream_cert, s.upstream_key)
+    s.proxy = EgressProxy(s.root / 'proxy', venv, upstream_ca=s.upstream_ca)
+    s.relays = []
+    try:
+        s.alpha = open_bottle(s, 'alpha', {'hosts': [{'host': s.address}, {'host': 'localhost'},
+                                                     {'domain': 'example.test'}],
+                                           'allow_private': [f'{s.address}/32']})
+        s.beta = open_bottle(s, 'beta', {'hosts': [{'host': s.address, 'methods': ['GET'], 'paths': ['/public/']}],
+                                         'allow_private': [f'{s.address}/32']})
+        yield s
+    finally:
+        for relay in s.relays:
+            relay.close()
+        s.proxy.stop()
+        s.upstream.close()
+
+
+def open_bottle(s: Setup, name: str, rules: dict) -> GuestRelay:
+    door = s.proxy.open_door(name, s.root / 'bottles' / name)
+    write_rules(door.rules, rules)
+    relay = GuestRelay(door.socket)
+    s.relays.append(relay)
+    return relay
+
+
+def curl(s: Setup, relay: GuestRelay, url: str, *args: str) -> subprocess.CompletedProcess:
+    """curl as in a bottle: through the relay, trusting only the proxy's CA."""
+    return subprocess.run(['curl', '-sS', '--max-time', '20', '--proxy', relay.url, '--cacert', str(s.proxy.ca_cert),
+                           '-w', '\n%{http_code}', *args, url], capture_output=True, text=True, timeout=60)
+
+
+def status_and_body(proc: subprocess.CompletedProcess) -> tuple[int, str]:
+    body, _, code = proc.stdout.rpartition('\n')
+    return int(code), body.rstrip('\n')
+
+
+def last_log_line(s: Setup, bottle: str, path: str) -> dict:
+    """The bottle's last log line about `path`: an allowed request is logged when its response has
+    been passed on, which the client may see complete a moment earlier."""
+    log = s.root / 'bottles' / bottle / 'egress.log'
+
+    def lines():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert wait_for(lambda: any(line['path'] == path for line in lines())), f'no line about {path} in {log}'
+    return [line for line in lines() if line['path'] == path][-1]
+
+
+def test_an_allowed_host_is_reached_trusting_only_the_bottle_ca(setup):
+    s = setup
+    status, body = status_and_body(curl(s, s.alpha, f'https://{s.address}/hello?token=secret'))
+    assert (status, body) == (200, 'upstream saw GET /hello?token=secret')
+    line = last_log_line(s, 'alpha', '/hello')
+    assert line['allowed'] is True and line['host'] == s.address and line['path'] == '/hello'
+    assert line['status'] == 200 and line['bytes'] == len(body) + 1 and line['address'] == s.address
+    assert 'secret' not in (s.root / 'bottles' / 'alpha' / 'egress.log').read_text()
+    # Without the bottle's CA, curl does not trust the answer: the proxy's certificate is its own.
+    plain = subprocess.run(['curl', '-sS', '--max-time', '20', '--proxy', s.alpha.url, f'https://{s.address}/'],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 60, plain.stderr
+
+
+def test_requests_on_one_client_connection_share_one_upstream_connection(setup):
+    # The upstream connection goes to the checked address, and is still reused for the host.
+    # (HTTP/1.1: mitmproxy never reuses one for an HTTP/2 client and an HTTP/1.1 server.)
+    s = setup
+    before = s.upstream.connections, len(s.upstream.requests)
+    proc = subprocess.run(['curl', '-sS', '--http1.1', '--max-time', '20', '--proxy', s.alpha.url,
+                           '--cacert', str(s.proxy.ca_cert),
+                           f'https://{s.address}/one', f'https://{s.address}/two', f'https://{s.address}/three'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ['upstream saw GET /one', 'upstream saw GET /two', 'upstream saw GET /three']
+    assert (s.upstream.connections, len(s.upstream.requests)) == (before[0] + 1, before[1] + 3)
+
+
+def test_a_host_name_is_connected_to_its_checked_address_and_the_connection_reused(setup):
+    # `localhost` is the one name every machine resolves: an upstream on its addresses, which
+    # this bottle allows as private networks. The log names the address connected to.
+    s = setup
+    upstreams = []
+    try:
+        for address in ('127.0.0.1', '::1'):
+            try:
+                upstreams.append(Upstream(address, s.upstream_cert, s.upstream_key))
+            except OSError as err:
+                if address == '127.0.0.1':
+                    pytest.skip(f'port 443 on 127.0.0.1 is not free here: {err}')
+        delta = open_bottle(s, 'delta', {'hosts': [{'host': 'localhost'}],
+                                         'allow_private': ['127.0.0.0/8', '::1/128']})
+        proc = subprocess.run(['curl', '-sS', '--http1.1', '--max-time', '20', '--proxy', delta.url,
+                               '--cacert', str(s.proxy.ca_cert), 'https://localhost/one', 'https://localhost/two'],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.stdout.splitlines() == ['upstream saw GET /one', 'upstream saw GET /two'], proc.stderr
+        assert sum(u.connections for u in upstreams) == 1
+        assert last_log_line(s, 'delta', '/two')['address'] in ('127.0.0.1', '::1')
+    finally:
+        s.proxy.close_door('delta')
+        for upstream in upstreams:
+            upstream.close()
+
+
+def test_an_upstream_certificate_the_proxy_cannot_verify_is_refused(setup, tmp_path):
+    s = setup
+    address = random_loopback_address()
+    _, cert, key = make_upstream_ca(tmp_path, address)          # a CA the proxy was not told about
+    untrusted = Upstream(address, cert, key)
+    try:
+        epsilon = open_bottle(s, 'epsilon', {'hosts': [{'host': address}], 'allow_private': [f'{address}/32']})
+        status, body = status_and_body(curl(s, epsilon, f'https://{address}/secret'))
+        assert status == 502 and 'certificate verify failed' in body.lower()
+        assert untrusted.requests == []
+        line = last_log_line(s, 'epsilon', '/secret')
+        assert line['allowed'] is True and 'certificate verify failed' in line['reason'].lower()
+    finally:
+        s.proxy.close_door('epsilon')
+        untrusted.close()
+
+
+def test_a_denied_host_gets_a_readable_403_and_no_connection_upstream(setup):
+    s = setup
+    before = s.upstream.connections
+    status, body = status_and_body(curl(s, s.beta, f'https://{s.address}/private/x', '-X', 'POST', '-d', 'x=1'))
+    assert status == 403
+    assert s.address in body and 'network.allow_hosts' in body and 'beta' in body
+    status, body = status_and_body(curl(s, s.alpha, 'https://denied.test/'))
+    assert status == 403 and 'denied.test is not an allowed host' in body
+    assert s.upstream.connections == before
+    line = last_log_line(s, 'alpha', '/')
+    assert (line['host'], line['allowed'], line['status']) == ('denied.test', False, 403)
+    assert 'not an allowed host' in line['reason']
+    # IP literals of denied addresses, v4 and v6, are no way around the rules.
+    for literal in ('127.0.0.1', '[::1]'):
+        status, body = status_and_body(curl(s, s.alpha, f'https://{literal}/'))
+        assert status == 403 and 'is not an allowed host' in body, literal
+
+
+def test_a_host_narrowed_to_get_on_a_path_prefix(setup):
+    s = setup
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/public/readme')) == \
+        (200, 'upstream saw GET /public/readme')
+    before = s.upstream.connections, len(s.upstream.requests)
+    for args in (['-X', 'POST', '-d', 'x'], ['-X', 'DELETE']):
+        status, body = status_and_body(curl(s, s.beta, f'https://{s.address}/public/readme', *args))
+        assert status == 403 and 'GET on /public/' in body
+    for path in ('/private/readme', '/public/../private/readme', '/public/%2e%2e/private'):
+        status, _ = status_and_body(curl(s, s.beta, f'https://{s.address}{path}', '--path-as-is'))
+        assert status == 403, path
+    assert (s.upstream.connections, len(s.upstream.requests)) == before
+
+
+def test_the_same_host_is_allowed_for_one_bottle_and_not_for_the_other(setup):
+    s = setup
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/private/x'))[0] == 200
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/private/x'))[0] == 403
+
+
+def test_connect_to_other_ports_and_non_canonical_addresses_is_refused_at_connect(setup):
+    s = setup
+    for target in (f'{s.address}:22', 'localhost:22', '2130706433:443', '0x7f000001:443', '127.1:443',
+                   '0177.0.0.1:443'):
+        sock, answer = connect_through(s.alpha, target)
+        sock.close()
+        assert answer.startswith(b'HTTP/1.1 403'), (target, answer)
+    sock, answer = connect_through(s.alpha, f'{s.address}:22')
+    sock.close()
+    assert b'only 443 and 80' in answer and b'This cannot be allowed' in answer
+
+
+def test_an_allowed_name_that_resolves_to_loopback_is_denied(setup):
+    s = setup
+    status, body = status_and_body(curl(s, s.alpha, 'https://localhost/'))
+    assert status == 403 and 'resolves to' in body and 'network.allow_private' in body
+    # The proxy's own listener and the doors are on loopback too: never reachable through it.
+    port = json.loads(s.proxy.doors_file.read_text())['bottles']['beta']['port']
+    sock, answer = connect_through(s.alpha, f'127.0.0.1:{port}')
+    sock.close()
+    assert answer.startswith(b'HTTP/1.1 403')
+
+
+def test_sni_or_host_header_naming_another_host_is_refused(setup):
+    s = setup
+    before = s.upstream.connections
+    context = ssl.create_default_context(cafile=str(s.proxy.ca_cert))
+    # CONNECT to the allowed upstream, but TLS names a denied host.
+    assert b' 403 ' in https_through(s.alpha, f'{s.address}:443', context, 'denied.test', s.address)
+    # CONNECT to the allowed upstream, TLS fine, the Host header names a denied host.
+    assert b' 403 ' in https_through(s.alpha, f'{s.address}:443', context, s.address, 'denied.test')
+    # CONNECT to a denied host, TLS and Host naming an allowed one.
+    assert b' 403 ' in https_through(s.alpha, 'denied.test:443', context, 'localhost', 'localhost')
+    assert s.upstream.connections == before
+
+
+def https_through(relay: GuestRelay, target: str, context: ssl.SSLContext, server_name: str, host: str) -> bytes:
+    sock, answer = connect_through(relay, target)
+    assert answer.startswith(b'HTTP/1.1 200'), answer
+    with context.wrap_socket(sock, server_hostname=server_name) as tls:
+        tls.sendall(f'GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n'.encode())
+        return read_all(tls)
+
+
+def test_raw_tcp_through_an_accepted_connect_reaches_nothing(setup):
+    s = setup
+    before = s.upstream.connections
+    sock, answer = connect_through(s.alpha, f'{s.address}:443')
+    assert answer.startswith(b'HTTP/1.1 200')
+    sock.sendall(b'SSH-2.0-OpenSSH_9.2\r\n\x00\x01\x02 not tls, not http\r\n\r\n')
+    reply = read_all(sock)
+    sock.close()
+    assert b'upstream saw' not in reply and not reply.startswith(b'SSH')
+    assert s.upstream.connections == before
+
+
+def test_a_rules_change_applies_to_the_next_request_without_restart(setup):
+    s = setup
+    pid = s.proxy.daemon().pid()
+    rules = s.root / 'bottles' / 'beta' / 'egress-rules.json'
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/docs/a'))[0] == 403
+    write_rules(rules, {'hosts': [{'host': s.address, 'methods': ['GET'], 'paths': ['/public/', '/docs/']}],
+                        'allow_private': [f'{s.address}/32']})
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/docs/a')) == (200, 'upstream saw GET /docs/a')
+    write_rules(rules, {'hosts': [{'host': s.address, 'methods': ['GET'], 'paths': ['/public/']}],
+                        'allow_private': [f'{s.address}/32']})
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/docs/a'))[0] == 403
+    assert s.proxy.daemon().pid() == pid
+    with pytest.raises(RulesError, match='paths'):
+        write_rules(rules, {'hosts': [{'host': 'x.test', 'paths': ['no-slash']}]})
+
+
+def test_server_sent_events_arrive_as_they_are_sent(setup):
+    s = setup
+    s.upstream.last_event_sent.clear()
+    curl_events = subprocess.Popen(
+        ['curl', '-sSN', '--max-time', '30', '--proxy', s.alpha.url, '--cacert', str(s.proxy.ca_cert),
+         f'https://{s.address}/events'], stdout=subprocess.PIPE, text=True)
+    try:
+        first = curl_events.stdout.readline()
+        last_sent_before_first_arrived = s.upstream.last_event_sent.is_set()
+        rest = curl_events.stdout.read()
+    finally:
+        curl_events.wait(timeout=60)
+    assert first == 'data: event 1\n'
+    assert not last_sent_before_first_arrived
+    assert 'data: event 3' in rest
+
+
+def test_a_third_bottle_is_added_without_restarting_the_proxy(setup):
+    s = setup
+    pid = s.proxy.daemon().pid()
+    gamma = open_bottle(s, 'gamma', {'hosts': [{'host': s.address}], 'allow_private': [f'{s.address}/32']})
+    assert s.proxy.daemon().pid() == pid
+    assert s.proxy.door_healthy('gamma') and s.proxy.healthy()
+    assert status_and_body(curl(s, gamma, f'https://{s.address}/from-gamma')) == (200, 'upstream saw GET /from-gamma')
+    assert last_log_line(s, 'gamma', '/from-gamma')['bottle'] == 'gamma'
+    s.proxy.close_door('gamma')
+    assert not s.proxy.door_healthy('gamma') and s.proxy.healthy() and s.proxy.daemon().pid() == pid
+    assert not (s.root / 'bottles' / 'gamma' / 'door' / 'egress.sock').exists()
+
+
+def test_a_killed_proxy_is_unhealthy_and_restarted_by_ensure_running(setup):
+    s = setup
+    pid = s.proxy.daemon().pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: s.proxy.daemon().pid() is None)
+    assert not s.proxy.healthy() and not s.proxy.door_healthy('alpha')
+    assert s.proxy.ensure_running() is True
+    assert s.proxy.daemon().pid() not in (None, pid)
+    assert s.proxy.door_healthy('alpha') and s.proxy.door_healthy('beta')
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/again'))[0] == 200
+    assert s.proxy.ensure_running() is False
+
+
+def test_a_killed_door_relay_is_restarted_without_restarting_the_proxy(setup):
+    s = setup
+    proxy_pid = s.proxy.daemon().pid()
+    relay_pid = json.loads((s.root / 'bottles' / 'beta' / 'door-relay.pid').read_text())['pid']
+    os.kill(relay_pid, signal.SIGKILL)
+    assert wait_for(lambda: not s.proxy.door_healthy('beta'))
+    assert s.proxy.door_healthy('alpha')
+    assert s.proxy.ensure_running() is False                       # the proxy was fine
+    assert s.proxy.door_healthy('beta') and s.proxy.daemon().pid() == proxy_pid
+    assert status_and_body(curl(s, s.beta, f'https://{s.address}/public/back'))[0] == 200
+
+
+def test_the_ca_is_right_and_its_key_is_in_its_0600_file_only(setup):
+    s = setup
+    key_file = s.proxy.ca_dir / 'mitmproxy-ca.pem'
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    text = subprocess.run(['openssl', 'x509', '-in', str(s.proxy.ca_cert), '-noout', '-text'],
+                          capture_output=True, text=True, check=True).stdout
+    assert 'prime256v1' in text
+    assert re.search(r'Basic Constraints: critical\s+CA:TRUE', text)
+    assert re.search(r'Key Usage: critical\s+Certificate Sign, CRL Sign', text)
+    assert 'PRIVATE KEY' not in s.proxy.ca_cert.read_text()
+    key_text = subprocess.run(['openssl', 'pkey', '-in', str(key_file), '-noout', '-text'],
+                              capture_output=True, text=True, check=True).stdout
+    scalar = int(re.sub(r'[:\s]', '', re.search(r'priv:(.*?)pub:', key_text, re.S).group(1)), 16).to_bytes(32, 'big')
+    pem_lines = [line for line in key_file.read_text().split('-----BEGIN PRIVATE KEY-----')[1]
+                 .split('-----END')[0].split() if len(line) >= 40]
+    assert pem_lines
+    holders = [path for path in s.root.rglob('*') if path.is_file() and not path.is_socket()
+               and (scalar in path.read_bytes() or any(line.encode() in path.read_bytes() for line in pem_lines))]
+    assert holders == [key_file]
+
+
+def test_a_renewed_ca_is_used_after_the_proxy_restarts(setup):
+    s = setup
+    old = s.proxy.ca_cert.read_text()
+    s.proxy.renew_ca()
+    assert s.proxy.ca_cert.read_text() != old
+    assert s.proxy.door_healthy('alpha')
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/renewed'))[0] == 200
+
+
+def test_a_door_path_too_long_for_a_unix_socket_is_refused_with_a_reason(setup, tmp_path):
+    with pytest.raises(ProxyError, match='move the project to a shorter path'):
+        setup.proxy.open_door('long', tmp_path / ('x' * 120))
+
+
+def wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def proc_state(pid: int) -> str:
+    return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
