@@ -9,7 +9,7 @@ The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import base, image, launch, machine, prompt, provision
+from tasks import base, egress, image, launch, machine, prompt, provision
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -49,6 +49,26 @@ def task_start():
 def task_provision():
     """Provision each running machine: prompt and skills, each copied only when changed."""
     yield from provision.tasks(PROJECT)
+
+
+def task_egress_env():
+    """Make mitmproxy's environment for the egress proxy (user cache, once per version)."""
+    yield from egress.env_tasks(PROJECT)
+
+
+def task_egress_ca():
+    """Make the project's egress CA (`doit clean egress_ca` for a new one)."""
+    return egress.ca_task(PROJECT)
+
+
+def task_allowlist():
+    """Write each agent's egress rules: its hosts, its skills' and Claude Code's."""
+    yield from egress.allowlist_tasks(PROJECT)
+
+
+def task_egress():
+    """Open each agent's egress door on the project's proxy (not yet wired into launch)."""
+    yield from egress.tasks(PROJECT)
 
 
 def task_launch():

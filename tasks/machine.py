@@ -5,7 +5,8 @@ machine:<agent>   `create --from <image>` with the agent's resources, labels and
                   every time). Recreated when the image or this config changes, and when
                   the machine was deleted or replaced outside doit.
 start:<agent>     the machine running; starting is idempotent.
-teardown:<agent>  machine stopped and deleted, the agent's state dir removed.
+teardown:<agent>  machine stopped and deleted, its egress door closed, the agent's state dir
+                  removed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from tasks import egress
 from tasks.backends import (AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, BottleError,
                             MachineSpec, backend)
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
@@ -57,8 +59,9 @@ def teardown_tasks(project: Project):
         state = project.agent_dir(agent.name)
         yield {
             'name': agent.name,
-            'doc': f'stop and delete {agent.machine} and forget its state',
-            'actions': [(delete, [project, agent]), (shutil.rmtree, [state], {'ignore_errors': True})],
+            'doc': f'stop and delete {agent.machine}, close its egress door and forget its state',
+            'actions': [(delete, [project, agent]), (egress.close_door, [project, agent]),
+                        (shutil.rmtree, [state], {'ignore_errors': True})],
             'uptodate': [MachineAbsent(agent), PathAbsent(state, 'state dir')],
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+
+from daemons.proxy.rules import noncanonical_ipv4    # standard library only, shared with the proxy
 
 DEFAULTS_FILE = '_defaults.yaml'
 MANIFEST_SUFFIX = '.yaml'
@@ -347,6 +350,126 @@ HOST_NAME = Text('host name', 'a host name such as api.anthropic.com',
                  r'(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*'
                  r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?', max_length=253)
 
+WILDCARD = '*.'
+HTTP_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS')
+# What Claude Code itself needs, from its network documentation (code.claude.com/docs/en/network-config):
+# the API, and claude.ai and platform.claude.com for signing in. Telemetry and error reports
+# (statsig.anthropic.com, sentry.io, in older versions of that page) are left out on purpose.
+CLAUDE_CODE_HOSTS = ['api.anthropic.com', 'claude.ai', 'platform.claude.com']
+
+
+def _host_problem(host: str) -> str | None:
+    name = host.removeprefix(WILDCARD)
+    if noncanonical_ipv4(name):
+        return f'{quote(name)} is an address in a form resolvers accept but rules cannot check; write it as a.b.c.d'
+    if host.startswith(WILDCARD) and name.replace('.', '').isdigit():
+        return f'{quote(host)}: an address has no subdomains; write the address alone'
+    return None
+
+
+def _network_problem(text: str) -> str | None:
+    try:
+        ipaddress.ip_network(text)
+    except ValueError as err:
+        return (f'{quote(text)} is not a network ({err}); write an address and its prefix length, '
+                'such as 10.20.0.0/16 or 192.168.5.7/32')
+    return None
+
+
+HOST_PATTERN = Text('host', 'a host name such as api.github.com, or *.github.com for that domain and every '
+                    'name under it', rf'(?:\*\.)?(?:{HOST_NAME.pattern.pattern})', max_length=255,
+                    rule=_host_problem)
+PATH_PREFIX = Text('path prefix', 'a path prefix starting with "/" such as /repos/acme/ (no spaces)',
+                   r'/[!-~]*', max_length=2048)
+NETWORK = Text('network', 'a network such as 10.20.0.0/16', rule=_network_problem)
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One allowed host: a name, or `*.domain` for the domain and every name under it, optionally
+    narrowed to some methods and path prefixes."""
+    host: str
+    methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.host.removeprefix(WILDCARD)
+
+    def rule(self) -> dict:
+        """The entry in the rules format of daemons/proxy/rules.py."""
+        entry = {'domain' if self.host.startswith(WILDCARD) else 'host': self.name.lower()}
+        if self.methods:
+            entry['methods'] = list(self.methods)
+        if self.paths:
+            entry['paths'] = list(self.paths)
+        return entry
+
+
+class HostList(Kind):
+    """Allowed hosts: each a host name, `*.domain`, or {host, methods, paths}."""
+    name = 'list of hosts: `name`, `*.domain` or `{host, methods, paths}`'
+    ENTRY_KEYS = ('host', 'methods', 'paths')
+
+    def problems(self, value):
+        if not isinstance(value, list):
+            yield (), f'expected a list (one "- host" per line, or [a, b]), got {show(value)}'
+            return
+        for i, entry in enumerate(value):
+            at = (Index(i),)
+            if isinstance(entry, str):
+                yield from ((at + below, error) for below, error in HOST_PATTERN.problems(entry))
+            elif isinstance(entry, dict):
+                yield from ((at + below, error) for below, error in self._entry_problems(entry))
+            else:
+                yield at, (f'expected a host name, *.domain or a mapping such as {{host: api.github.com, '
+                           f'methods: [GET], paths: [/repos/acme/]}}, got {show(entry)}')
+
+    def _entry_problems(self, entry: dict):
+        for key in entry:
+            if key not in self.ENTRY_KEYS:
+                close = difflib.get_close_matches(str(key)[:100], self.ENTRY_KEYS, n=1)
+                yield (key,), ('unknown key; ' + (f'did you mean {close[0]!r}?' if close else
+                                                  f'a host entry has {", ".join(self.ENTRY_KEYS)}'))
+        if 'host' not in entry:
+            yield (), 'a host entry needs host: NAME or *.DOMAIN'
+        else:
+            yield from ((('host',) + below, error) for below, error in HOST_PATTERN.problems(entry['host']))
+        for key, item_problem in (('methods', self._method_problem), ('paths', PATH_PREFIX.problem)):
+            if key not in entry:
+                continue
+            items = entry[key]
+            if not isinstance(items, list) or not items:
+                yield (key,), (f'expected a non-empty list, such as {key}: '
+                               f'{"[GET, HEAD]" if key == "methods" else "[/repos/acme/]"}, got {show(items)}; '
+                               f'leave {key} out to allow any')
+                continue
+            for j, item in enumerate(items):
+                error = item_problem(item)
+                if error:
+                    yield (key, Index(j)), error
+
+    @staticmethod
+    def _method_problem(method) -> str | None:
+        if not isinstance(method, str) or method not in HTTP_METHODS:
+            return f'expected an HTTP method in capitals, one of {", ".join(HTTP_METHODS)}; got {show(method)}'
+        return None
+
+    def schema(self):
+        return {'type': 'array', 'items': {'anyOf': [HOST_PATTERN.schema(), {
+            'type': 'object', 'required': ['host'], 'additionalProperties': False,
+            'properties': {'host': HOST_PATTERN.schema(),
+                           'methods': {'type': 'array', 'minItems': 1, 'items': {'enum': list(HTTP_METHODS)}},
+                           'paths': {'type': 'array', 'minItems': 1, 'items': PATH_PREFIX.schema()}}}]}}
+
+    def convert(self, value, base_dir):
+        return tuple(HostEntry(entry) if isinstance(entry, str) else HostEntry(
+            entry['host'], tuple(entry['methods']) if 'methods' in entry else None,
+            tuple(entry['paths']) if 'paths' in entry else None) for entry in value)
+
+
+HOSTS = HostList()
+
 KEYS: tuple[Key, ...] = (
     Key('prompt', Text('text', 'text'), '',
         'the system prompt; Claude starts with `--append-system-prompt-file` only when it is non-empty', 'prompt'),
@@ -373,8 +496,17 @@ KEYS: tuple[Key, ...] = (
         'extra setup steps, run as root after the rest', 'recipe.run'),
     Key('resources.cpus', Integer(1, 64), 2, 'virtual CPUs', 'cpus'),
     Key('resources.memory', Integer(256, 1 << 20, 'MiB'), 2048, 'memory', 'memory_mib'),
-    Key('network.allow_hosts', ListOf(HOST_NAME, 'list of host names'), [],
-        'smolvm: passed as `--allow-host` at every create; empty means no network at all', 'allow_hosts'),
+    Key('network.allow_hosts', HOSTS, [],
+        'what the bottle may reach: `api.github.com` (that name), `*.github.com` (that domain and every name '
+        'under it), or `{host: api.github.com, methods: [GET, HEAD], paths: [/repos/acme/]}` (only those '
+        'methods and path prefixes); skills add theirs (`allow_hosts:` in their `SKILL.md` front matter). '
+        'smolvm, until the egress door is wired in: each name is passed as `--allow-host` at every create; '
+        'empty means no network at all', 'hosts'),
+    Key('network.allow_private', ListOf(NETWORK, 'list of networks', unique=True), [],
+        'loopback, private or link-local networks (CIDR) that allowed hosts may resolve to, for internal '
+        'registries and tests; every such address is refused otherwise', 'allow_private'),
+    Key('network.claude_code_hosts', HOSTS, CLAUDE_CODE_HOSTS,
+        'what Claude Code itself needs, allowed besides `allow_hosts`; `[]` leaves them out', 'claude_code_hosts'),
     Key('env', EnvMap(ENV_NAME), {},
         'plain environment variables of the machine (merged with `_defaults.yaml` variable by variable)', 'env'),
     Key('secrets', ListOf(ENV_NAME, 'list of variable names', unique=True), [],
@@ -430,15 +562,30 @@ class Agent:
     recipe: Recipe
     cpus: int
     memory_mib: int
-    allow_hosts: tuple[str, ...]
+    hosts: tuple[HostEntry, ...]
+    allow_private: tuple[str, ...]
+    claude_code_hosts: tuple[HostEntry, ...]
     env: dict[str, str]
     secrets: tuple[str, ...]
     user: GuestUser
     backend: str
+    skill_hosts: tuple[HostEntry, ...] = ()     # declared by the agent's skills (SKILL_HOSTS_KEY)
 
     @property
     def machine(self) -> str:
         return MACHINE_PREFIX + self.name
+
+    @property
+    def allow_hosts(self) -> tuple[str, ...]:
+        """The manifest's host names, as smolvm's `--allow-host` and the prompt take them."""
+        return tuple(dict.fromkeys(entry.name for entry in self.hosts))
+
+    @property
+    def egress_rules(self) -> dict:
+        """The bottle's rules in the format of daemons/proxy/rules.py: the manifest's hosts, its
+        skills' and Claude Code's, each entry once."""
+        entries = dict.fromkeys(self.hosts + self.skill_hosts + self.claude_code_hosts)
+        return {'hosts': [entry.rule() for entry in entries], 'allow_private': list(self.allow_private)}
 
     def skill_dir(self, skill: str) -> Path:
         return self.skills_dir / skill
@@ -618,24 +765,48 @@ def _key_text(path) -> str:
 def _read_document(path: Path, display: str, problems: list[Problem]) -> _Document | None:
     """The file parsed, its keys indexed and checked against KEYS; None when it cannot be read."""
     doc = _Document(path, display)
+    text = _read_text(path, display, problems, 'a manifest must be a regular YAML file')
+    if text is None or not _parse(text, doc, problems):
+        return None
+    if doc.data is None:
+        doc.data = {}
+        return doc
+    if not isinstance(doc.data, dict):
+        problems.append(Problem(display, doc.lines.get(()),
+                                None, f'expected a mapping of keys such as prompt:, skills:, image:, '
+                                      f'got {show(doc.data)}'))
+        return None
+    _check(doc, problems)
+    return doc
 
+
+def _read_text(path: Path, display: str, problems: list[Problem], what: str) -> str | None:
+    """The text of a bounded regular UTF-8 file, or None with the problem reported."""
     def whole_file(line, text):
         problems.append(Problem(display, line, None, text))
 
     try:
         raw = read_regular(path)
     except _Unreadable as err:
-        whole_file(None, f'{err}; a manifest must be a regular YAML file')
+        whole_file(None, f'{err}; {what}')
         return None
     except (OSError, ValueError) as err:
         whole_file(None, f'cannot read the file ({printable(getattr(err, "strerror", None) or str(err))}); '
                          'fix or remove it')
         return None
     try:
-        text = raw.decode()
+        return raw.decode()
     except UnicodeDecodeError as err:
         whole_file(_line_at(raw, err.start), 'the file is not UTF-8 text; save it as UTF-8')
         return None
+
+
+def _parse(text: str, doc: _Document, problems: list[Problem]) -> bool:
+    """YAML text into doc.data, with the line of every key path in doc.lines (the whole document's
+    at ()); False, with the problem reported, when it is not YAML that may be read."""
+    def whole_file(line, message):
+        problems.append(Problem(doc.display, line, None, message))
+
     loader = None
     try:
         loader = _BoundedLoader(text)
@@ -645,7 +816,7 @@ def _read_document(path: Path, display: str, problems: list[Problem]) -> _Docume
         whole_file(_line_at(text, err.position),
                    f'character {printable(chr(err.character))} (U+{err.character:04X}) is not allowed in YAML, '
                    'not even in a comment; remove it')
-        return None
+        return False
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         message = printable(': '.join(filter(None, [err.context, err.problem])) or str(err))
@@ -657,23 +828,19 @@ def _read_document(path: Path, display: str, problems: list[Problem]) -> _Docume
         kind = 'YAML syntax error' if isinstance(err, (yaml.scanner.ScannerError, yaml.parser.ParserError)) \
             else 'YAML error'
         whole_file(mark.line + 1 if mark else None, f'{kind}: {message}; {fix}')
-        return None
+        return False
     except yaml.YAMLError as err:
         whole_file(None, f'YAML error: {printable(str(err))}')
-        return None
+        return False
     finally:
         if loader:
             loader.dispose()
-    if data is None:
-        return doc
-    if not isinstance(data, dict):
-        whole_file(node.start_mark.line + 1,
-                   f'expected a mapping of keys such as prompt:, skills:, image:, got {show(data)}')
-        return None
-    _index_lines(loader, node, (), doc, problems)
     doc.data = data
-    _check(doc, problems)
-    return doc
+    if node is not None:
+        doc.lines[()] = node.start_mark.line + 1
+        if isinstance(data, dict):
+            _index_lines(loader, node, (), doc, problems)
+    return True
 
 
 def _index_lines(loader: _BoundedLoader, node, path: tuple, doc: _Document, problems: list[Problem]):
@@ -855,6 +1022,7 @@ class _Draft:
         # The agent's own key, then the environment (a choice for this run), then _defaults.yaml.
         own = doc.values['backend'] if doc.has('backend') and 'backend' not in doc.invalid else None
         self.backend = own or from_env or self.values['backend']
+        self.skill_hosts: tuple[HostEntry, ...] = ()
 
     def _merged(self, key: Key, layers: list[_Document]):
         if isinstance(key.kind, EnvMap):      # maps merge entry by entry
@@ -901,6 +1069,10 @@ class _Draft:
                 yield self.report('skills', ('skills', Index(i)),
                                   f'skill {skill!r} has no SKILL.md in {self.display(where)}; add one '
                                   '(Claude Code loads a skill from its SKILL.md)')
+                continue
+            problems: list[Problem] = []
+            self.skill_hosts += skill_hosts(where / 'SKILL.md', self.display(where / 'SKILL.md'), problems)
+            yield from problems
         base = values['image.base']
         if 'image.base' not in wrong and is_local_base(base) and not base.startswith(DEBOOTSTRAP):
             where = Path(os.path.abspath(self.base_dir / base))
@@ -936,7 +1108,46 @@ class _Draft:
         return self._fields(backend)['recipe']
 
     def agent(self, backend: str) -> Agent:
-        return Agent(name=self.name, manifest=self.doc.path, **self._fields(backend))
+        return Agent(name=self.name, manifest=self.doc.path, skill_hosts=self.skill_hosts, **self._fields(backend))
+
+
+# --- hosts a skill declares
+
+SKILL_HOSTS_KEY = 'allow_hosts'
+FRONT_MATTER_FENCE = '---'
+
+
+def skill_hosts(path: Path, display: str, problems: list[Problem]) -> tuple[HostEntry, ...]:
+    """The hosts a SKILL.md declares under `allow_hosts:` in its YAML front matter (the block between
+    the first line `---` and the next), in the manifests' syntax; a file without front matter
+    declares none. Its problems are reported with the SKILL.md's own lines."""
+    text = _read_text(path, display, problems, 'a skill needs a regular SKILL.md')
+    if text is None:
+        return ()
+    lines = YAML_LINE_BREAK.split(text)
+    if lines[0].rstrip() != FRONT_MATTER_FENCE:
+        return ()
+    end = next((n for n, line in enumerate(lines[1:], 1) if line.rstrip() == FRONT_MATTER_FENCE), None)
+    if end is None:
+        problems.append(Problem(display, 1, None, f'the front matter opened by "{FRONT_MATTER_FENCE}" on line 1 '
+                                                  f'is never closed; end it with a line "{FRONT_MATTER_FENCE}"'))
+        return ()
+    doc = _Document(path, display)
+    # The fence line left blank, so that YAML counts the lines as the file does.
+    if not _parse('\n'.join([''] + lines[1:end]) + '\n', doc, problems):
+        return ()
+    if doc.data is None:
+        return ()
+    if not isinstance(doc.data, dict):
+        problems.append(Problem(display, doc.lines.get(()), None,
+                                f'the front matter must be a mapping such as name:, description:, got {show(doc.data)}'))
+        return ()
+    if SKILL_HOSTS_KEY not in doc.data:
+        return ()
+    value = doc.data[SKILL_HOSTS_KEY]
+    found = [doc.problem((SKILL_HOSTS_KEY,) + below, error) for below, error in HOSTS.problems(value)]
+    problems.extend(found)
+    return () if found else HOSTS.convert(value, path.parent)
 
 
 def _stat(path: Path) -> os.stat_result | str:

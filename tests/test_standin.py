@@ -581,6 +581,10 @@ def test_create_from_pack_carries_state(sv, tmp_path):
               "id -u agent; stat -c %u /home/agent/state.txt; cat /home/agent/state.txt; "
               "echo $SRC_ENV$EXTRA; pwd; ls /tmp | wc -l")
     assert r.stdout.split() == ["1500", "1500", "baked", "12", "/root", "0"]
+    # no --net given, but the pack's network=true is ORed in: the host network is shared
+    r = sv.ok("machine", "exec", "--name", "dst", "--", "grep", "-c", ":", "/proc/net/dev")
+    host = sum(1 for line in Path("/proc/net/dev").read_text().splitlines() if ":" in line)
+    assert host > 1 and int(r.stdout) == host
     # non-default flags win over the manifest; the pack's cmd is used without `--`
     sv.ok("machine", "create", "--name", "dst2", "--from", str(tmp_path / "moved.smolmachine"),
           "--cpus", "1", "--mem", "512")
@@ -729,3 +733,164 @@ def test_stop_all_kills_everything(sv):
     harness.stop_all(sv.data)
     assert not harness._start_time(pid) and not harness._start_time(dpid)
     assert sv.ls()["z"]["state"] == "stopped"
+
+
+# ---------------------------------------------------------------------------
+# --mount-socket
+# ---------------------------------------------------------------------------
+
+
+class HostSocketServer:
+    """A host Unix socket service: answers each line with ``<tag>:<line>``."""
+
+    def __init__(self, path: Path, tag: str):
+        import socketserver
+
+        self.path = path
+        self.lines: list[str] = []
+        self.new_line = threading.Condition()
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                line = self.rfile.readline().decode()
+                with server.new_line:
+                    server.lines.append(line.strip())
+                    server.new_line.notify_all()
+                self.wfile.write(f"{tag}:{line}".encode())
+
+        self.server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        os.chmod(path, 0o777)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def received(self, line: str) -> bool:
+        """Whether ``line`` arrives (waits for it: a guest workload runs detached)."""
+        with self.new_line:
+            return self.new_line.wait_for(lambda: line in self.lines, timeout=60)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.path.unlink()
+
+
+def guest_says(sv, name, line, address, *, uid=None):
+    """Send one line to a socat address from inside the guest (socat from the host's
+    /usr): a guest path, or the workload's TCP relay (retried until it listens)."""
+    if address.startswith("TCP:"):
+        address += ",retry=100,interval=0.1"
+    else:
+        address = f"UNIX-CONNECT:{address}"
+    cmd = ["socat", "-", address]
+    if uid is not None:
+        cmd = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"] + cmd
+    return sv("machine", "exec", "--name", name, "-i", "--", *cmd, input=line + "\n")
+
+
+def offline_pack(sv, tmp_path) -> str:
+    pack = tmp_path / "offline"
+    sv.ok("pack", "create", "-I", "tools", "-o", str(pack), "--entrypoint", "/bin/sleep")
+    return str(pack) + ".smolmachine"
+
+
+def test_mount_socket_grammar(sv, tmp_path):
+    pack = offline_pack(sv, tmp_path)
+    bad = {
+        "/only-host": "mount-socket: expected HOST_PATH:GUEST_PATH, got '/only-host'",
+        ":/g.sock": "mount-socket: both HOST_PATH and GUEST_PATH are required in ':/g.sock'",
+        "/h.sock:": "mount-socket: both HOST_PATH and GUEST_PATH are required in '/h.sock:'",
+        "/h.sock:g.sock": "publish-socket: guest path 'g.sock' must be absolute",
+        "/h.sock:/a|b": "publish-socket: guest path '/a|b' contains an unsupported character "
+                        "(';' or '|')",
+        # split at the first ':' only: the rest is the guest path
+        "/h.sock:x:/g": "publish-socket: guest path 'x:/g' must be absolute",
+    }
+    for spec, msg in bad.items():
+        for source in (("--image", "tools", "--net"), ("--from", pack)):
+            r = sv("machine", "create", "--name", "s", *source, "--mount-socket", spec)
+            assert r.returncode == 1, (spec, source, r.stderr)
+            assert err_line(r) == f"Error: config operation failed: {msg}", (spec, source)
+    r = sv("machine", "create", "--name", "s", "--from", pack, "--mount-socket", "/h1:/g.sock",
+           "--mount-socket", "/h2:/g.sock")
+    assert r.returncode == 1 and err_line(r) == ("Error: config operation failed: mount-socket: "
+                                                 "guest path '/g.sock' is mounted more than once")
+    many = [a for i in range(65) for a in ("--mount-socket", f"/h{i}:/g{i}.sock")]
+    r = sv("machine", "create", "--name", "s", "--from", pack, *many)
+    assert r.returncode == 1 and err_line(r) == \
+        "Error: config operation failed: publish-socket: too many published sockets (65); max is 64"
+    r = sv("machine", "create", "--name", "s", "--from", pack, "--mount-socket")
+    assert r.returncode == 2
+    assert "a value is required for '--mount-socket <HOST_PATH:GUEST_PATH>'" in r.stderr
+    r = sv("machine", "create", "--name", "s", "--from", pack, "--expose-socket", "/g.sock")
+    assert r.returncode == 1 and "not simulated" in r.stderr
+    assert sv.ls() == {}
+    # valid: repeatable, on both paths; ls --json shows nothing of it (mounts counts volumes)
+    sv.ok("machine", "create", "--name", "s", "--from", pack, *many[:4])
+    sv.ok("machine", "create", "--name", "t", "--image", "tools", "--net", "--mount-socket",
+          "/h:/g.sock")
+    ls = sv.ls()
+    assert ls["s"]["mounts"] == 0 and ls["t"]["mounts"] == 0
+    assert not any("sock" in json.dumps(m) for m in ls.values())
+
+
+def test_mount_socket_reaches_host_listener_without_network(sv, tmp_path):
+    host_dir = tmp_path / "relay"
+    host_dir.mkdir()
+    host_sock = host_dir / "egress.sock"
+    first = HostSocketServer(host_sock, "one")
+    # a host TCP service the guest must not reach: the socket is its only way out
+    tcp = __import__("socket").create_server(("127.0.0.1", 0))
+    guest_sock = "/run/bottle/egress.sock"
+    sv.ok("machine", "create", "--name", "door", "--from", offline_pack(sv, tmp_path),
+          "--mount-socket", f"{host_sock}:{guest_sock}", "--init",
+          f"echo init | socat - UNIX-CONNECT:{guest_sock}", "--", "sh", "-c",
+          f"echo workload | socat - UNIX-CONNECT:{guest_sock}; exec socat "
+          f"TCP-LISTEN:3128,bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{guest_sock}")
+    relay = "TCP:127.0.0.1:3128"
+    assert sv.ls()["door"]["network"] is False
+    sv.ok("machine", "start", "--name", "door")
+    try:
+        # init (at start) and the workload reached it too
+        assert first.lines[0] == "init"
+        assert first.received("workload")
+        r = guest_says(sv, "door", "hi", guest_sock)
+        assert (r.returncode, r.stdout) == (0, "one:hi\n"), r.stderr
+        # the workload and the execs share one loopback, as in one VM
+        r = guest_says(sv, "door", "via-relay", relay)
+        assert (r.returncode, r.stdout) == (0, "one:via-relay\n"), r.stderr
+        # any guest uid reaches it
+        sv.ok("machine", "exec", "--name", "door", "--", "useradd", "-u", "1500", "agent")
+        r = guest_says(sv, "door", "as-agent", guest_sock, uid=1500)
+        assert (r.returncode, r.stdout) == (0, "one:as-agent\n"), r.stderr
+        # the guest has loopback only, and the host's TCP service is out of reach
+        r = sv.ok("machine", "exec", "--name", "door", "--", "sh", "-c",
+                  "grep : /proc/net/dev | cut -d: -f1 | tr -d ' '")
+        assert r.stdout.split() == ["lo"]
+        port = tcp.getsockname()[1]
+        r = sv("machine", "exec", "--name", "door", "-i", "--", "socat", "-",
+               f"TCP:127.0.0.1:{port}", input="x\n")
+        # refused by the guest's own loopback (the host's listener would accept)
+        assert r.returncode != 0 and "Connection refused" in r.stderr
+        # the host listener restarts (socket file recreated): the next guest connection
+        # reaches the new one without a machine restart, also from the workload that
+        # has been running since start
+        first.close()
+        second = HostSocketServer(host_sock, "two")
+        try:
+            r = guest_says(sv, "door", "again", guest_sock)
+            assert (r.returncode, r.stdout) == (0, "two:again\n"), r.stderr
+            r = guest_says(sv, "door", "again-via-relay", relay)
+            assert (r.returncode, r.stdout) == (0, "two:again-via-relay\n"), r.stderr
+            # the mount survives stop/start
+            sv.ok("machine", "stop", "--name", "door")
+            sv.ok("machine", "start", "--name", "door")
+            r = guest_says(sv, "door", "after-restart", guest_sock)
+            assert (r.returncode, r.stdout) == (0, "two:after-restart\n"), r.stderr
+            r = guest_says(sv, "door", "after-restart-via-relay", relay)
+            assert (r.returncode, r.stdout) == (0, "two:after-restart-via-relay\n"), r.stderr
+        finally:
+            second.close()
+    finally:
+        tcp.close()
+        if host_sock.exists():
+            first.close()

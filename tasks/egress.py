@@ -1,0 +1,156 @@
+"""The bottles' egress, host side: the project's proxy, its CA, and one door per bottle.
+
+egress_env:<version>  mitmproxy's own virtual environment, made once per user cache (PyPI the
+                      first time); a setup task, so nothing is built when no door has to open.
+egress_ca             the project's CA in .bottle/egress/ca/ (ECDSA P-256; the key file, 0600, is
+                      the only copy of the key). `doit clean egress_ca` removes it; the next run
+                      makes a new one, and a running proxy is restarted to use it.
+allowlist:<agent>     .bottle/agents/<agent>/egress-rules.json, the bottle's rules: the manifest's
+                      hosts, those its skills declare (`allow_hosts:` in SKILL.md's front matter)
+                      and Claude Code's own. The proxy reads a changed file at the next request,
+                      without a restart; `doit info allowlist:<agent>` shows the rules it would write.
+egress:<agent>        the bottle's door open: the project's proxy running (one process for all
+                      bottles, state in .bottle/egress/) and the bottle's socket answering. Up to
+                      date while a health request through the door is answered for the bottle,
+                      which costs no backend call; a crashed proxy or relay is started again.
+teardown:<agent> closes the door; the proxy stops with the last one.
+
+Not yet part of `provision` nor of `launch`: machines are still created with the network they
+had (smolvm's --allow-host, the engine's network) until the backends mount the door and the
+guest trusts the CA (provision_ca). Run `doit egress:<agent>` to open a door by hand.
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+
+from doit.tools import config_changed
+
+from daemons.lifecycle import DaemonError
+from daemons.proxy.engine import MITMPROXY_VERSION, EgressProxy, ProxyError, ensure_venv, venv_dir, write_rules
+from daemons.proxy.rules import RulesError
+from tasks.backends import BottleError
+from tasks.checks import FileExists
+from tasks.manifest import Agent
+from tasks.project import Project, action, cache_dir
+
+ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
+CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
+
+
+def proxy(project: Project) -> EgressProxy:
+    return EgressProxy(project.state_dir / 'egress', venv_dir(cache_dir()))
+
+
+def rules_file(project: Project, agent_name: str):
+    return project.agent_dir(agent_name) / 'egress-rules.json'
+
+
+class DoorOpen:
+    """The bottle's relay is alive and the proxy answers a health request through its door."""
+
+    def __init__(self, project: Project, agent: Agent):
+        self.project, self.agent = project, agent
+
+    def __call__(self, task, values):
+        return proxy(self.project).door_healthy(self.agent.name)     # never raises
+
+    def __repr__(self):
+        return f'the egress door of {self.agent.name} answers through the project\'s proxy'
+
+
+def env_tasks(project: Project):
+    venv = venv_dir(cache_dir())
+    yield {
+        'name': MITMPROXY_VERSION,
+        'doc': f'make mitmproxy {MITMPROXY_VERSION}\'s environment in {venv}',
+        'actions': [(make_env, [])],
+        'uptodate': [FileExists(venv / 'bin' / 'python', 'mitmproxy environment')],
+    }
+
+
+def ca_task(project: Project) -> dict:
+    egress = proxy(project)
+    return {
+        'doc': f'make the project\'s egress CA in {egress.ca_dir}',
+        'actions': [(make_ca, [project])],
+        'setup': [ENV_TASK],
+        'targets': [egress.ca_cert],
+        'uptodate': [FileExists(egress.ca_dir / CA_KEY_FILE, 'egress CA key')],
+        'clean': [(shutil.rmtree, [egress.ca_dir], {'ignore_errors': True})],
+    }
+
+
+def allowlist_tasks(project: Project):
+    for agent in project.agents.values():
+        rules = agent.egress_rules
+        yield {
+            'name': agent.name,
+            'doc': f'write the egress rules of {agent.name}',
+            'actions': [(write_allowlist, [project, agent, rules])],
+            'file_dep': [agent.skill_dir(skill) / 'SKILL.md' for skill in agent.skills],
+            'targets': [rules_file(project, agent.name)],
+            'uptodate': [config_changed(rules)],
+            'clean': True,
+        }
+
+
+def tasks(project: Project):
+    for agent in project.agents.values():
+        yield {
+            'name': agent.name,
+            'doc': f'open the egress door of {agent.name} (the project\'s proxy running)',
+            'actions': [(open_door, [project, agent])],
+            'task_dep': ['egress_ca', f'allowlist:{agent.name}'],
+            'setup': [ENV_TASK],
+            'uptodate': [DoorOpen(project, agent)],
+            'clean': [(close_door, [project, agent])],
+        }
+
+
+def in_words(func):
+    """The proxy's errors say what to fix: they fail the task as they are, like a backend's."""
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (ProxyError, DaemonError, RulesError) as err:
+            raise BottleError(str(err)) from None
+    return run
+
+
+@action
+@in_words
+def make_env():
+    ensure_venv(cache_dir())
+
+
+@action
+@in_words
+def make_ca(project: Project):
+    egress = proxy(project)
+    new = not (egress.ca_dir / CA_KEY_FILE).exists()
+    egress.ensure_ca()
+    if new and egress.daemon().pid() is not None:
+        egress.daemon().start()         # a running proxy holds the old CA: it signs with the new one now
+
+
+@action
+@in_words
+def write_allowlist(project: Project, agent: Agent, rules: dict):
+    write_rules(rules_file(project, agent.name), rules)
+
+
+@action
+@in_words
+def open_door(project: Project, agent: Agent):
+    proxy(project).open_door(agent.name, project.agent_dir(agent.name))
+
+
+@action
+@in_words
+def close_door(project: Project, agent: Agent):
+    """Close the bottle's door if the project ever opened one; the proxy stops with the last."""
+    egress = proxy(project)
+    if egress.doors_file.exists():
+        egress.close_door(agent.name)
