@@ -16,11 +16,12 @@ import fcntl
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.project import write_atomic
 
 POLL_SECONDS = 0.05
 
@@ -184,19 +185,3 @@ def _wait_gone(pid: int, start_time: int, seconds: float) -> bool:
             return False
         time.sleep(POLL_SECONDS)
     return True
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, 'w') as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

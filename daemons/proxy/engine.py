@@ -36,8 +36,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, write_atomic
+from daemons.lifecycle import Daemon
 from daemons.proxy.rules import HEALTH_HOST, Rules
+from tasks.project import write_atomic
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
@@ -221,6 +222,9 @@ class EgressProxy:
                 '--set', 'onboarding=false',
                 '--set', 'stream_large_bodies=1m',
                 '--set', 'http3=false',
+                # HTTP/2 from the client (curl and git offer it) to an HTTP/1.1 upstream makes mitmproxy
+                # open an upstream connection per request: about 11 ms a request instead of 3.5-5 ms.
+                '--set', 'http2=false',
                 '--set', 'flow_detail=0', '--set', 'termlog_verbosity=warn',
                 '-s', ADDON, '--set', f'bottle_doors={self.doors_file}']
         if self.upstream_ca:
