@@ -1,9 +1,11 @@
 """When the backend misbehaves or the user presses Ctrl-C: one readable line, never a
-traceback, and the next run finishes the work. smolvm (the stand-in) is wrapped in a
-shim that injects the fault; everything else is real."""
+traceback, and the next run finishes the work. The backend's CLI is wrapped in a shim that
+injects the fault; everything else is real. A garbage probe is tried on every backend; crashes
+and Ctrl-C at each step on the stand-in, whose calls are the quickest."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,17 +13,17 @@ import time
 
 import pytest
 
-from tests.standin.harness import STANDIN_DIR
 from tests.test_scenarios import assert_fully_provisioned, setup_agent
 
-# smolvm with one fault, chosen by FAULT:
-#   garbage-probe     `machine ls --json` prints JSON that is not a list of machines
+# The backend's CLI with one fault, chosen by FAULT:
+#   garbage-probe     the machine listing (`smolvm machine ls`, `podman ps`, `docker ps`) prints
+#                     JSON that is not a list of machines
 #   crash:WORDS       a call whose argv contains WORDS dies of SIGSEGV
 #   pause:WORDS       the first call whose argv contains WORDS writes $FAULT_MARK and waits
-FAULTY_SMOLVM = '''#!/bin/sh
+FAULTY_CLI = '''#!/bin/sh
 case "$FAULT" in
   garbage-probe)
-    [ "$1 $2" = "machine ls" ] && { echo '[{"nam": "bottle-x", "labels": 7}]'; exit 0; } ;;
+    case "$1 $2" in "machine ls"|ps*) echo '[{"nam": "bottle-x", "labels": 7}]'; exit 0 ;; esac ;;
   crash:*)
     case "$*" in *"${FAULT#crash:}"*) kill -SEGV $$ ;; esac ;;
   pause:*)
@@ -29,22 +31,29 @@ case "$FAULT" in
       if [ ! -e "$FAULT_MARK" ]; then echo "$*" > "$FAULT_MARK"; sleep 120; fi ;;
     esac ;;
 esac
-exec {standin} "$@"
+exec {real} "$@"
 '''
+
+
+def with_fault(bottles, tmp_path):
+    """The project, with its backend CLI behind a shim that injects the fault named by FAULT."""
+    cli = bottles.backend.cli
+    real = shutil.which(cli, path=bottles.env()['PATH'])
+    shim = tmp_path / 'faulty-bin'
+    shim.mkdir()
+    (shim / cli).write_text(FAULTY_CLI.replace('{real}', real))
+    (shim / cli).chmod(0o755)
+    setup_agent(bottles)
+
+    def env(fault: str, **more) -> dict:
+        return bottles.env(PATH=f'{shim}{os.pathsep}{bottles.env()["PATH"]}', FAULT=fault, **more)
+    bottles.faulty_env = env
+    return bottles
 
 
 @pytest.fixture
 def faulty(standin, tmp_path):
-    shim = tmp_path / 'faulty-bin'
-    shim.mkdir()
-    (shim / 'smolvm').write_text(FAULTY_SMOLVM.replace('{standin}', str(STANDIN_DIR / 'smolvm')))
-    (shim / 'smolvm').chmod(0o755)
-    setup_agent(standin)
-
-    def env(fault: str, **more) -> dict:
-        return standin.env(PATH=f'{shim}{os.pathsep}{standin.env()["PATH"]}', FAULT=fault, **more)
-    standin.faulty_env = env
-    return standin
+    return with_fault(standin, tmp_path)
 
 
 def assert_one_clear_failure(run, *words):
@@ -54,10 +63,10 @@ def assert_one_clear_failure(run, *words):
         assert word in run.output, run.output
 
 
-def test_a_probe_that_returns_garbage_fails_the_task_in_words_and_the_next_run_completes(faulty):
+def test_a_probe_that_returns_garbage_fails_the_task_in_words_and_the_next_run_completes(bottles, tmp_path):
+    faulty = with_fault(bottles, tmp_path)
     run = faulty.doit('launch:a', check=False, env=faulty.faulty_env('garbage-probe'))
-    assert_one_clear_failure(run, 'TaskFailed', '`smolvm machine ls --json` printed what is not a list of '
-                             'machines', 'supported version')
+    assert_one_clear_failure(run, 'TaskFailed', 'printed what is not a list of', 'supported version')
     faulty.doit('launch:a')
     assert_fully_provisioned(faulty)
 

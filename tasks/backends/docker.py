@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tasks.backends import Backend, BackendMissing, ImageBuild, Machine, MachineSpec, run
+from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
 from tasks.backends.registry import base_image
 
@@ -66,12 +66,23 @@ class Docker(Backend):
 
     def _probe(self) -> dict[str, Machine]:
         if self.name == 'podman':
-            listed = json.loads(self._cli('ps', '-a', '--format', 'json').stdout or b'[]')
-            return {m['Names'][0]: Machine(m['Names'][0], _state(m['State']), m.get('Labels') or {})
-                    for m in listed}
-        lines = self._cli('ps', '-a', '--no-trunc', '--format', DOCKER_PS_FORMAT).stdout.splitlines()
+            out = self._cli('ps', '-a', '--format', 'json').stdout
+        else:
+            out = self._cli('ps', '-a', '--no-trunc', '--format', DOCKER_PS_FORMAT).stdout
+        try:
+            return self._machines_listed(out)
+        except (ValueError, LookupError, TypeError, AttributeError) as err:
+            shown = out[:200].decode(errors='replace')
+            raise BackendError(f'`{self.name} ps -a` printed what is not a list of containers '
+                               f'({type(err).__name__}: {err}; it began {shown!r}); is the {self.name} on '
+                               'PATH a supported version?') from None
+
+    def _machines_listed(self, out: bytes) -> dict[str, Machine]:
+        if self.name == 'podman':
+            return {m['Names'][0]: Machine(m['Names'][0], _state(m['State']), dict(m.get('Labels') or {}))
+                    for m in json.loads(out or b'[]')}
         machines = {}
-        for line in filter(None, lines):
+        for line in filter(None, out.splitlines()):
             m = json.loads(line)
             # docker prints the labels joined by commas: a value with a comma in it (only
             # another tool's) comes out cut, one of ours never does.
