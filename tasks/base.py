@@ -3,14 +3,17 @@
 `image.base` in a manifest is one of:
   an OCI reference          debian:bookworm-slim      pulled by the backend
   a local root filesystem   ./rootfs/ or ./rootfs.tar  a directory or a tarball (.tar, .tar.gz, .tgz)
-  a Debian suite            debootstrap:bookworm      built here by base:debootstrap-<suite>
+  a Debian suite            debootstrap:bookworm      built here by base:debootstrap-<suite>-<options>
 
-base:debootstrap-<suite> runs `debootstrap --variant=minbase` with the packages every
-agent image needs already included, so the image setup needs no network at all, and
-keeps the result as a tarball in the user cache (built once per suite and host arch).
+base:debootstrap-<suite>-<options> runs `debootstrap --variant=minbase` with the packages
+every agent image needs already included, so the image setup needs no network at all, and
+keeps the result as a tarball in the user cache (built once per suite, options and host arch).
+<options> is a short hash of the debootstrap options: a base built with other packages is
+never reused, and the keys of the images built on it change with it.
 """
 from __future__ import annotations
 
+import hashlib
 import platform
 import shutil
 import subprocess
@@ -23,29 +26,37 @@ from tasks.checks import FileExists
 from tasks.manifest import DEBOOTSTRAP, Recipe, is_local_base
 from tasks.project import Project, action, cache_dir
 
-BASE_PACKAGES = ('ca-certificates', 'curl', 'git')
+BASE_PACKAGES = ('ca-certificates', 'curl', 'git', 'socat')     # socat: the guest's end of the egress door
+DEBOOTSTRAP_OPTIONS = ('--variant=minbase', f'--include={",".join(BASE_PACKAGES)}')
 
 
 @dataclass(frozen=True)
 class Base:
     reference: str              # what the backend is given: an OCI reference or an absolute path
+    identity: str               # what image keys hash: the manifest's base, or the name of a built one
     task: str | None = None     # the task that makes it, run only when the image is built
     file: Path | None = None    # a user's tarball: its content is an input of the image
 
 
+def debootstrap_name(suite: str) -> str:
+    """The name of its task and tarball: the suite and a hash of what goes in (debootstrap-bookworm-1a2b3c4d)."""
+    options = hashlib.sha256(' '.join(DEBOOTSTRAP_OPTIONS).encode()).hexdigest()[:8]
+    return f'debootstrap-{suite}-{options}'
+
+
 def debootstrap_tarball(suite: str) -> Path:
-    return cache_dir() / 'bases' / f'debootstrap-{suite}-{platform.machine()}.tar'
+    return cache_dir() / 'bases' / f'{debootstrap_name(suite)}-{platform.machine()}.tar'
 
 
 def resolve(recipe: Recipe) -> Base:
     if recipe.base.startswith(DEBOOTSTRAP):
         suite = recipe.base.removeprefix(DEBOOTSTRAP)
-        tarball = debootstrap_tarball(suite)
-        return Base(str(tarball), task=f'base:debootstrap-{suite}')
+        name = debootstrap_name(suite)
+        return Base(str(debootstrap_tarball(suite)), identity=name, task=f'base:{name}')
     if is_local_base(recipe.base):
         path = (recipe.source_dir / recipe.base).resolve()
-        return Base(str(path), file=path if path.is_file() else None)
-    return Base(recipe.base)
+        return Base(str(path), identity=recipe.base, file=path if path.is_file() else None)
+    return Base(recipe.base, identity=recipe.base)
 
 
 def tasks(project: Project):
@@ -54,7 +65,7 @@ def tasks(project: Project):
     for suite in suites:
         tarball = debootstrap_tarball(suite)
         yield {
-            'name': f'debootstrap-{suite}',
+            'name': debootstrap_name(suite),
             'doc': f'Debian {suite} (minbase + {", ".join(BASE_PACKAGES)}) built with debootstrap',
             'actions': [(debootstrap, [suite, tarball])],
             'targets': [tarball],
@@ -72,8 +83,8 @@ def debootstrap(suite: str, tarball: Path):
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tarball.parent, prefix='.debootstrap-') as tmp:
         root = Path(tmp) / 'root'
-        proc = subprocess.run([exe, '--variant=minbase', f'--include={",".join(BASE_PACKAGES)}', suite,
-                               str(root)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run([exe, *DEBOOTSTRAP_OPTIONS, suite, str(root)],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             log = (root / 'debootstrap' / 'debootstrap.log')
             detail = log.read_text()[-3000:] if log.exists() else proc.stderr[-3000:]

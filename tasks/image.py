@@ -78,9 +78,10 @@ def setup_values(recipe: Recipe, key: str) -> dict:
 
 @functools.cache
 def image_of(project: Project, recipe: Recipe) -> Image:
-    # The key covers the rendered setup (with the key itself left blank), the base and the backend.
+    # The key covers the rendered setup (with the key itself left blank), the base (for a built
+    # one, what goes into it) and the backend.
     setup = project.render(recipe.setup, **setup_values(recipe, key=''))
-    ingredients = {'backend': recipe.backend, 'base': recipe.base, 'setup': setup,
+    ingredients = {'backend': recipe.backend, 'base': base.resolve(recipe).identity, 'setup': setup,
                    'platform': npm_platform()}
     key = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
     return Image(key=key, recipe=recipe, dir=project.image_dir(key))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 
 import pytest
@@ -13,7 +14,7 @@ from tests.conftest import podman_problem
 from tests.test_scenarios import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
 
 
-def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(engine):
+def test_image_from_the_offline_base_has_claude_git_curl_socat_and_a_non_root_agent(engine):
     engine.agent('a', prompt='hi')
     engine.doit('provision')
     record = json.loads(next((engine.root / '.bottle/images').glob('*/image.json')).read_text())
@@ -22,16 +23,24 @@ def test_image_from_the_offline_base_has_claude_git_curl_and_a_non_root_agent(en
         echo "claude=$(su agent -s /bin/sh -c 'claude --version')"
         echo "git=$(git --version)"
         echo "curl=$(curl --version | head -1)"
+        echo "socat=$(socat -V | grep '^socat version')"
         echo "update_ca=$(command -v update-ca-certificates)"
         echo "agent_uid=$(id -u agent)"
         echo "image=$(cat /etc/claude-bottle/image.json)"
     ''').splitlines())
     assert facts['claude'].startswith(record['claude_code'] + ' ')
     assert facts['git'].startswith('git version') and facts['curl'].startswith('curl ')
+    assert facts['socat'].startswith('socat version ')       # the guest's end of the egress door
     assert facts['update_ca'] == '/usr/sbin/update-ca-certificates'
     assert facts['agent_uid'] != '0'
     inside = json.loads(facts['image'])
     assert inside['recipe'] == record['key'] and inside['claude_code'] == facts['claude']
+    # socat comes with the debootstrap base (named like its task), so the setup needs no network for it
+    base_task, = (t for t in engine.doit('list', '--all', '-q', 'base').stdout.split() if t.startswith('base:'))
+    base = (engine.backend.cache / 'claude-bottle/bases'
+            / f'{base_task.removeprefix("base:")}-{platform.machine()}.tar')
+    listing = subprocess.run(['tar', '-tf', str(base)], capture_output=True, text=True, check=True).stdout
+    assert './usr/bin/socat' in listing.splitlines()
 
 
 def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(engine):
