@@ -304,20 +304,20 @@ def relay_pid(bottle_dir: Path) -> int:
 
 def plain_mitmdump(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
                    *settings: str) -> tuple[Daemon, Path]:
-    """mitmdump with the project's options (plus `settings`, each `name=value`) but no addon (and so
-    no bottles), listening on `port`, with a CA of the same kind made by the project's CA maker;
-    and that CA's certificate."""
+    """The project's proxy process (serve.py) with its options (plus `settings`, each `name=value`)
+    but without the fence addon (and so no bottles), listening on `port`, with a CA of the same kind
+    made by the project's CA maker; and that CA's certificate."""
     confdir = state_dir / 'ca'
     made = subprocess.run([str(venv / 'bin' / 'python'), str(CA_MAKER), str(confdir)], capture_output=True, text=True)
     if made.returncode != 0:
         raise BenchFailure(f'making a CA in {confdir} failed: {made.stderr[-1000:]}')
-    argv = proxy.daemon().argv
-    head, options = argv[:3], list(zip(argv[3::2], argv[4::2]))
-    kept = [(flag, value) for flag, value in options
-            if flag not in ('-s', '--mode') and not value.startswith(('bottle_doors=', 'confdir='))]
-    argv = head + [word for option in kept for word in option] + [
-        '--set', f'confdir={confdir}', '--mode', f'regular@{LOOPBACK}:{port}']
-    argv += [word for setting in settings for word in ('--set', setting)]
+    python, serve, *kept = proxy.daemon().argv
+    replaced = ('bottle_doors', 'confdir', 'mode', *(s.split('=', 1)[0] for s in settings))
+    kept = [s for s in kept if s.split('=', 1)[0] not in replaced]
+    run_without_fence = (f'import asyncio, sys; sys.path.insert(0, {str(Path(serve).parent)!r}); import serve; '
+                         'sys.exit(asyncio.run(serve.serve(sys.argv[1:], [])))')
+    argv = [python, '-c', run_without_fence, *kept, f'confdir={confdir}', f'mode=regular@{LOOPBACK}:{port}',
+            *settings]
     return Daemon('plain-mitmdump', state_dir, argv, lambda: port_accepts(port)), confdir / 'mitmproxy-ca-cert.pem'
 
 

@@ -1,4 +1,4 @@
-"""mitmproxy addon: the egress fence of every bottle of a project, in one mitmdump process.
+"""mitmproxy addon: the egress fence of every bottle of a project, in one mitmproxy process (serve.py).
 
 Runs inside mitmproxy's own environment (standard library, mitmproxy and the sibling `rules.py`).
 
@@ -59,6 +59,8 @@ class Bottle:
         self.name, self.port, self.rules_file, self.log_file = name, port, rules_file, log_file
         self._rules_key = None
         self._rules: bottle_rules.Rules | str = 'no rules read yet'
+        self._log = None
+        self._log_id: tuple[int, int] | None = None
 
     def rules(self) -> bottle_rules.Rules | str:
         """The current rules, or why there are none (then everything is denied)."""
@@ -83,10 +85,30 @@ class Bottle:
                 'allowed': allowed, 'reason': reason, 'status': status, 'bytes': response_bytes,
                 'address': address}
         try:
-            with open(self.log_file, 'a') as out:
-                out.write(json.dumps(line) + '\n')
+            self._log_stream().write(json.dumps(line) + '\n')
         except OSError as err:
+            self.close()
             log.warning(f'cannot write the egress log of bottle {self.name}: {err}')
+
+    def _log_stream(self):
+        """The log file, kept open (line-buffered: each line is written as it is made); opened again
+        when the file at its path is another one (removed with the bottle's directory, then made anew)."""
+        try:
+            st = os.stat(self.log_file)
+            at_path = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            at_path = None
+        if self._log is None or at_path != self._log_id:
+            self.close()
+            self._log = open(self.log_file, 'a', buffering=1)
+            st = os.fstat(self._log.fileno())
+            self._log_id = (st.st_dev, st.st_ino)
+        return self._log
+
+    def close(self):
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class ByteCounter:
@@ -122,6 +144,8 @@ class EgressFence:
     def done(self):
         if self._watch:
             self._watch.cancel()
+        for bottle in self.bottles.values():
+            bottle.close()
 
     async def watch_doors(self):
         while True:
@@ -152,6 +176,8 @@ class EgressFence:
             log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
             return
         self._doors_key = key
+        for gone in set(self.bottles.values()) - set(bottles.values()):
+            gone.close()
         self.bottles = bottles
         modes = [f'regular@{LISTEN_HOST}:{port}' for port in sorted(bottles)]
         if modes != list(ctx.options.mode):

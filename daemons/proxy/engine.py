@@ -1,10 +1,10 @@
 """The egress proxy of a project, host side: mitmproxy's environment, the CA, the doors, the daemon.
 
-One mitmdump process serves every bottle of the project; each bottle has a door (a host Unix socket,
+One mitmproxy process (serve.py) serves every bottle of the project; each bottle has a door (a host Unix socket,
 relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules and log. Files:
 
     <state_dir>/                      the project's proxy directory (for example .bottle/egress)
-        proxy.pid, proxy.log          the mitmdump daemon (daemons.lifecycle)
+        proxy.pid, proxy.log          the proxy daemon (daemons.lifecycle)
         doors.json                    bottle -> listener port, rules file, log file; read live by the addon
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
@@ -16,8 +16,8 @@ relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules an
         egress.log                    one JSON line per request decision
         door-relay.pid, door-relay.log  the socat relay daemon
 
-The addon (addon.py) and the CA maker (ca.py) run with the environment's Python; this module runs
-with the project's.
+The proxy (serve.py, with the addon addon.py) and the CA maker (ca.py) run with the environment's
+Python; this module runs with the project's.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from tasks.project import write_atomic
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
-ADDON = HERE / 'addon.py'
+SERVE = HERE / 'serve.py'
 CA_MAKER = HERE / 'ca.py'
 LISTEN_HOST = '127.0.0.1'
 PROBE_SECONDS = 3.0
@@ -215,22 +215,20 @@ class EgressProxy:
         return started
 
     def _argv(self) -> list[str]:
-        argv = [self.venv / 'bin' / 'python', '-c', 'from mitmproxy.tools.main import mitmdump; mitmdump()',
-                '--set', f'confdir={self.ca_dir}',
-                '--set', 'connection_strategy=lazy',   # no upstream contact before a request is allowed
-                '--set', 'rawtcp=false',
-                '--set', 'onboarding=false',
-                '--set', 'stream_large_bodies=1m',
-                '--set', 'http3=false',
-                # HTTP/2 from the client (curl and git offer it) to an HTTP/1.1 upstream makes mitmproxy
-                # open an upstream connection per request: about 11 ms a request instead of 3.5-5 ms.
-                '--set', 'http2=false',
-                '--set', 'flow_detail=0', '--set', 'termlog_verbosity=warn',
-                '-s', ADDON, '--set', f'bottle_doors={self.doors_file}']
+        settings = [f'confdir={self.ca_dir}',
+                    'connection_strategy=lazy',   # no upstream contact before a request is allowed
+                    'rawtcp=false',
+                    'stream_large_bodies=1m',
+                    'http3=false',
+                    # HTTP/2 from the client (curl and git offer it) to an HTTP/1.1 upstream makes mitmproxy
+                    # open an upstream connection per request: about 11 ms a request instead of 3.5-5 ms.
+                    'http2=false',
+                    f'bottle_doors={self.doors_file}']
         if self.upstream_ca:
-            argv += ['--set', f'ssl_verify_upstream_trusted_ca={self.upstream_ca}']
+            settings.append(f'ssl_verify_upstream_trusted_ca={self.upstream_ca}')
         for entry in sorted(self._doors_or_none().values(), key=lambda e: e['port']):
-            argv += ['--mode', f'regular@{LISTEN_HOST}:{entry["port"]}']
+            settings.append(f'mode=regular@{LISTEN_HOST}:{entry["port"]}')
+        argv = [self.venv / 'bin' / 'python', SERVE, *settings]
         return [str(a) for a in argv]
 
     def _relay(self, door: Door, port: int) -> Daemon:
