@@ -4,11 +4,11 @@
     python bench/bench_proxy.py [--quick] [--keep]
 
 Everything is real and on loopback: a TLS upstream (tests/proxy_upstreams.py, TCP_NODELAY) on a
-127.x.y.z address, the project's proxy (daemons/proxy: mitmdump with the addon, a socat relay per
+127.x.y.z address, the project's proxy (daemons/proxy/serve.py: mitmproxy with the addon, a socat relay per
 door) and, standing in for the one inside a bottle, a guest-side socat relay from 127.0.0.1 to the
 door's Unix socket. So a proxied request goes
 
-    client -> guest relay (TCP) -> door (Unix socket) -> host relay -> mitmdump + addon -> upstream
+    client -> guest relay (TCP) -> door (Unix socket) -> host relay -> proxy + addon -> upstream
 
 and the same client also talks to the same upstream directly. The client is Python's http.client
 (CONNECT tunnel via set_tunnel, TCP_NODELAY), the same code on every route, so its own cost is in
@@ -22,16 +22,16 @@ repetition's median, with the range of those medians.
     first streamed event  on a warm connection, GET of a server-sent event stream whose first event
                           is sent at once and the next one a second later: time until the first
                           event is read (a buffering proxy would show a second or more)
-    memory                VmRSS of mitmdump, and of the socat relays (their PSS too: their shared
+    memory                VmRSS of the proxy, and of the socat relays (their PSS too: their shared
                           pages are counted once), with 1 bottle and with 20 bottles (20 doors,
                           one request through each), and after the whole workload
 
 Then where the keep-alive time goes: the same requests over two socat hops without a proxy, to a
-mitmdump without the addon (same options otherwise), and to the bottle's mitmdump listener
+the proxy without the addon (same options otherwise), and to the bottle's proxy listener
 without the relays, with the CPU each process used per request (utime + stime from /proc, relays'
 exited connection children included). Last, curl with many URLs in one invocation, offering
 HTTP/2 (curl's default, like git's libcurl) or HTTP/1.1 only, with the upstream connections each
-run made, through the door and through a mitmdump without the addon with and without
+run made, through the door and through a proxy without the addon with and without
 `http2=false`. The targets are printed beside the figures; missing one does not fail the bench.
 
 It runs as root, like the tests: the upstream listens on port 443, the only HTTPS port the proxy
@@ -302,7 +302,7 @@ def relay_pid(bottle_dir: Path) -> int:
 
 # --- the pieces not in the product: a proxy without the addon, two relays without a proxy -------
 
-def plain_mitmdump(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
+def plain_proxy(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
                    *settings: str) -> tuple[Daemon, Path]:
     """The project's proxy process (serve.py) with its options (plus `settings`, each `name=value`)
     but without the fence addon (and so no bottles), listening on `port`, with a CA of the same kind
@@ -318,7 +318,7 @@ def plain_mitmdump(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
                          'sys.exit(asyncio.run(serve.serve(sys.argv[1:], [])))')
     argv = [python, '-c', run_without_fence, *kept, f'confdir={confdir}', f'mode=regular@{LOOPBACK}:{port}',
             *settings]
-    return Daemon('plain-mitmdump', state_dir, argv, lambda: port_accepts(port)), confdir / 'mitmproxy-ca-cert.pem'
+    return Daemon('plain-proxy', state_dir, argv, lambda: port_accepts(port)), confdir / 'mitmproxy-ca-cert.pem'
 
 
 def port_accepts(port: int) -> bool:
@@ -330,7 +330,7 @@ def port_accepts(port: int) -> bool:
 
 
 def raw_host_relay(door: Path, address: str) -> Daemon:
-    """The host relay's socat line, to the upstream instead of mitmdump."""
+    """The host relay's socat line, to the upstream instead of the proxy."""
     door.parent.mkdir(parents=True, exist_ok=True)
     return Daemon('raw-relay', door.parent.parent, [
         shutil.which('socat'), f'UNIX-LISTEN:{door},fork,unlink-early,perm=0600', f'TCP:{address}:443,nodelay'],
@@ -413,15 +413,15 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
             open_bottle(index)
         results.memory.append(memory(f'{BOTTLES} bottles', proxy, [relay_pid(d) for d in bottle_dirs], guests))
 
-        log('starting the comparison pieces: two relays without a proxy, a mitmdump without the addon ...')
+        log('starting the comparison pieces: two relays without a proxy, a proxy without the addon ...')
         raw = raw_host_relay(tmp / 'raw' / 'door' / 'egress.sock', address)
         daemons.append(raw)
         raw.start()
         guests.append(GuestRelay(tmp / 'raw' / 'door' / 'egress.sock'))
         raw_guest = guests[-1]
         plain_port, http1_port = free_port(), free_port()
-        plain, plain_ca = plain_mitmdump(proxy, venv, tmp / 'plain', plain_port)
-        http1, http1_ca = plain_mitmdump(proxy, venv, tmp / 'plain-http1', http1_port, 'http2=false')
+        plain, plain_ca = plain_proxy(proxy, venv, tmp / 'plain', plain_port)
+        http1, http1_ca = plain_proxy(proxy, venv, tmp / 'plain-http1', http1_port, 'http2=false')
         for daemon in (plain, http1):
             daemons.append(daemon)
             daemon.start()
@@ -431,7 +431,7 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
             Route('direct', 'direct', 443, direct_context),
             Route('two socat relays, no proxy', 'relay', raw_guest.port, direct_context,
                   {'relays': lambda: [raw.pid(), raw_guest.process.pid]}),
-            Route('mitmdump without addon', 'proxy', plain_port, ssl.create_default_context(cafile=str(plain_ca)),
+            Route('proxy without addon', 'proxy', plain_port, ssl.create_default_context(cafile=str(plain_ca)),
                   {'proxy': lambda: [plain.pid()]}),
             Route('bottle listener, no relays', 'proxy', listener_port, proxy_context,
                   {'proxy': lambda: [proxy.daemon().pid()]}),
@@ -503,7 +503,7 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
         f'machine:  {platform.system()} {platform.machine()}, {cpus} CPUs ({usable} usable), '
         f'Python {platform.python_version()}; load average {load_start} at start, {load_end} at the end',
         'door:     client -> guest socat relay (TCP) -> door (Unix socket) -> host socat relay -> '
-        'mitmdump + addon -> TLS upstream',
+        'proxy + addon -> TLS upstream',
         f'client:   Python http.client, the same on every route; {shape.reps} repetitions (fewer if the '
         f'{shape.budget:.0f} s budget of a measurement ran out): {shape.keep_alive} keep-alive requests, '
         f'{shape.new_connections} new connections, {shape.events} event streams per route and repetition',
@@ -527,7 +527,7 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
                f'{"streamed" if slowest < BUFFERED_SECONDS else "HELD BACK: the next event comes 1 s later"})')
     out.append('')
 
-    head = (f'{"memory, MB":<32}{"mitmdump":>10}{"host relays":>13}{"PSS":>8}{"host total":>12}'
+    head = (f'{"memory, MB":<32}{"proxy":>10}{"host relays":>13}{"PSS":>8}{"host total":>12}'
             f'{"guest relays":>14}{"target":>10}{"met":>5}')
     out += [head, '-' * len(head)]
     for m in results.memory:
@@ -536,7 +536,7 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
                    f'{m.host_total:>12.1f}{m.guest_relays_rss:>14.1f}'
                    f'{(f"< {TARGET_MEMORY_MB:g}" if is_target else ""):>10}'
                    f'{(verdict(m.host_total, TARGET_MEMORY_MB) if is_target else ""):>5}')
-    out.append(f'(RSS, and PSS for the relays; host total = mitmdump RSS + host relays PSS; the proxy had '
+    out.append(f'(RSS, and PSS for the relays; host total = proxy RSS + host relays PSS; the proxy had '
                f'handled {results.proxy_requests} requests by the end, per its logs; guest relays run inside '
                'the bottles)')
     out.append('')

@@ -485,7 +485,8 @@ KEYS: tuple[Key, ...] = (
         '`debootstrap:<suite>` (built locally, no registry)', 'recipe.base'),
     Key('image.setup', TemplateName(), 'image-setup.sh.j2',
         'the setup script template, looked up in `templates/`; it may use only the variables the setup '
-        'provides', 'recipe.setup'),
+        'provides. The default one installs git, curl, socat and ca-certificates with apt only when the '
+        'base lacks them, Claude Code, and the agent user', 'recipe.setup'),
     Key('image.claude_code', Text('version', 'a Claude Code version such as 2.1.328',
                                   r'[0-9][0-9A-Za-z.+-]*', max_length=128), '2.1.328',
         'the Claude Code release installed in the image', 'recipe.claude_code'),
