@@ -3,25 +3,11 @@ engine); BOTTLE_BACKEND and the manifest key decide when set; the choice is visi
 when nothing works, one paragraph says what each backend needs."""
 from __future__ import annotations
 
-import os
-
 import yaml
 
-from tests.test_scenarios import assert_fully_provisioned, setup_agent
+from tests.test_scenarios import assert_fully_provisioned, path_without, setup_agent
 
 BACKEND_CLIS = ('smolvm', 'podman', 'docker')
-
-
-def path_without(programs, path: str, where) -> str:
-    """A PATH of one directory holding every command of `path` except `programs`."""
-    where.mkdir()
-    for directory in path.split(os.pathsep):
-        if not os.path.isdir(directory):
-            continue
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-            if entry.name not in programs and not (where / entry.name).exists():
-                (where / entry.name).symlink_to(entry.path)
-    return str(where)
 
 
 def without_backend_key(bottles):
@@ -43,7 +29,7 @@ def test_smolvm_is_chosen_when_it_is_installed(standin):
 def test_podman_is_chosen_without_smolvm_and_the_choice_is_shown(standin, tmp_path):
     setup_agent(standin)
     without_backend_key(standin)
-    path = path_without({'smolvm'}, standin.env()['PATH'], tmp_path / 'bin')
+    path = path_without({'smolvm'}, standin.env()['PATH'], tmp_path)
     run = standin.doit('list', '--all', 'machine', env=standin.env(PATH=path, BOTTLE_BACKEND=None))
     assert 'create machine bottle-a on podman' in run.output
     assert run.calls == []                               # choosing costs no backend call
@@ -62,7 +48,7 @@ def test_the_environment_and_the_manifest_key_win_over_detection(standin):
 def test_when_no_backend_works_one_paragraph_says_what_each_needs(standin, tmp_path):
     setup_agent(standin)
     without_backend_key(standin)
-    path = path_without(BACKEND_CLIS, standin.env()['PATH'], tmp_path / 'bin')
+    path = path_without(BACKEND_CLIS, standin.env()['PATH'], tmp_path)
     run = standin.doit('launch:a', check=False, env=standin.env(PATH=path, BOTTLE_BACKEND=None))
     assert run.returncode == 3 and 'Traceback' not in run.output, run.output
     paragraph = next(line for line in run.output.splitlines() if 'no backend works on this host' in line)
@@ -73,7 +59,7 @@ def test_when_no_backend_works_one_paragraph_says_what_each_needs(standin, tmp_p
 
 def test_a_missing_smolvm_named_by_the_manifest_points_at_the_backend_that_works(standin, tmp_path):
     setup_agent(standin)
-    path = path_without({'smolvm'}, standin.env()['PATH'], tmp_path / 'bin')
+    path = path_without({'smolvm'}, standin.env()['PATH'], tmp_path)
     run = standin.doit('launch:a', check=False, env=standin.env(PATH=path))
     assert run.returncode == 1 and 'Traceback' not in run.output
     assert 'smolvm is not installed' in run.output

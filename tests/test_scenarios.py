@@ -31,13 +31,13 @@ def setup_agent(bottles, name='a', skills=('review', 'style'), prompt='Be carefu
     bottles.agent(name, prompt=prompt, skills=list(skills), **more)
 
 
-def path_without(program: str, path: str, tmp) -> str:
-    """A PATH with every command of `path` but `program`."""
-    mirror = tmp / f'path-without-{program}'
+def path_without(programs, path: str, tmp) -> str:
+    """A PATH of one directory holding every command of `path` except `programs`."""
+    mirror = tmp / f'path-without-{"-".join(sorted(programs))}'
     mirror.mkdir()
     for directory in path.split(os.pathsep):
         for entry in sorted(os.scandir(directory), key=lambda e: e.name) if os.path.isdir(directory) else []:
-            if entry.name != program and not (mirror / entry.name).exists():
+            if entry.name not in programs and not (mirror / entry.name).exists():
                 (mirror / entry.name).symlink_to(entry.path)
     return str(mirror)
 
@@ -190,7 +190,7 @@ def test_j_missing_backend_cli_is_one_clear_paragraph(bottles):
     setup_agent(bottles)
     cli = bottles.backend.cli
     run = bottles.doit('launch:a', check=False,
-                       env=bottles.env(PATH=path_without(cli, bottles.env()['PATH'], bottles.root.parent)))
+                       env=bottles.env(PATH=path_without({cli}, bottles.env()['PATH'], bottles.root.parent)))
     assert run.returncode != 0
     assert f'{cli} is not installed' in run.output and 'Traceback' not in run.output
 

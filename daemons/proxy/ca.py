@@ -69,7 +69,9 @@ def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # The temp file has its final mode from creation: the key is never readable by others.
+    # tasks.project.write_atomic cannot be imported here: this runs in mitmproxy's own environment,
+    # without the project's dependencies. The temp file has its final mode from creation: the key is
+    # never readable by others.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     try:
         os.fchmod(fd, mode)
