@@ -37,7 +37,7 @@ def task_image():
 
 
 def task_machine():
-    """Create each agent's machine from its image, with its resources and egress flags."""
+    """Create each agent's machine from its image: no network card, its egress door mounted."""
     yield from machine.tasks(PROJECT)
 
 
@@ -47,7 +47,7 @@ def task_start():
 
 
 def task_provision():
-    """Provision each running machine: prompt and skills, each copied only when changed."""
+    """Provision each running machine: egress CA, prompt and skills, each copied only when changed."""
     yield from provision.tasks(PROJECT)
 
 
@@ -67,7 +67,7 @@ def task_allowlist():
 
 
 def task_egress():
-    """Open each agent's egress door on the project's proxy (not yet wired into launch)."""
+    """Open each agent's egress door on the project's proxy (started if it is not running)."""
     yield from egress.tasks(PROJECT)
 
 

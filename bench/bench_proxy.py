@@ -394,7 +394,7 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
         proxy_context = ssl.create_default_context(cafile=str(proxy.ensure_ca()))
 
         def open_bottle(index: int) -> Route:
-            door = proxy.open_door(f'b{index:02d}', tmp / 'bottles' / f'b{index:02d}')
+            door = proxy.open_door(f'b{index:02d}', tmp / 'bottles' / f'b{index:02d}', tmp / 'doors' / f'b{index:02d}')
             write_rules(door.rules, rules)
             guest = GuestRelay(door.socket)
             guests.append(guest)

@@ -2,13 +2,15 @@
 
 A daemon has a name and a state directory, where it keeps:
 
-    <name>.pid    JSON {"pid", "start_time", "argv"}, replaced atomically
+    <name>.pid    JSON {"pid", "start_time", "argv", "config"}, replaced atomically
     <name>.log    its stdout and stderr, appended across restarts, with a line per start
     <name>.lock   serialises starting and stopping between processes (parallel doit runs)
 
 The pid file records the process's start time (field 22 of /proc/<pid>/stat, fixed at fork), so a
 pid that the kernel reused after a crash is never taken for the daemon, and never signalled.
 `healthy()` makes no backend call and never raises: it can serve as a doit `uptodate` check.
+A daemon started with another `config` (a fingerprint of what it was started with: files it read
+at start, say) is not healthy, so `ensure_running` restarts it with the current one.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class DaemonError(Exception):
 class Daemon:
     def __init__(self, name: str, state_dir: Path, argv: Sequence[str],
                  probe: Callable[[], bool] = lambda: True, *, env: Mapping[str, str] | None = None,
-                 start_timeout: float = 20.0, stop_timeout: float = 5.0):
+                 config: str = '', start_timeout: float = 20.0, stop_timeout: float = 5.0):
         """`probe` says whether the running daemon does its job (answers on its socket...); it must
         return within a few seconds. `start_timeout` bounds the wait for the first good probe."""
         self.name = name
@@ -41,6 +43,7 @@ class Daemon:
         self.argv = [str(a) for a in argv]
         self.probe = probe
         self.env = dict(os.environ if env is None else env)
+        self.config = config
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.pid_file = self.state_dir / f'{name}.pid'
@@ -55,9 +58,15 @@ class Daemon:
             return record['pid']
         return None
 
+    def current(self) -> bool:
+        """Alive and started with the current config; no probe. Never raises."""
+        record = self._record()
+        return self.pid() is not None and record is not None and record['config'] == self.config
+
     def healthy(self) -> bool:
-        """Alive (by pid and start time) and the probe passes. Never raises."""
-        if self.pid() is None:
+        """Alive (by pid and start time), started with the current config, and the probe passes.
+        Never raises."""
+        if not self.current():
             return False
         try:
             return bool(self.probe())
@@ -101,7 +110,8 @@ class Daemon:
     def _record(self) -> dict | None:
         try:
             record = json.loads(self.pid_file.read_text())
-            return {'pid': int(record['pid']), 'start_time': int(record['start_time'])}
+            return {'pid': int(record['pid']), 'start_time': int(record['start_time']),
+                    'config': str(record.get('config', ''))}
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -120,7 +130,8 @@ class Daemon:
         finally:
             os.close(log_fd)
         start_time = _start_time(pid)
-        write_atomic(self.pid_file, json.dumps({'pid': pid, 'start_time': start_time, 'argv': self.argv}))
+        write_atomic(self.pid_file, json.dumps({'pid': pid, 'start_time': start_time, 'argv': self.argv,
+                                                'config': self.config}))
         deadline = time.monotonic() + self.start_timeout
         while True:
             if not _alive(pid, start_time):

@@ -4,7 +4,8 @@ egress_env:<version>  mitmproxy's own virtual environment, made once per user ca
                       first time); a setup task, so nothing is built when no door has to open.
 egress_ca             the project's CA in .bottle/egress/ca/ (ECDSA P-256; the key file, 0600, is
                       the only copy of the key). `doit clean egress_ca` removes it; the next run
-                      makes a new one, and a running proxy is restarted to use it.
+                      makes a new one; egress:<agent> restarts a running proxy to use it, and
+                      provision_ca:<agent> gives it to the guest.
 allowlist:<agent>     .bottle/agents/<agent>/egress-rules.json, the bottle's rules: the manifest's
                       hosts, those its skills declare (`allow_hosts:` in SKILL.md's front matter)
                       and Claude Code's own. The proxy reads a changed file at the next request,
@@ -13,21 +14,25 @@ egress:<agent>        the bottle's door open: the project's proxy running (one p
                       bottles, state in .bottle/egress/) and the bottle's socket answering. Up to
                       date while a health request through the door is answered for the bottle,
                       which costs no backend call; a crashed proxy or relay is started again.
-teardown:<agent> closes the door; the proxy stops with the last one.
+machine:<agent> depends on egress:<agent>, so every launch checks the door first; teardown:<agent>
+closes it, and the proxy stops with the last one.
 
-Not yet part of `provision` nor of `launch`: machines are still created with the network they
-had (smolvm's --allow-host, the engine's network) until the backends mount the door and the
-guest trusts the CA (provision_ca). Run `doit egress:<agent>` to open a door by hand.
+BOTTLE_UPSTREAM_CA names a PEM file of extra CAs the proxy trusts for upstream servers besides the
+system's (an internal registry's); the proxy is restarted when it changes.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 from doit.tools import config_changed
 
 from daemons.lifecycle import DaemonError
-from daemons.proxy.engine import MITMPROXY_VERSION, EgressProxy, ProxyError, ensure_venv, venv_dir, write_rules
+from daemons.proxy.engine import MITMPROXY_VERSION, Door, EgressProxy, ProxyError, ensure_venv, venv_dir, write_rules
 from daemons.proxy.rules import RulesError
 from tasks.backends import BottleError
 from tasks.checks import FileExists
@@ -38,12 +43,29 @@ ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
 CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
 
 
+UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
+
+
 def proxy(project: Project) -> EgressProxy:
-    return EgressProxy(project.state_dir / 'egress', venv_dir(cache_dir()))
+    return EgressProxy(project.state_dir / 'egress', venv_dir(cache_dir()),
+                       upstream_ca=os.environ.get(UPSTREAM_CA_ENV) or None)
 
 
-def rules_file(project: Project, agent_name: str):
-    return project.agent_dir(agent_name) / 'egress-rules.json'
+def rules_file(project: Project, agent_name: str) -> Path:
+    return door(project, agent_name).rules
+
+
+def door(project: Project, agent_name: str) -> Door:
+    """The bottle's door, whose socket its machine mounts. A socket path holds at most 107 bytes, so
+    it lives in a short private directory of the user, named by a hash of project and agent, not
+    in the project."""
+    name = hashlib.sha256(f'{project.root}\0{agent_name}'.encode()).hexdigest()[:16]
+    return Door(agent_name, project.agent_dir(agent_name).resolve(),
+                Path(tempfile.gettempdir()) / f'claude-bottle-{os.getuid()}' / name)
+
+
+def door_socket(project: Project, agent_name: str) -> Path:
+    return door(project, agent_name).socket
 
 
 class DoorOpen:
@@ -128,11 +150,7 @@ def make_env():
 @action
 @in_words
 def make_ca(project: Project):
-    egress = proxy(project)
-    new = not (egress.ca_dir / CA_KEY_FILE).exists()
-    egress.ensure_ca()
-    if new and egress.daemon().pid() is not None:
-        egress.daemon().start()         # a running proxy holds the old CA: it signs with the new one now
+    proxy(project).ensure_ca()      # a running proxy holds the old one: egress:<agent> restarts it
 
 
 @action
@@ -144,7 +162,8 @@ def write_allowlist(project: Project, agent: Agent, rules: dict):
 @action
 @in_words
 def open_door(project: Project, agent: Agent):
-    proxy(project).open_door(agent.name, project.agent_dir(agent.name))
+    bottle = door(project, agent.name)
+    proxy(project).open_door(agent.name, bottle.bottle_dir, bottle.directory)
 
 
 @action

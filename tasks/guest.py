@@ -1,4 +1,4 @@
-"""Where things go inside a bottle."""
+"""Where things go inside a bottle, and how its one way out looks from inside."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,30 @@ from tasks.manifest import Agent
 
 SKILLS_DIR_ENV = 'CLAUDE_BOTTLE_GUEST_SKILLS_DIR'
 MANAGED_SKILLS = '.claude-bottle-skills'   # in the skills dir: the skills claude-bottle put there
+
+# The door: the host's per-bottle socket appears at DOOR in the guest (docker and podman mount
+# its directory, smolvm the socket itself). The machine's workload relays the guest's
+# 127.0.0.1:3128 to it, so it comes back with every start; `nodelay` spares about 40 ms a request.
+DOOR = '/run/bottle/egress.sock'
+PROXY_PORT = 3128
+PROXY_URL = f'http://127.0.0.1:{PROXY_PORT}'
+DOOR_RELAY = ('socat', f'TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr,fork,nodelay', f'UNIX-CONNECT:{DOOR}')
+
+# The egress CA's certificate (never its key) in the guest's trust store, and the bundle
+# update-ca-certificates makes of the whole store.
+CA_CERT = '/usr/local/share/ca-certificates/claude-bottle-egress.crt'
+CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt'
+NO_PROXY = 'localhost,127.0.0.1,::1'
+
+# In the environment of every guest process, Claude Code's included: it reads the proxy and
+# NODE_EXTRA_CA_CERTS only from its own environment, and with no proxy variable it retries
+# silently instead of failing. NODE_USE_ENV_PROXY makes node's own fetch (node 22.21, 24+) use them.
+EGRESS_ENV = {
+    'HTTPS_PROXY': PROXY_URL, 'https_proxy': PROXY_URL, 'HTTP_PROXY': PROXY_URL, 'http_proxy': PROXY_URL,
+    'NO_PROXY': NO_PROXY, 'no_proxy': NO_PROXY, 'NODE_USE_ENV_PROXY': '1',
+    'NODE_EXTRA_CA_CERTS': CA_CERT, 'SSL_CERT_FILE': CA_BUNDLE, 'REQUESTS_CA_BUNDLE': CA_BUNDLE,
+    'GIT_SSL_CAINFO': CA_BUNDLE,
+}
 
 
 def prompt_path(agent: Agent) -> str:

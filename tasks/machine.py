@@ -1,9 +1,10 @@
 """The agent's machine: created from its image, started, and torn down.
 
-machine:<agent>   `create --from <image>` with the agent's resources, labels and egress
-                  flags (a packed image does not keep the allowlist, so they are passed
-                  every time). Recreated when the image or this config changes, and when
-                  the machine was deleted or replaced outside doit.
+machine:<agent>   `create --from <image>` with the agent's resources and labels, no network
+                  card, and its egress door (egress:<agent>, opened first) mounted, the door's
+                  relay as the workload and the proxy variables in its environment. Recreated
+                  when the image or this config changes, and when the machine was deleted or
+                  replaced outside doit.
 start:<agent>     the machine running; starting is idempotent.
 teardown:<agent>  machine stopped and deleted, its egress door closed, the agent's state dir
                   removed.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import egress
+from tasks import egress, guest
 from tasks.backends import (AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, BottleError,
                             MachineSpec, backend)
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
@@ -32,11 +33,14 @@ def tasks(project: Project):
     for agent in project.agents.values():
         image = image_of(project, agent.recipe)
         config = {'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
-                  'allow_hosts': agent.allow_hosts, 'env': agent.env, 'backend': agent.backend}
+                  'env': machine_env(agent), 'backend': agent.backend,
+                  'door': [str(egress.door_socket(project, agent.name)), guest.DOOR],
+                  'workload': list(guest.DOOR_RELAY)}
         yield {
             'name': agent.name,
             'doc': f'create machine {agent.machine} on {agent.backend} from image {image.key}',
             'actions': [(create, [project, agent, image])],
+            'task_dep': [f'egress:{agent.name}'],      # an engine mounts the door's directory at create
             'file_dep': [image.manifest],
             'uptodate': [config_changed(config), SameMachine(agent)],
             'clean': [(delete, [project, agent])],
@@ -64,6 +68,12 @@ def teardown_tasks(project: Project):
                         (shutil.rmtree, [state], {'ignore_errors': True})],
             'uptodate': [MachineAbsent(agent), PathAbsent(state, 'state dir')],
         }
+
+
+def machine_env(agent: Agent) -> dict[str, str]:
+    """The manifest's variables, then the egress variables, which a manifest cannot override:
+    they are the bottle's only way out."""
+    return {**agent.env, **guest.EGRESS_ENV}
 
 
 def placement(project: Project, agent: Agent) -> Path:
@@ -108,7 +118,8 @@ def create(project: Project, agent: Agent, image: Image):
     identity = uuid.uuid4().hex
     backend(agent.backend).create(MachineSpec(
         name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
-        memory_mib=agent.memory_mib, env=agent.env, allow_hosts=agent.allow_hosts,
+        memory_mib=agent.memory_mib, env=machine_env(agent), door=egress.door_socket(project, agent.name),
+        guest_door=guest.DOOR, workload=guest.DOOR_RELAY,
         labels={AGENT_LABEL: agent.name, PROJECT_LABEL: project.label, IMAGE_LABEL: image.key,
                 ID_LABEL: identity}))
     write_json(placement(project, agent), {'backend': agent.backend, 'machine': agent.machine})

@@ -501,8 +501,8 @@ KEYS: tuple[Key, ...] = (
         'what the bottle may reach: `api.github.com` (that name), `*.github.com` (that domain and every name '
         'under it), or `{host: api.github.com, methods: [GET, HEAD], paths: [/repos/acme/]}` (only those '
         'methods and path prefixes); skills add theirs (`allow_hosts:` in their `SKILL.md` front matter). '
-        'smolvm, until the egress door is wired in: each name is passed as `--allow-host` at every create; '
-        'empty means no network at all', 'hosts'),
+        'Enforced by the project\'s egress proxy, the bottle\'s only way out; a change applies at the next '
+        'launch without recreating the machine', 'hosts'),
     Key('network.allow_private', ListOf(NETWORK, 'list of networks', unique=True), [],
         'loopback, private or link-local networks (CIDR) that allowed hosts may resolve to, for internal '
         'registries and tests; every such address is refused otherwise', 'allow_private'),
@@ -575,11 +575,6 @@ class Agent:
     @property
     def machine(self) -> str:
         return MACHINE_PREFIX + self.name
-
-    @property
-    def allow_hosts(self) -> tuple[str, ...]:
-        """The manifest's host names, as smolvm's `--allow-host` and the prompt take them."""
-        return tuple(dict.fromkeys(entry.name for entry in self.hosts))
 
     @property
     def egress_rules(self) -> dict:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from doit.tools import config_changed
 
+from tasks import guest
+from tasks.manifest import Agent
 from tasks.project import Project, action, write_atomic
 
 TEMPLATE = 'prompt.md.j2'
@@ -17,7 +19,7 @@ def tasks(project: Project):
     for agent in project.agents.values():
         # Skills are not listed: Claude Code finds them itself, and a changed skill
         # list then costs no prompt copy.
-        settings = {'prompt': agent.prompt, 'allow_hosts': agent.allow_hosts,
+        settings = {'prompt': agent.prompt, 'allowed': allowed(agent), 'proxy': guest.PROXY_URL,
                     'user': agent.user.name, 'home': agent.user.home}
         yield {
             'name': agent.name,
@@ -28,6 +30,18 @@ def tasks(project: Project):
             'uptodate': [config_changed(settings)],
             'clean': True,
         }
+
+
+def allowed(agent: Agent) -> list[str]:
+    """The fence in words, one line per allowed host: the manifest's, its skills' and Claude Code's."""
+    lines = []
+    for entry in dict.fromkeys(agent.hosts + agent.skill_hosts + agent.claude_code_hosts):
+        line = f'{entry.name} and every name under it' if entry.host.startswith('*.') else entry.name
+        narrowed = ' '.join(filter(None, [
+            '/'.join(entry.methods) if entry.methods else None,
+            f'on paths starting {" or ".join(entry.paths)}' if entry.paths else None]))
+        lines.append(f'{line} ({narrowed} only)' if narrowed else line)
+    return lines
 
 
 @action

@@ -1,5 +1,7 @@
 """Provisioning: what goes into a running machine, one task per artifact.
 
+provision_ca:<agent>            the egress CA's certificate in the guest's trust store, and the proxy
+                                in the clients' system-wide files (templates/egress-trust.sh.j2)
 provision_prompt:<agent>        the rendered prompt, copied to the guest (0600, agent-owned)
 provision_skill:<agent>:<skill> one skill directory, moved as one tar stream in one exec
 provision_skills:<agent>        skills dropped from the manifest, removed from the guest
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import guest
+from tasks import egress, guest
 from tasks.backends import BottleError, backend
 from tasks.checks import SameMachine
 from tasks.manifest import Agent
@@ -28,10 +30,15 @@ from tasks.project import Project, action
 from tasks.prompt import prompt_file
 
 FAMILIES = {
+    'provision_ca': 'make each agent\'s machine trust the egress CA and know its door',
     'provision_prompt': 'copy each agent\'s rendered prompt into its machine',
     'provision_skill': 'copy one skill directory into an agent\'s machine',
     'provision_skills': 'remove skills dropped from a manifest from the machine',
 }
+
+TRUST_TEMPLATE = 'egress-trust.sh.j2'
+# curl has no system-wide file: the agent's own, for a scrubbed environment.
+CURLRC = f'# claude-bottle\'s egress door\nproxy = "{guest.PROXY_URL}"\nnoproxy = "{guest.NO_PROXY}"\n'
 
 # Every guest script below but PREPARE_SKILLS_DIR runs as the agent user, inside the agent's own
 # tree, so a path the agent planted can lead it nowhere the agent could not write anyway. Even
@@ -103,8 +110,9 @@ done < "$list"
 mv -fT "$list.new" "$list"
 '''
 
-# The prompt from stdin, written to a temporary name and renamed. Arguments: path, octal mode.
-RECEIVE_PROMPT = GUARDS + r'''set -eu
+# A file of the agent's from stdin (the prompt, its curlrc), written to a temporary name and
+# renamed. Arguments: path, octal mode.
+RECEIVE_AGENT_FILE = GUARDS + r'''set -eu
 dest=$1 mode=$2
 umask 077
 own_dir "$(dirname "$dest")"
@@ -148,7 +156,7 @@ def tasks(project: Project):
     for family, doc in FAMILIES.items():
         yield {'basename': family, 'name': None, 'doc': doc}
     for agent in project.agents.values():
-        steps = [_prompt_step(project, agent)]
+        steps = [_ca_step(project, agent), _prompt_step(project, agent)]
         steps += [_skill_step(agent, skill) for skill in agent.skills]
         steps.append(_prune_step(agent))
         names = [f'{step["basename"]}:{step["name"]}' for step in steps]
@@ -156,7 +164,7 @@ def tasks(project: Project):
             yield {**step, 'task_dep': [previous]}
         yield {
             'name': agent.name,
-            'doc': f'provision {agent.machine}: prompt and {len(agent.skills)} skill(s)',
+            'doc': f'provision {agent.machine}: egress CA, prompt and {len(agent.skills)} skill(s)',
             'actions': None,
             'task_dep': names,
         }
@@ -164,6 +172,19 @@ def tasks(project: Project):
 
 def _owner(agent: Agent) -> dict:
     return {'uid': agent.user.uid, 'gid': agent.user.uid}
+
+
+def _ca_step(project: Project, agent: Agent) -> dict:
+    cert = egress.proxy(project).ca_cert
+    script = project.render(TRUST_TEMPLATE, ca_cert=guest.CA_CERT, ca_bundle=guest.CA_BUNDLE, proxy=guest.PROXY_URL,
+                            no_proxy=guest.NO_PROXY, env=guest.EGRESS_ENV)
+    return {
+        'basename': 'provision_ca', 'name': agent.name,
+        'doc': f'make {agent.machine} trust the egress CA ({guest.CA_CERT}) and know its door',
+        'actions': [(trust_ca, [agent, cert, script])],
+        'file_dep': [cert, project.template_file(TRUST_TEMPLATE)],
+        'uptodate': [config_changed({'script': script, **_owner(agent)}), SameMachine(agent)],
+    }
 
 
 def _prompt_step(project: Project, agent: Agent) -> dict:
@@ -207,11 +228,22 @@ def _current_identity(agent: Agent) -> str:
 
 
 @action
+def trust_ca(agent: Agent, cert: Path, script: str):
+    identity = _current_identity(agent)
+    runtime = backend(agent.backend)
+    runtime.copy_in(agent.machine, cert, guest.CA_CERT, mode=0o644, uid=0, gid=0)
+    runtime.exec(agent.machine, ['sh', '-s'], stdin=script.encode())
+    runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', f'{agent.user.home}/.curlrc', '644'],
+                 stdin=CURLRC.encode(), user=agent.user.name)
+    return {'machine_id': identity}
+
+
+@action
 def copy_prompt(agent: Agent, source: Path):
     identity = _current_identity(agent)
     runtime = backend(agent.backend)
     if source.stat().st_size:
-        runtime.exec(agent.machine, ['sh', '-c', RECEIVE_PROMPT, 'sh', guest.prompt_path(agent), '600'],
+        runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', guest.prompt_path(agent), '600'],
                      stdin=source.read_bytes(), user=agent.user.name)
     else:   # no prompt: Claude starts without the flag, and no stale prompt stays behind
         runtime.exec(agent.machine, ['sh', '-c', REMOVE_PROMPT, 'sh', guest.prompt_path(agent)],

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -49,6 +50,11 @@ class Run:
     @property
     def output(self) -> str:
         return self.stdout + self.stderr
+
+    @property
+    def executed(self) -> set[str]:
+        """The tasks doit executed (it prints ".  task"; "-- task" for one up to date)."""
+        return set(re.findall(r'^\.  (\S+)$', self.stdout, re.M))
 
     def transferred_skills(self) -> list[str]:
         """Skill names sent by `exec -i ... sh -c <receive> sh <dir> <skill> <owner>`."""
@@ -104,12 +110,20 @@ class Bottles:
     def __init__(self, root: Path, backend):
         self.root = root
         self.backend = backend
+        self.extra_env: dict[str, str] = {}      # for every doit run of this project
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / 'dodo.py', root / 'dodo.py')
         (root / 'agents' / 'skills').mkdir(parents=True, exist_ok=True)
         defaults = backend.manifest_defaults()
         if defaults:
             self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump(defaults))
+
+    def stop_egress(self):
+        """Stop the project's egress proxy and door relays, if it ever started them."""
+        from daemons.proxy.engine import EgressProxy
+        state = self.root / '.bottle' / 'egress'
+        if state.exists():
+            EgressProxy(state, Path('/nonexistent')).stop()
 
     # -- writing the project
 
@@ -137,7 +151,7 @@ class Bottles:
     # -- running doit
 
     def env(self, **extra) -> dict:
-        env = {**os.environ, **self.backend.env()}
+        env = {**os.environ, **self.backend.env(), **self.extra_env}
         # The dodo.py copied into the project imports `tasks`: from this checkout, not from
         # whatever claude-bottle site-packages holds.
         env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), extra.pop('PYTHONPATH', None)]))
@@ -162,6 +176,20 @@ class Bottles:
 
     def guest(self, agent: str, script: str) -> str:
         return self.backend.guest(f'bottle-{agent}', script)
+
+    def guest_process(self, agent: str, script: str) -> subprocess.Popen:
+        """`sh -c script` as root in the agent's machine, its stdout a pipe read as it comes."""
+        return subprocess.Popen(self.backend.guest_argv(f'bottle-{agent}', script), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env())
+
+    def put(self, agent: str, host_file: Path, guest_path: str):
+        """A host file into the agent's running machine, behind doit's back."""
+        self.backend.put(f'bottle-{agent}', host_file, guest_path)
+
+    def door_dir(self, agent: str) -> Path:
+        """The host directory of the agent's door, as the project's proxy records it."""
+        doors = json.loads((self.root / '.bottle' / 'egress' / 'doors.json').read_text())['bottles']
+        return Path(doors[agent]['door'])
 
     def guest_tree(self, agent: str, directory: str) -> dict[str, str]:
         out = self.guest(agent, f'cd {directory} && find . -type f -exec sha256sum {{}} +')
@@ -280,6 +308,13 @@ class StandinSmolvm:
 
     def guest(self, machine: str, script: str) -> str:
         return self.smolvm('machine', 'exec', '--name', machine, '--', 'sh', '-c', script).stdout.decode()
+
+    @staticmethod
+    def guest_argv(machine: str, script: str) -> list[str]:
+        return ['smolvm', 'machine', 'exec', '--name', machine, '--', 'sh', '-c', script]
+
+    def put(self, machine: str, host_file: Path, guest_path: str):
+        self.smolvm('machine', 'cp', str(host_file), f'{machine}:{guest_path}', '--mode', '755')
 
     def machine_state(self, machine: str) -> str | None:
         listed = json.loads(self.smolvm('machine', 'ls', '--json').stdout)
@@ -515,6 +550,12 @@ class DockerFamily(LoggedCli):
 
     def guest(self, machine: str, script: str) -> str:
         return self.engine('exec', machine, 'sh', '-c', script).stdout.decode()
+
+    def guest_argv(self, machine: str, script: str) -> list[str]:
+        return [self.engine.cli, 'exec', machine, 'sh', '-c', script]
+
+    def put(self, machine: str, host_file: Path, guest_path: str):
+        self.engine('cp', str(host_file), f'{machine}:{guest_path}')
 
     def machine_state(self, machine: str) -> str | None:
         proc = self.engine('container', 'inspect', '--format', '{{.State.Status}}', machine, check=False)

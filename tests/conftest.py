@@ -81,12 +81,13 @@ BACKENDS = {'standin': _standin, 'smolvm': _smolvm, 'podman': _podman, 'docker':
 
 
 def _project(backend, tmp_path):
-    """A project on that backend; its machines and image artifacts are removed afterwards."""
+    """A project on that backend; its machines, egress proxy and image artifacts are removed afterwards."""
     project = Bottles(tmp_path / 'project', backend)
     try:
         yield project
     finally:
         backend.close(Project(project.root).label)
+        project.stop_egress()
         shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)   # large artifacts
 
 
@@ -111,7 +112,9 @@ def podman(request, tmp_path, claude_cache):
 def standin(request, tmp_path, claude_cache):
     """The stand-in only: for what is about smolvm itself."""
     backend = _standin(request, tmp_path, claude_cache)
+    project = Bottles(tmp_path / 'project', backend)
     try:
-        yield Bottles(tmp_path / 'project', backend)
+        yield project
     finally:
         backend.close(None)
+        project.stop_egress()

@@ -2,7 +2,11 @@
 address, a guest-side relay standing in for the one in a bottle, and raw proxy clients."""
 from __future__ import annotations
 
+import http.client
 import http.server
+import io
+import json
+import os
 import random
 import re
 import socket
@@ -10,6 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 
@@ -41,13 +46,22 @@ class Upstream:
     """An HTTPS server on `address`:443 that counts the TCP connections it accepts.
 
     GET or POST any path: 200 and "upstream saw METHOD PATH". GET /events: three server-sent
-    events one second apart; `last_event_sent` is set just before the third is written."""
+    events one second apart; `last_event_sent` is set (and `last_event_at`, the time.time() of it)
+    just before the third is written.
+    POST /v1/messages: a mock Anthropic Messages API answering `reply_text` (streamed when the
+    request asks for it); each request's JSON body is appended to `messages`.
+    /git/<path>, when `git_root` is given: git smart HTTP by the real `git http-backend` over
+    the repositories under `git_root` (clone and fetch)."""
 
-    def __init__(self, address: str, cert: Path, key: Path):
+    def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None):
         upstream = self
         self.connections = 0
         self.requests: list[tuple[str, str, str]] = []   # (method, path, Host header)
+        self.messages: list[dict] = []                   # bodies of POST /v1/messages
+        self.reply_text = 'pong from the mock API'
+        self.git_root = git_root
         self.last_event_sent = threading.Event()
+        self.last_event_at = 0.0
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -59,15 +73,37 @@ class Upstream:
 
             def do_GET(self):
                 self._record()
-                if self.path == '/events':
+                if self._route() == '/events':
                     self._events()
+                elif self._route().startswith('/git/') and upstream.git_root:
+                    self._git(b'')
                 else:
                     self._answer()
 
             def do_POST(self):
-                self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                body = self._body()
                 self._record()
-                self._answer()
+                if self._route() == '/v1/messages':
+                    self._messages(json.loads(body))
+                elif self._route().startswith('/git/') and upstream.git_root:
+                    self._git(body)
+                else:
+                    self._answer()
+
+            def _route(self) -> str:
+                return urllib.parse.urlsplit(self.path).path
+
+            def _body(self) -> bytes:
+                """The request body, by Content-Length or chunked (git sends large POSTs chunked)."""
+                if self.headers.get('Transfer-Encoding', '').lower() != 'chunked':
+                    return self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                body = b''
+                while size := int(self.rfile.readline().split(b';')[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b'\r\n', b'\n', b''):   # trailers
+                    pass
+                return body
 
             def _record(self):
                 with upstream.lock:
@@ -89,11 +125,74 @@ class Upstream:
                 self.end_headers()
                 for number in (1, 2, 3):
                     if number == 3:
+                        upstream.last_event_at = time.time()
                         upstream.last_event_sent.set()
                     self.wfile.write(f'data: event {number}\n\n'.encode())
                     self.wfile.flush()
                     if number < 3:
                         time.sleep(1)
+                self.close_connection = True
+
+            def _git(self, body: bytes):
+                """One CGI run of `git http-backend`; its whole output is small enough to hold."""
+                path, _, query = self.path.partition('?')
+                env = {
+                    'PATH': os.environ['PATH'], 'GIT_PROJECT_ROOT': str(upstream.git_root),
+                    'GIT_HTTP_EXPORT_ALL': '1', 'GATEWAY_INTERFACE': 'CGI/1.1',
+                    'SERVER_PROTOCOL': self.request_version, 'REQUEST_METHOD': self.command,
+                    'PATH_INFO': urllib.parse.unquote(path.removeprefix('/git')), 'QUERY_STRING': query,
+                    'CONTENT_TYPE': self.headers.get('Content-Type', ''), 'CONTENT_LENGTH': str(len(body)),
+                    'REMOTE_ADDR': self.client_address[0],
+                    'HTTP_CONTENT_ENCODING': self.headers.get('Content-Encoding', ''),
+                    'HTTP_GIT_PROTOCOL': self.headers.get('Git-Protocol', ''),
+                }
+                cgi = subprocess.run(['git', 'http-backend'], input=body, env=env, capture_output=True)
+                if cgi.returncode != 0 and not cgi.stdout:   # it died saying why on stderr only
+                    cgi.stdout = b'Status: 500\r\nContent-Type: text/plain\r\n\r\n' + cgi.stderr
+                out = io.BytesIO(cgi.stdout)
+                headers = http.client.parse_headers(out)
+                content = out.read()
+                status = headers.get('Status', '200')
+                del headers['Status']
+                self.send_response(int(status.split()[0]))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header('Content-Length', str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def _messages(self, request: dict):
+                with upstream.lock:
+                    upstream.messages.append(request)
+                text, model = upstream.reply_text, request.get('model', 'mock-model')
+                usage = {'input_tokens': 10, 'output_tokens': len(text.split())}
+                message = {'id': 'msg_mock', 'type': 'message', 'role': 'assistant', 'model': model,
+                           'content': [], 'stop_reason': None, 'stop_sequence': None, 'usage': usage}
+                if not request.get('stream'):
+                    body = json.dumps({**message, 'content': [{'type': 'text', 'text': text}],
+                                       'stop_reason': 'end_turn'}).encode()
+                    self.send_response(200)
+                    self.send_header('Content-Type', 'application/json')
+                    self.send_header('Content-Length', str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/event-stream')
+                self.send_header('Cache-Control', 'no-cache')
+                self.send_header('Connection', 'close')
+                self.end_headers()
+                for name, data in (
+                    ('message_start', {'message': message}),
+                    ('content_block_start', {'index': 0, 'content_block': {'type': 'text', 'text': ''}}),
+                    ('content_block_delta', {'index': 0, 'delta': {'type': 'text_delta', 'text': text}}),
+                    ('content_block_stop', {'index': 0}),
+                    ('message_delta', {'delta': {'stop_reason': 'end_turn', 'stop_sequence': None},
+                                       'usage': {'output_tokens': usage['output_tokens']}}),
+                    ('message_stop', {}),
+                ):
+                    self.wfile.write(f'event: {name}\ndata: {json.dumps({"type": name, **data})}\n\n'.encode())
+                    self.wfile.flush()
                 self.close_connection = True
 
         class Server(http.server.ThreadingHTTPServer):

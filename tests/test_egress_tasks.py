@@ -10,7 +10,6 @@ import http.client
 import http.server
 import json
 import os
-import re
 import signal
 import socket
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from daemons.proxy.engine import EgressProxy, door_answers
+from tasks.egress import door_socket
+from tasks.project import Project
 from tests.proxy_upstreams import random_loopback_address
 
 CLAUDE_CODE_RULES = [{'host': 'api.anthropic.com'}, {'host': 'claude.ai'}, {'host': 'platform.claude.com'}]
@@ -97,13 +98,9 @@ def upstream():
         server.close()
 
 
-def executed(run) -> set[str]:
-    """The tasks a doit run executed (doit prints ".  task"; "-- task" for one up to date)."""
-    return set(re.findall(r'^\.  (\S+)$', run.stdout, re.M))
-
-
 def door(project, agent: str) -> Path:
-    return project.root / '.bottle' / 'agents' / agent / 'door' / 'egress.sock'
+    """Where the machine of `agent` would find its door on the host."""
+    return door_socket(Project(project.root), agent)
 
 
 def proxy_pid(project) -> int:
@@ -126,19 +123,19 @@ def test_egress_opens_the_door_without_a_backend_call_and_then_is_up_to_date(pro
     project.agent('a', prompt='hi')
     first = project.doit('egress:a')
     assert first.calls == []
-    assert {'egress_ca', 'allowlist:a', 'egress:a'} <= executed(first), first.output
+    assert {'egress_ca', 'allowlist:a', 'egress:a'} <= first.executed, first.output
     assert door_answers(door(project, 'a'), 'a')
     pid = proxy_pid(project)
     assert rules(project, 'a') == {'hosts': CLAUDE_CODE_RULES, 'allow_private': []}
 
     again = project.doit('egress:a')
-    assert again.calls == [] and executed(again) == set(), again.output
+    assert again.calls == [] and again.executed == set(), again.output
     assert proxy_pid(project) == pid and door_answers(door(project, 'a'), 'a')
     # The environment is only a setup task: with an open door, an empty cache stays empty.
     empty_cache = project.root.parent / 'empty-cache'
     empty_cache.mkdir()
     third = project.doit('egress:a', env=project.env(XDG_CACHE_HOME=str(empty_cache)))
-    assert executed(third) == set() and list(empty_cache.iterdir()) == [], third.output
+    assert third.executed == set() and list(empty_cache.iterdir()) == [], third.output
 
 
 def test_a_new_host_reruns_only_the_allowlist_and_the_running_proxy_applies_it(project, upstream):
@@ -154,7 +151,7 @@ def test_a_new_host_reruns_only_the_allowlist_and_the_running_proxy_applies_it(p
     info = project.doit('info', 'allowlist:a', check=False)
     assert info.returncode == 1 and 'config_changed' in info.stdout and f"'host': '{address}'" in info.stdout, info.stdout
     run = project.doit('egress:a')
-    assert executed(run) == {'allowlist:a'} and run.calls == [], run.output
+    assert run.executed == {'allowlist:a'} and run.calls == [], run.output
     assert get_through(door(project, 'a'), address, '/after') == (200, 'upstream saw GET /after')
     assert proxy_pid(project) == pid and upstream.connections == 1
 
@@ -172,7 +169,7 @@ def test_a_skill_declaring_hosts_puts_them_into_the_rules(project):
     skill_md = project.root / 'agents/skills/fetch/SKILL.md'
     skill_md.write_text(skill_md.read_text().replace('*.skill.example', 'other.example'))
     run = project.doit('allowlist:a')
-    assert executed(run) == {'allowlist:a'}
+    assert run.executed == {'allowlist:a'}
     assert {'host': 'other.example'} in rules(project, 'a')['hosts']
 
 
@@ -183,7 +180,7 @@ def test_a_proxy_killed_behind_doits_back_is_started_again(project):
     os.kill(pid, signal.SIGKILL)
     assert not door_answers(door(project, 'a'), 'a')
     run = project.doit('egress:a')
-    assert executed(run) == {'egress:a'} and run.calls == [], run.output
+    assert run.executed == {'egress:a'} and run.calls == [], run.output
     assert proxy_pid(project) != pid and door_answers(door(project, 'a'), 'a')
 
 
@@ -210,7 +207,7 @@ def test_a_new_ca_after_clean_restarts_the_proxy_and_the_key_is_only_in_its_0600
     project.doit('clean', 'egress_ca')
     assert not key_file.exists()
     run = project.doit('egress:a')
-    assert 'egress_ca' in executed(run) and run.calls == [], run.output
+    assert 'egress_ca' in run.executed and run.calls == [], run.output
     assert cert.read_text() != old_cert and proxy_pid(project) != pid
     assert door_answers(door(project, 'a'), 'a')
 

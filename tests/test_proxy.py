@@ -3,8 +3,8 @@ upstream on a loopback address (port 443; the tests run as root, like the rest o
 
 Two bottles share one proxy: alpha may reach the upstream and `localhost`; beta only GET on
 /public/. Each is reached like from inside a bottle: a socat relay on 127.0.0.1 to its door.
-The mitmproxy environment is made under $BOTTLE_TEST_CACHE when set (CI keeps it), else per
-session; making it the first time needs PyPI."""
+The mitmproxy environment is made in the tests' download cache (conftest), where doit finds it too;
+making it the first time needs PyPI."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,6 @@ from daemons.proxy.rules import RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
                                    random_loopback_address, read_all)
 
-CACHE_ENV = 'BOTTLE_TEST_CACHE'
 
 
 # --- the lifecycle piece, with plain processes -------------------------------------------------
@@ -97,9 +96,8 @@ def test_a_failing_probe_means_unhealthy_and_a_daemon_that_dies_at_start_is_repo
 # --- the proxy ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def venv(tmp_path_factory):
-    cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp('cache')
-    return ensure_venv(cache)
+def venv(claude_cache):
+    return ensure_venv(claude_cache / 'claude-bottle')     # where doit makes it for the bottles too
 
 
 class Setup:
@@ -130,7 +128,7 @@ def setup(tmp_path_factory, venv):
 
 
 def open_bottle(s: Setup, name: str, rules: dict) -> GuestRelay:
-    door = s.proxy.open_door(name, s.root / 'bottles' / name)
+    door = s.proxy.open_door(name, s.root / 'bottles' / name, s.root / 'doors' / name)
     write_rules(door.rules, rules)
     relay = GuestRelay(door.socket)
     s.relays.append(relay)
@@ -426,7 +424,7 @@ def test_a_renewed_ca_is_used_after_the_proxy_restarts(setup):
 
 def test_a_door_path_too_long_for_a_unix_socket_is_refused_with_a_reason(setup, tmp_path):
     with pytest.raises(ProxyError, match='move the project to a shorter path'):
-        setup.proxy.open_door('long', tmp_path / ('x' * 120))
+        setup.proxy.open_door('long', tmp_path / 'long', tmp_path / ('x' * 120))
 
 
 def wait_for(condition, seconds: float = 10) -> bool:

@@ -137,7 +137,8 @@ def test_f_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bott
     bottles.backend.delete_behind_back('bottle-a')
     run = bottles.doit('launch:a')
     assert run.count('pack') == 0 and run.count('create') == 1
-    assert run.count('cp') == 1 and sorted(run.transferred_skills()) == ['review', 'style']
+    # the egress CA's certificate, the agent's curlrc and the prompt; the skills as tar streams
+    assert run.count('cp') == 3 and sorted(run.transferred_skills()) == ['review', 'style']
     assert_fully_provisioned(bottles)
 
 

