@@ -231,8 +231,7 @@ def _current_identity(agent: Agent) -> str:
 def trust_ca(agent: Agent, cert: Path, script: str):
     identity = _current_identity(agent)
     runtime = backend(agent.backend)
-    runtime.copy_in(agent.machine, cert, guest.CA_CERT, mode=0o644, uid=0, gid=0)
-    runtime.exec(agent.machine, ['sh', '-s'], stdin=script.encode())
+    runtime.exec(agent.machine, ['sh', '-c', script], stdin=cert.read_bytes())
     runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', f'{agent.user.home}/.curlrc', '644'],
                  stdin=CURLRC.encode(), user=agent.user.name)
     return {'machine_id': identity}

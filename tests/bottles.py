@@ -118,6 +118,13 @@ class Bottles:
         if defaults:
             self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump(defaults))
 
+    def use_real_claude(self):
+        """Images with the real Claude Code, for tests that run it (the test images have a script)."""
+        defaults_file = self.root / 'agents' / '_defaults.yaml'
+        defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.exists() else {}
+        defaults['image'] = {**defaults.get('image', {}), 'claude_code': real_claude_version()}
+        self.write(defaults_file, yaml.safe_dump(defaults))
+
     def stop_egress(self):
         """Stop the project's egress proxy and door relays, if it ever started them."""
         from daemons.proxy.engine import EgressProxy
@@ -209,6 +216,12 @@ class Bottles:
 # --- the Claude Code that stand-in images install --------------------------------------------
 
 TEST_CLAUDE_VERSION = '0.0.0-test'
+
+
+def real_claude_version() -> str:
+    """The Claude Code a manifest gets by default: the real one, 370 MB in every image."""
+    from tasks.manifest import KEYS
+    return next(key.default for key in KEYS if key.path == 'image.claude_code')
 
 # Stands in for the native claude binary in stand-in images only (a real one is 370 MB;
 # the podman suite installs the real one). It records how it was started.
@@ -523,11 +536,13 @@ class LoggedCli:
 
 
 class DockerFamily(LoggedCli):
-    """The docker backend on a real engine of the docker CLI family, real Claude Code in every image."""
+    """The docker backend on a real engine of the docker CLI family, on the debootstrap base; the
+    images get the real Claude Code where a test runs it (Bottles.use_real_claude), else the script
+    the stand-in's images have (saving an image is half as long without the real one's 370 MB)."""
     engine: Engine
 
     def manifest_defaults(self) -> dict:
-        return {'backend': self.name, 'image': {'base': 'debootstrap:bookworm'}}
+        return {'backend': self.name, 'image': {'base': 'debootstrap:bookworm', 'claude_code': TEST_CLAUDE_VERSION}}
 
     @staticmethod
     def stall_pack_env() -> dict:
@@ -574,6 +589,7 @@ class DockerFamily(LoggedCli):
         """The real claude keeps running: it is inspected in the bottle, then left to teardown.
         With onboarding marked done it waits at its trust prompt instead of checking the
         network first (the bottles here have none)."""
+        bottles.use_real_claude()
         bottles.doit(f'provision:{agent}', env=env)
         self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,

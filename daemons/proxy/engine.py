@@ -176,6 +176,10 @@ class EgressProxy:
                 door = Door.of(bottle, entry)
                 self._relay(door, entry['port']).stop()
                 door.socket.unlink(missing_ok=True)
+                try:
+                    door.directory.rmdir()
+                except OSError:
+                    pass            # not empty or already gone: not ours to clear
                 self._write_doors(doors)
             if not doors:
                 self.daemon().stop()
