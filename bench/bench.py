@@ -27,6 +27,8 @@ latency and is really executed, so its time is measured, not estimated.
 Cold launch, both sides: the image is already built (packed once, beforehand, by
 claude-bottle's own `doit image`; its cost is printed but is in neither column), and
 both sides create the machine from that same packed image, start it and provision it.
+claude-bottle's side also opens the bottle's egress door (the project's proxy started, its
+CA made) and provisions the CA, which the original system did not have: that is in its column.
 """
 from __future__ import annotations
 
@@ -200,6 +202,7 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
     """Run every scenario; return (rows, facts, oddities)."""
     cache = tmp / 'cache'
     make_fake_claude_archive(cache)
+    share_proxy_env(cache)
     index = make_standin_images(tmp / 'images')
     facts, rows, oddities = {}, [], []
 
@@ -237,8 +240,9 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
               f'claude-bottle guest has {expected_files} skill files')
         check(guest_file_count(lambda script: base.guest('base-a', script)) == expected_files,
               f'baseline guest has {expected_files} skill files')
-        # probe, create, start, the prompt's cp, one exec per skill, one exec to prune
-        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 1, 'exec': shape.skills + 1})
+        # probe, create, start, the CA with its trust script and the agent's curlrc (provision_ca, counted
+        # as cp: they write files), the prompt's cp, one exec per skill, one exec to prune
+        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 3, 'exec': shape.skills + 1})
         if cb.kinds != expected:
             oddities.append(f'cold launch made {kinds_text(cb.kinds)} (expected {kinds_text(expected)}): '
                             f'{[a[:5] for a in cb.argvs]}')
@@ -289,7 +293,19 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
     finally:
         for data in standins:
             harness.stop_all(data)
+        for project in (single, fleet):
+            project.stop_egress()
     return rows, facts, oddities
+
+
+def share_proxy_env(cache: Path):
+    """The egress proxy's environment from the user's cache (made there once, from PyPI), so a
+    bench run does not reinstall mitmproxy in its throwaway cache."""
+    from daemons.proxy.engine import ensure_venv
+    from tasks.project import cache_dir
+    shared = ensure_venv(cache_dir())
+    (cache / 'claude-bottle').mkdir(parents=True, exist_ok=True)
+    (cache / 'claude-bottle' / shared.name).symlink_to(shared)
 
 
 def table(rows) -> str:

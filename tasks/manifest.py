@@ -514,7 +514,9 @@ KEYS: tuple[Key, ...] = (
         'host environment variables handed to Claude at attach time only (never written anywhere)', 'secrets'),
     Key('user.name', UserName(), 'agent',
         'the non-root user Claude runs as', 'user.name'),
-    Key('user.uid', Integer(1, 60000), 1000, 'its uid (and gid)', 'user.uid'),
+    Key('user.uid', Integer(1, 60000), 1000,
+        'its uid (and gid); an account or group of the base that has it (`ubuntu`, `node`) is renamed to be the '
+        'agent\'s', 'user.uid'),
     Key('user.home', GuestPath(), '/home/agent', 'its home directory', 'user.home'),
     Key('backend', Choice(*BACKENDS), None, 'where the bottle runs', 'backend',
         default_text=f'`{BACKEND_ENV}` (it also overrides `_defaults.yaml`), else the first that works '

@@ -270,3 +270,37 @@ def test_a_missing_base_or_one_that_is_no_tarball_is_a_clear_error(oci_cache, tm
     junk.write_bytes(b'not a tar archive' * 64)
     with pytest.raises(BottleError, match='neither a tar archive nor a gzip-compressed one'):
         base_image(junk)
+
+
+def test_a_base_whose_uid_1000_is_taken_gives_that_account_to_the_agent(standin, tmp_path):
+    """As on ubuntu:24.04 (`ubuntu`) or the node images (`node`): uid and gid 1000 already belong
+    to another account, whose home holds a file."""
+    rootfs, binds = tools_rootfs(tmp_path / 'rootfs')
+    for name, line in (('passwd', 'ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/sh'), ('group', 'ubuntu:x:1000:'),
+                       ('shadow', 'ubuntu:*:19000:0:99999:7:::'), ('gshadow', 'ubuntu:*::')):
+        with open(rootfs / 'etc' / name, 'a') as table:
+            table.write(line + '\n')
+    (rootfs / 'home/ubuntu').mkdir()
+    (rootfs / 'home/ubuntu/.profile').write_text('# the base account\'s\n')
+    os.chown(rootfs / 'home/ubuntu', 1000, 1000)
+    launch_from_local_base(standin, rootfs, binds)
+    accounts = standin.guest('a', 'getent passwd 1000; getent group 1000; getent passwd ubuntu; '
+                                  'stat -c "%U %G" /home/agent; cat /home/agent/.profile')
+    assert accounts.splitlines() == ['agent:x:1000:1000:Ubuntu:/home/agent:/bin/bash', 'agent:x:1000:',
+                                     'agent agent', '# the base account\'s']
+    env = standin.env(SMOLVM_STANDIN_REGISTRY_HOST_RO_BINDS=os.pathsep.join(binds))
+    claude = standin.backend.attach(standin, 'a', env)
+    assert claude.ok and (claude.claude['user'], claude.claude['uid']) == ('agent', '1000'), claude.output
+
+
+def test_a_base_with_the_agents_name_on_another_uid_stops_the_build_with_what_to_set(standin, tmp_path):
+    rootfs, binds = tools_rootfs(tmp_path / 'rootfs')
+    with open(rootfs / 'etc/passwd', 'a') as passwd, open(rootfs / 'etc/group', 'a') as group:
+        passwd.write('agent:x:1500:1500::/home/agent:/bin/sh\n')
+        group.write('agent:x:1500:\n')
+    setup_agent(standin, image={'base': str(rootfs)})
+    run = standin.doit('launch:a', env=standin.env(SMOLVM_STANDIN_REGISTRY_HOST_RO_BINDS=os.pathsep.join(binds)),
+                       check=False)
+    assert run.returncode != 0
+    assert ('the base has a user agent with uid:gid 1500:1500, not 1000:1000; set user.uid to 1500, or '
+            'user.name to another name') in run.output
