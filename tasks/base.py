@@ -24,6 +24,7 @@ from pathlib import Path
 from tasks.backends import BottleError
 from tasks.checks import FileExists
 from tasks.manifest import DEBOOTSTRAP, Recipe, is_local_base
+from tasks.progress import progress
 from tasks.project import Project, action, cache_dir
 
 BASE_PACKAGES = ('ca-certificates', 'curl', 'git', 'socat')     # socat: the guest's end of the egress door
@@ -81,6 +82,7 @@ def debootstrap(suite: str, tarball: Path):
         raise BottleError(f'debootstrap is needed to build the base debootstrap:{suite} '
                           '(Debian: `apt-get install debootstrap`, as root)')
     tarball.parent.mkdir(parents=True, exist_ok=True)
+    progress(f'building the base debootstrap:{suite} with debootstrap (minutes; once per user)')
     with tempfile.TemporaryDirectory(dir=tarball.parent, prefix='.debootstrap-') as tmp:
         root = Path(tmp) / 'root'
         proc = subprocess.run([exe, *DEBOOTSTRAP_OPTIONS, suite, str(root)],

@@ -37,6 +37,7 @@ from daemons.proxy.rules import RulesError
 from tasks.backends import BottleError
 from tasks.checks import FileExists
 from tasks.manifest import Agent
+from tasks.progress import progress
 from tasks.project import Project, action, cache_dir
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
@@ -144,6 +145,7 @@ def in_words(func):
 @action
 @in_words
 def make_env():
+    progress(f'making the egress proxy\'s environment, mitmproxy {MITMPROXY_VERSION} from PyPI (once per user)')
     ensure_venv(cache_dir())
 
 

@@ -25,6 +25,7 @@ from tasks import base
 from tasks.backends import BottleError, ImageBuild, backend
 from tasks.checks import FileExists
 from tasks.manifest import Recipe
+from tasks.progress import progress
 from tasks.project import Project, action, cache_dir, write_json
 
 GUEST_CLAUDE_ARCHIVE = '/tmp/claude-code.tgz'
@@ -128,6 +129,7 @@ def fetch_claude_code(version: str):
         raise BottleError(f'npm is needed on the host to fetch {claude_code_package(version)} '
                           '(install Node.js and npm, e.g. `apt-get install npm`), then run doit again')
     archive.parent.mkdir(parents=True, exist_ok=True)
+    progress(f'fetching Claude Code {version} with npm pack (once per version)')
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix='.fetch-') as tmp:
         proc = subprocess.run([npm, 'pack', claude_code_package(version), '--pack-destination', tmp],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -145,6 +147,7 @@ def build(project: Project, image: Image):
     for leftover in image.dir.glob('.partial-*'):     # an interrupted build: never reused
         shutil.rmtree(leftover, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(dir=image.dir, prefix='.partial-'))
+    progress(f'building image {image.key} on {recipe.backend} from {recipe.base}')
     try:
         backend(recipe.backend).build_image(ImageBuild(
             key=image.key, machine=image.build_machine,

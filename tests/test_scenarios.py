@@ -42,6 +42,10 @@ def path_without(programs, path: str, tmp) -> str:
     return str(mirror)
 
 
+def image_key(bottles) -> str:
+    return next((bottles.root / '.bottle/images').glob('*/image.json')).parent.name
+
+
 def assert_fully_provisioned(bottles, agent='a'):
     prompt = bottles.prompt_text(agent)
     assert bottles.guest(agent, f'cat {PROMPT}') == prompt
@@ -57,6 +61,7 @@ def test_a_first_launch_packs_once_and_provisions_everything(bottles):
     setup_agent(bottles)
     run = bottles.doit('launch:a')
     assert run.count('pack') == 1
+    assert f'claude-bottle: building image {image_key(bottles)} on ' in run.stderr     # it says what takes long
     assert bottles.backend.machine_state('bottle-a') == 'running'
     assert 'Be careful with production.' in bottles.prompt_text('a')
     assert oct((bottles.root / '.bottle/agents/a/prompt.md').stat().st_mode & 0o777) == '0o600'
@@ -73,6 +78,7 @@ def test_b_relaunch_without_changes_makes_one_probe_and_nothing_else(bottles):
     again = bottles.doit('launch:a')
     assert again.count('probe') == 1
     assert sum(again.kinds.values()) == 1, again.calls
+    assert 'claude-bottle:' not in again.output        # quiet: no long step ran
     everyone = bottles.doit()                      # the default: every agent provisioned
     assert everyone.kinds == {'probe': 1}, everyone.calls
 
@@ -199,13 +205,19 @@ def test_j_missing_backend_cli_is_one_clear_paragraph(bottles):
 def test_k_a_pack_killed_midway_is_never_taken_for_an_image(bottles):
     setup_agent(bottles)
     images = bottles.root / '.bottle/images'
-    proc = subprocess.Popen([sys.executable, '-m', 'doit', 'image'], cwd=bottles.root,
-                            env=bottles.env(**bottles.backend.stall_pack_env()),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    said = bottles.root.parent / 'image-stderr.txt'
+    with open(said, 'w') as stderr:
+        proc = subprocess.Popen([sys.executable, '-m', 'doit', 'image'], cwd=bottles.root,
+                                env=bottles.env(**bottles.backend.stall_pack_env()),
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 600
     while not any(p.stat().st_size for p in images.glob('*/.partial-*/*') if p.is_file()):
         assert proc.poll() is None and time.monotonic() < deadline, 'the pack never started'
         time.sleep(0.05)
+    # each long step said what it does as it began, while the pack is still running
+    steps = [line.split(' ', 2)[1] for line in said.read_text().splitlines() if line.startswith('claude-bottle: ')]
+    packing = 'packing' if bottles.backend.cli == 'smolvm' else 'saving'   # an engine may have the image already
+    assert 'building' in steps and steps[-1] == packing, steps
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list(images.glob('*/image.json'))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from tasks.progress import progress
+
 ID_LABEL = 'claude-bottle.id'
 AGENT_LABEL = 'claude-bottle.agent'
 PROJECT_LABEL = 'claude-bottle.project'
@@ -167,6 +169,7 @@ class Backend(ABC):
         """In the just-created build machine: start, stage files, run the setup, stop."""
         self._remember(build.machine, Machine(build.machine, 'created'))
         self.start(build.machine)
+        progress(f'running the image setup in {build.machine}')
         for guest_path, host_path in build.files.items():
             self.copy_in(build.machine, host_path, guest_path, mode=0o644, uid=0, gid=0)
         self.exec(build.machine, ['sh', '-s'], stdin=build.setup.encode())

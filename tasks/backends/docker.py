@@ -16,6 +16,7 @@ from pathlib import Path
 from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
 from tasks.backends.registry import base_image
+from tasks.progress import progress
 
 WORKLOAD = ['sleep', 'infinity']   # keeps a build container up; all work is done through exec
 # One JSON object per container, with only what the probe needs: `{{json .}}` would make
@@ -102,6 +103,7 @@ class Docker(Backend):
         image = base_image(Path(base))
         ref = f'localhost/claude-bottle-base:{image.tag}'
         if not self._has_image(ref):
+            progress(f'importing the local base {base} into {self.name}')
             self._cli('import', str(image.layer), ref)
         return ref
 
@@ -109,6 +111,7 @@ class Docker(Backend):
         tag = image_ref(build.key)
         if not self._has_image(tag):
             self._build(build, tag)
+        progress(f'saving {tag} to {build.artifact.name}')
         self._cli('save', '-o', str(build.artifact), tag)
 
     def _build(self, build: ImageBuild, tag: str):
@@ -120,6 +123,7 @@ class Docker(Backend):
     def _create(self, spec: MachineSpec):
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):
+            progress(f'loading {ref} into {self.name} from {spec.image}')
             self._cli('load', '-i', str(spec.image))
         args = ['create', '--name', spec.name, *STOP, '--cpus', str(spec.cpus),
                 '--memory', f'{spec.memory_mib}m']

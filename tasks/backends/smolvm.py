@@ -26,6 +26,7 @@ from pathlib import Path
 from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
 from tasks.backends.registry import serve_base
+from tasks.progress import progress
 
 INSTALL_HELP = (
     'smolvm is not installed: there is no `smolvm` on PATH. claude-bottle runs each agent in a '
@@ -66,6 +67,7 @@ class Smolvm(Backend):
             self.set_up(build)
             self._smolvm('machine', 'update', '--name', build.machine, '--no-net')
             stub = build.artifact.with_suffix('')
+            progress(f'packing {build.machine} into {build.artifact.name}')
             self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
             os.unlink(stub)                      # only the .smolmachine payload is used
 
