@@ -4,12 +4,13 @@
     doit                  every agent up and provisioned (no attach)
     doit list --all       every task; `doit info <task>` says why it would run
     doit teardown:<agent> machine deleted, state forgotten; `doit clean` removes all outputs
+    doit prune            old images, forgotten agents and superseded bases removed
 
 The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import base, egress, image, launch, machine, prompt, provision
+from tasks import base, egress, image, launch, machine, prompt, provision, prune
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -74,6 +75,11 @@ def task_egress():
 def task_launch():
     """Bring an agent's bottle up, provisioned, and attach Claude Code."""
     yield from launch.tasks(PROJECT)
+
+
+def task_prune():
+    """Remove old images, forgotten agents' machines and state, and superseded bases."""
+    return prune.task(PROJECT)
 
 
 def task_teardown():

@@ -127,7 +127,7 @@ def tasks(project: Project):
             'task_dep': ['egress_ca', f'allowlist:{agent.name}'],
             'setup': [ENV_TASK],
             'uptodate': [DoorOpen(project, agent)],
-            'clean': [(close_door, [project, agent])],
+            'clean': [(close_door, [project, agent.name])],
         }
 
 
@@ -170,8 +170,8 @@ def open_door(project: Project, agent: Agent):
 
 @action
 @in_words
-def close_door(project: Project, agent: Agent):
+def close_door(project: Project, agent_name: str):
     """Close the bottle's door if the project ever opened one; the proxy stops with the last."""
     egress = proxy(project)
     if egress.doors_file.exists():
-        egress.close_door(agent.name)
+        egress.close_door(agent_name)

@@ -64,7 +64,7 @@ def teardown_tasks(project: Project):
         yield {
             'name': agent.name,
             'doc': f'stop and delete {agent.machine}, close its egress door and forget its state',
-            'actions': [(delete, [project, agent]), (egress.close_door, [project, agent]),
+            'actions': [(delete, [project, agent]), (egress.close_door, [project, agent.name]),
                         (shutil.rmtree, [state], {'ignore_errors': True})],
             'uptodate': [MachineAbsent(agent), PathAbsent(state, 'state dir')],
         }

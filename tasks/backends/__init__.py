@@ -197,6 +197,11 @@ class Backend(ABC):
     @abstractmethod
     def _delete(self, name: str): ...
 
+    def forget_image(self, key: str) -> bool:
+        """Remove what the runtime itself holds of the image `key`, if anything (its packed file is
+        the caller's); True when something was removed."""
+        return False
+
     @abstractmethod
     def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
         """Copy one host file into the running machine, atomically, with owner and mode. Root

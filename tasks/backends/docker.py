@@ -120,6 +120,12 @@ class Docker(Backend):
             self.set_up(build)
             self._cli('commit', build.machine, tag)
 
+    def forget_image(self, key: str) -> bool:
+        if not self._has_image(image_ref(key)):
+            return False
+        self._cli('rmi', image_ref(key))
+        return True
+
     def _create(self, spec: MachineSpec):
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):

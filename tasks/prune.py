@@ -1,0 +1,126 @@
+"""prune: remove what no current agent or recipe of the project uses, and say what and how much.
+
+- image directories in .bottle/images/ whose key no current agent's recipe has, and the engine's
+  tag of each (docker/podman; another checkout that still needs that image loads it again from
+  its own archive);
+- the state of agents whose manifest is gone: their machine (only one this project made), door
+  and state directory;
+- debootstrap bases in the user cache that this version of claude-bottle can no longer use (made
+  with other debootstrap options, or named the old way). Bases of other suites, still current for
+  other projects, stay.
+
+Never touches what a current agent needs. Run by hand (`doit prune`), never as part of a launch;
+a second run finds nothing.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+from pathlib import Path
+
+from tasks import egress
+from tasks.backends import PROJECT_LABEL, BackendMissing, backend
+from tasks.base import debootstrap_name
+from tasks.image import image_of
+from tasks.project import Project, action, cache_dir
+
+BASE_FILE = re.compile(r'debootstrap-(?P<suite>[a-z0-9.-]+?)(?:-(?P<options>[0-9a-f]{8}))?-(?P<arch>[A-Za-z0-9_]+)\.tar')
+
+
+def task(project: Project) -> dict:
+    return {
+        'doc': 'remove old images, forgotten agents\' machines and state, and superseded bases',
+        'actions': [(prune, [project])],
+        'uptodate': [False],        # asked for by name: it looks every time
+        'verbosity': 2,
+    }
+
+
+@action
+def prune(project: Project):
+    removed = _old_images(project) + _gone_agents(project) + _superseded_bases()
+    if not removed:
+        print('prune: nothing to remove')
+        return
+    for what, size in removed:
+        print(f'prune: removed {what}' + (f' ({_size(size)})' if size else ''))
+    print(f'prune: {_size(sum(size for _, size in removed))} freed')
+
+
+def _old_images(project: Project) -> list[tuple[str, int]]:
+    current = {image_of(project, agent.recipe).key for agent in project.agents.values()}
+    removed = []
+    images = project.state_dir / 'images'
+    for directory in sorted(images.iterdir()) if images.is_dir() else []:
+        if directory.name in current or not directory.is_dir():
+            continue
+        try:
+            engine = json.loads((directory / 'image.json').read_text())['backend']
+        except (OSError, ValueError, KeyError):
+            engine = None           # never finished: nothing in an engine
+        size = _bytes(directory)
+        shutil.rmtree(directory)
+        removed.append((f'image {directory.name} ({directory})', size))
+        if engine and _forget_image(engine, directory.name):
+            removed.append((f'image {directory.name} from {engine}', 0))
+    return removed
+
+
+def _forget_image(engine: str, key: str) -> bool:
+    try:
+        return backend(engine).forget_image(key)
+    except BackendMissing:
+        return False                # its CLI is gone, and with it whatever it held
+
+
+def _gone_agents(project: Project) -> list[tuple[str, int]]:
+    removed = []
+    agents = project.state_dir / 'agents'
+    for state in sorted(agents.iterdir()) if agents.is_dir() else []:
+        if state.name in project.agents or not state.is_dir():
+            continue
+        try:
+            placed = json.loads((state / 'machine.json').read_text())
+        except (OSError, ValueError):
+            placed = None
+        if placed:
+            runtime = backend(placed['backend'])
+            machine = runtime.machine(placed['machine'])
+            if machine is not None and machine.labels.get(PROJECT_LABEL) == project.label:
+                runtime.delete(placed['machine'])
+                removed.append((f'machine {placed["machine"]} on {placed["backend"]} (agent {state.name} '
+                                'has no manifest)', 0))
+        egress.close_door(project, state.name)
+        size = _bytes(state)
+        shutil.rmtree(state)
+        removed.append((f'state of agent {state.name} ({state})', size))
+    return removed
+
+
+def _superseded_bases() -> list[tuple[str, int]]:
+    removed = []
+    bases = cache_dir() / 'bases'
+    for tarball in sorted(bases.glob('debootstrap-*.tar')) if bases.is_dir() else []:
+        match = BASE_FILE.fullmatch(tarball.name)
+        if not match or match['arch'] != platform.machine():
+            continue
+        if f'{debootstrap_name(match["suite"])}-{match["arch"]}.tar' == tarball.name:
+            continue                # what this version builds for that suite
+        size = tarball.stat().st_size
+        tarball.unlink()
+        removed.append((f'base {tarball}', size))
+    return removed
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob('*') if p.is_file() and not p.is_symlink())
+
+
+def _size(count: int) -> str:
+    for unit in ('bytes', 'KB', 'MB', 'GB'):
+        if count < 1000 or unit == 'GB':
+            return f'{count:.0f} {unit}' if unit == 'bytes' else f'{count:.1f} {unit}'
+        count /= 1000
+
