@@ -5,12 +5,13 @@
     doit list --all       every task; `doit info <task>` says why it would run
     doit teardown:<agent> machine deleted, state forgotten; `doit clean` removes all outputs
     doit prune            old images, forgotten agents and superseded bases removed
+    doit status           every agent: machine, image, door, what its next launch would do and why
 
 The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import base, egress, image, launch, machine, prompt, provision, prune
+from tasks import base, egress, image, launch, machine, prompt, provision, prune, status
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -80,6 +81,11 @@ def task_launch():
 def task_prune():
     """Remove old images, forgotten agents' machines and state, and superseded bases."""
     return prune.task(PROJECT)
+
+
+def task_status():
+    """Show every agent: machine, image, egress door, what its next launch would do and why."""
+    return status.task(PROJECT, globals())
 
 
 def task_teardown():

@@ -1,0 +1,109 @@
+"""status: every agent at a glance, from one backend probe and doit's own up-to-date information.
+
+For each agent: its backend and machine state, its image (built or not), whether its egress door
+answers, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
+gives them, for every task on the way), and the requests its fence refused lately.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+
+from doit.globals import Globals
+from doit.loader import load_tasks
+
+from tasks import egress
+from tasks.backends import backend
+from tasks.image import image_of
+from tasks.project import Project, action
+
+BLOCKED_SHOWN = 3
+
+
+def task(project: Project, dodo: dict) -> dict:
+    return {
+        'doc': 'show every agent: machine, image, egress door, what its next launch would do and why',
+        'actions': [(status, [project, dodo])],
+        'uptodate': [False],        # asked for by name: it looks every time
+        'verbosity': 2,
+    }
+
+
+@action
+def status(project: Project, dodo: dict):
+    tasks = {t.name: t for t in load_tasks(dodo, allow_delayed=True)}
+    producers = {target: t.name for t in tasks.values() for target in t.targets}
+    proxy = egress.proxy(project)
+    for agent in project.agents.values():
+        machine = backend(agent.backend).machine(agent.machine)      # one probe per backend, shared
+        image = image_of(project, agent.recipe)
+        print(f'{agent.name}: {agent.machine} on {agent.backend}, '
+              f'{machine.state if machine else "no machine"}; image {image.key}'
+              f'{"" if image.manifest.exists() else " (not built)"}; egress door '
+              f'{"open" if proxy.door_healthy(agent.name) else "closed"}')
+        pending = list(_would_run(f'launch:{agent.name}', tasks, producers))
+        if pending:
+            print('  next launch runs:')
+            for name, why in pending:
+                print(f'    {name}: {why}')
+        else:
+            print('  next launch: nothing to do but attach')
+        for line in _blocked(egress.door(project, agent.name).log):
+            print(f'  blocked: {line}')
+
+
+def _would_run(root: str, tasks: dict, producers: dict):
+    """(task, why) for each task with actions that `doit <root>` would run, dependencies first."""
+    seen, order = set(), []
+
+    def visit(name: str):
+        if name in seen or name not in tasks:
+            return
+        seen.add(name)
+        task = tasks[name]
+        for dep in task.task_dep + [producers[f] for f in task.file_dep if f in producers]:
+            visit(dep)
+        order.append(task)
+    visit(root)
+    remade = {}                     # target -> the pending task that makes it again
+    for task in order:
+        if not task.actions or task.name == root:
+            continue
+        inputs = [f for f in task.file_dep if f in remade]
+        if inputs:                  # doit can only tell once that task has run: it will
+            why = '; '.join(f'{Path(f).name} is remade by {remade[f]}' for f in inputs)
+        else:
+            state = Globals.dep_manager.get_status(task, tasks, get_log=True)
+            if state.status == 'up-to-date':
+                continue
+            why = _why(state.reasons)
+        remade.update(dict.fromkeys(task.targets, task.name))
+        yield task.name, why
+
+
+def _why(reasons: dict) -> str:
+    said = [_short(str(check)) for check, _, _ in reasons.get('uptodate_false') or []]
+    for key, words in (('missing_target', 'missing'), ('changed_file_dep', 'changed'),
+                       ('missing_file_dep', 'missing input'), ('added_file_dep', 'new input'),
+                       ('removed_file_dep', 'dropped input')):
+        said += [f'{words} {Path(item).name}' for item in reasons.get(key) or []]
+    if reasons.get('has_no_dependencies'):
+        said.append('it always runs')
+    return '; '.join(said) or 'never ran'
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _blocked(log: Path) -> list[str]:
+    """The last refusals in the bottle's egress log."""
+    try:
+        with open(log) as lines:
+            refused = deque((json.loads(line) for line in lines if '"allowed": false' in line), BLOCKED_SHOWN)
+    except (OSError, ValueError):
+        return []
+    return [f'{r.get("time", "?")} {r.get("method", "")} {r.get("host", "")}{r.get("path") or ""}: '
+            f'{r.get("reason", "")}' for r in refused]
+
