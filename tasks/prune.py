@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from tasks import egress
-from tasks.backends import PROJECT_LABEL, BackendMissing, backend
+from tasks.backends import PROJECT_LABEL, BackendError, BackendMissing, backend
 from tasks.base import debootstrap_name
 from tasks.image import image_of
 from tasks.project import Project, action, cache_dir
@@ -40,7 +40,7 @@ def task(project: Project) -> dict:
 
 @action
 def prune(project: Project):
-    removed = _old_images(project) + _gone_agents(project) + _superseded_bases()
+    removed = _gone_agents(project) + _old_images(project) + _superseded_bases()   # machines before their images
     if not removed:
         print('prune: nothing to remove')
         return
@@ -63,16 +63,19 @@ def _old_images(project: Project) -> list[tuple[str, int]]:
         size = _bytes(directory)
         shutil.rmtree(directory)
         removed.append((f'image {directory.name} ({directory})', size))
-        if engine and _forget_image(engine, directory.name):
-            removed.append((f'image {directory.name} from {engine}', 0))
+        if engine:
+            removed += _forget_image(engine, directory.name)
     return removed
 
 
-def _forget_image(engine: str, key: str) -> bool:
+def _forget_image(engine: str, key: str) -> list[tuple[str, int]]:
     try:
-        return backend(engine).forget_image(key)
+        return [(f'image {key} from {engine}', 0)] if backend(engine).forget_image(key) else []
     except BackendMissing:
-        return False                # its CLI is gone, and with it whatever it held
+        return []                   # its CLI is gone, and with it whatever it held
+    except BackendError as err:     # another checkout's machine still runs on it: that one keeps it
+        print(f'prune: kept image {key} in {engine}: {str(err).splitlines()[-1]}')
+        return []
 
 
 def _gone_agents(project: Project) -> list[tuple[str, int]]:
