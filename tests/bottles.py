@@ -126,9 +126,13 @@ class Bottles:
         self.write(defaults_file, yaml.safe_dump(defaults))
 
     def stop_egress(self):
-        """Stop the project's egress proxy and door relays, if it ever started them."""
+        self.stop_egress_of(self.root)
+
+    @staticmethod
+    def stop_egress_of(root: Path):
+        """Stop the egress proxy and door relays of the project at `root`, if it ever started them."""
         from daemons.proxy.engine import EgressProxy
-        state = self.root / '.bottle' / 'egress'
+        state = root / '.bottle' / 'egress'
         if state.exists():
             EgressProxy(state, Path('/nonexistent')).stop()
 

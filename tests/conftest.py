@@ -18,6 +18,15 @@ from tests.bottles import (Bottles, Docker, Dockerd, Podman, RealSmolvm, Standin
 CACHE_ENV = 'BOTTLE_TEST_CACHE'
 
 
+@pytest.fixture(scope='session', autouse=True)
+def no_daemon_outlives_the_session(tmp_path_factory):
+    """Every project's egress proxy and door relays stopped at the end, also of a project no fixture
+    made (a test's own clone) or one whose test was interrupted."""
+    yield
+    for state in tmp_path_factory.getbasetemp().glob('*/*/.bottle/egress'):
+        Bottles.stop_egress_of(state.parent.parent)
+
+
 @pytest.fixture(scope='session')
 def claude_cache(tmp_path_factory):
     cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp('cache')

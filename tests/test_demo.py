@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tasks.project import Project
-from tests.bottles import REPO, SKIP_ONBOARDING, podman_claude_process, remove_podman_containers, tmux_attach
+from tests.bottles import (REPO, SKIP_ONBOARDING, Bottles, podman_claude_process, remove_podman_containers,
+                           tmux_attach)
 from tests.conftest import podman_problem
 
 
@@ -110,3 +111,4 @@ def test_demo_from_a_fresh_clone_prints_a_command_that_attaches_from_a_new_shell
             kill_claude('bottle-demo')
     finally:
         remove_podman_containers(Project(clone).label)
+        Bottles.stop_egress_of(clone)
