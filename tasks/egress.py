@@ -42,8 +42,6 @@ from tasks.project import Project, action, cache_dir
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
 CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
-
-
 UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
 
 
