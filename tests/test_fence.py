@@ -11,6 +11,7 @@ upstream's and TEST-NET-1 (192.0.2.0/24, never routed), which a bottle cannot re
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -286,7 +287,6 @@ def key_markers(project_root: Path) -> list[bytes]:
     """Distinctive pieces of the CA key: the base64 lines of its PEM block, and their raw bytes."""
     pem = (project_root / '.bottle' / 'egress' / 'ca' / 'mitmproxy-ca.pem').read_text()
     block = re.search(r'-----BEGIN (?:EC )?PRIVATE KEY-----\n(.+?)\n-----END', pem, re.S).group(1)
-    import base64
     lines = block.split('\n')
     return [line.encode() for line in lines if len(line) >= 40] + [base64.b64decode(''.join(lines))[-32:]]
 
