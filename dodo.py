@@ -11,7 +11,7 @@ The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import base, egress, image, launch, machine, prompt, provision, prune, status
+from tasks import base, egress, gate, image, launch, machine, prompt, provision, prune, status
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -49,7 +49,7 @@ def task_start():
 
 
 def task_provision():
-    """Provision each running machine: egress CA, prompt and skills, each copied only when changed."""
+    """Provision each running machine: egress CA, git gate, prompt and skills, each copied only when changed."""
     yield from provision.tasks(PROJECT)
 
 
@@ -71,6 +71,16 @@ def task_allowlist():
 def task_egress():
     """Open each agent's egress door on the project's proxy (started if it is not running)."""
     yield from egress.tasks(PROJECT)
+
+
+def task_gate():
+    """Run the project's git gate for the agents' git: repositories, and route the bottles to it."""
+    return gate.task(PROJECT)
+
+
+def task_review():
+    """Review pushes the git gate holds: doit held; doit approve --id ID; doit reject --id ID."""
+    yield from gate.review_tasks(PROJECT)
 
 
 def task_launch():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from daemons.proxy.rules import GATE_HOST    # standard library only, shared with the proxy
 from tasks.manifest import Agent
 
 SKILLS_DIR_ENV = 'CLAUDE_BOTTLE_GUEST_SKILLS_DIR'
@@ -21,6 +22,11 @@ DOOR_RELAY = ('socat', f'TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr,fork,n
 CA_CERT = '/usr/local/share/ca-certificates/claude-bottle-egress.crt'
 CA_BUNDLE = '/etc/ssl/certs/ca-certificates.crt'
 NO_PROXY = 'localhost,127.0.0.1,::1'
+
+# The git gate, as the guest's git sees it: plain HTTP to a name only the proxy knows, through
+# the door (the proxy adds who is speaking). The gate's part of the system gitconfig is its own file.
+GATE_URL = f'http://{GATE_HOST}'
+GATE_GITCONFIG = '/etc/claude-bottle/gitconfig'
 
 # In the environment of every guest process, Claude Code's included: it reads the proxy and
 # NODE_EXTRA_CA_CERTS only from its own environment, and with no proxy variable it retries

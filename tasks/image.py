@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks import base
 from tasks.backends import BottleError, ImageBuild, backend
 from tasks.checks import FileExists
-from tasks.manifest import Recipe
+from tasks.manifest import MACHINE_PREFIX, Recipe
 from tasks.progress import progress
 from tasks.project import Project, action, cache_dir, write_json
 
@@ -52,6 +52,7 @@ class Image:
     key: str
     recipe: Recipe
     dir: Path
+    build_machine: str     # the checkout's own: two checkouts may build one recipe at once
 
     @property
     def manifest(self) -> Path:
@@ -60,10 +61,6 @@ class Image:
     @property
     def artifact(self) -> Path:
         return self.dir / backend(self.recipe.backend).artifact_name
-
-    @property
-    def build_machine(self) -> str:
-        return f'bottle-build-{self.key}'
 
 
 # The variables a setup template may use: the keys of setup_values (manifests are checked against them).
@@ -85,7 +82,8 @@ def image_of(project: Project, recipe: Recipe) -> Image:
     ingredients = {'backend': recipe.backend, 'base': base.resolve(recipe).identity, 'setup': setup,
                    'platform': npm_platform()}
     key = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
-    return Image(key=key, recipe=recipe, dir=project.image_dir(key))
+    return Image(key=key, recipe=recipe, dir=project.image_dir(key),
+                 build_machine=f'{MACHINE_PREFIX}build-{project.name}-{key}')
 
 
 def claude_code_tasks(project: Project):

@@ -32,7 +32,7 @@ IMAGE_LABEL = 'claude-bottle.image'
 def tasks(project: Project):
     for agent in project.agents.values():
         image = image_of(project, agent.recipe)
-        config = {'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
+        config = {'name': agent.machine, 'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
                   'env': machine_env(agent), 'backend': agent.backend,
                   'door': [str(egress.door_socket(project, agent.name)), guest.DOOR],
                   'workload': list(guest.DOOR_RELAY)}
@@ -77,39 +77,42 @@ def machine_env(agent: Agent) -> dict[str, str]:
 
 
 def placement(project: Project, agent: Agent) -> Path:
-    """The record of which backend holds the agent's machine: after the manifest moves the
-    agent to another backend, the old machine is still found and taken down."""
+    """The record of where the agent's machine is: after the manifest moves the agent to another
+    backend, or the machine's name changes (a new `project` name; names without one, from before
+    checkouts had their own), the old machine is still found and taken down."""
     return project.agent_dir(agent.name) / 'machine.json'
 
 
-def _ours(project: Project, backend_name: str, agent: Agent):
-    """The agent's machine on that backend if it exists; an error if the name belongs to someone else."""
-    machine = backend(backend_name).machine(agent.machine)
+def _ours(project: Project, backend_name: str, name: str):
+    """The machine of that name on that backend if it exists; an error if it belongs to someone else."""
+    machine = backend(backend_name).machine(name)
     if machine is not None and machine.labels.get(PROJECT_LABEL) != project.label:
         raise BottleError(
-            f'a machine named {agent.machine} exists on {backend_name} but was not made by this '
-            f'project ({project.root}); delete it with the {backend_name} CLI, or rename '
-            f'agents/{agent.name}.yaml')
+            f'a machine named {name} exists on {backend_name} but was not made by this checkout '
+            f'({project.root}); delete it with the {backend_name} CLI, or give this checkout its own '
+            f'`project` name in agents/_defaults.yaml')
     return machine
 
 
-def _delete(project: Project, backend_name: str, agent: Agent):
-    if _ours(project, backend_name, agent) is not None:
-        backend(backend_name).delete(agent.machine)
+def _delete(project: Project, backend_name: str, name: str):
+    if _ours(project, backend_name, name) is not None:
+        backend(backend_name).delete(name)
 
 
 def _delete_everywhere(project: Project, agent: Agent):
-    """Delete the agent's machine on its backend and on the one that held it before, if another."""
+    """Delete the agent's machine, and the one its record names if that is another (on another
+    backend, or under another name)."""
     try:
-        previous = json.loads(placement(project, agent).read_text())['backend']
-    except (OSError, ValueError, KeyError):
+        record = json.loads(placement(project, agent).read_text())
+        previous = (record['backend'], record['machine'])
+    except (OSError, ValueError, KeyError, TypeError):
         previous = None
-    if previous and previous != agent.backend:
+    if previous and previous != (agent.backend, agent.machine):
         try:
-            _delete(project, previous, agent)
+            _delete(project, *previous)
         except BackendMissing:
-            print(f'note: {agent.machine} may still exist on {previous}, whose CLI is gone')
-    _delete(project, agent.backend, agent)
+            print(f'note: {previous[1]} may still exist on {previous[0]}, whose CLI is gone')
+    _delete(project, agent.backend, agent.machine)
 
 
 @action

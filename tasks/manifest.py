@@ -16,7 +16,9 @@ holds it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import json
 import os
@@ -39,7 +41,9 @@ MANIFEST_SUFFIX = '.yaml'
 MACHINE_NAME = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9_]|-(?!-))*(?<!-)')
 MACHINE_PREFIX = 'bottle-'
 MAX_MACHINE_NAME = 128
-MAX_AGENT_NAME = MAX_MACHINE_NAME - len(MACHINE_PREFIX)
+MAX_PROJECT_NAME = 32
+MAX_AGENT_NAME = MAX_MACHINE_NAME - len(MACHINE_PREFIX) - MAX_PROJECT_NAME - 1
+PROJECT_KEY = 'project'      # the checkout's, so only in _defaults.yaml
 BACKENDS = ('smolvm', 'docker', 'podman')
 BACKEND_ENV = 'BOTTLE_BACKEND'     # the backend of agents whose manifests name none
 DEBOOTSTRAP = 'debootstrap:'
@@ -53,6 +57,14 @@ MAX_NODES = 10_000           # YAML nodes, every alias expanded
 MAX_TEXT = 4 << 20           # characters of all scalars, every alias expanded
 MAX_NAME_BYTES = 255         # one path component (Linux NAME_MAX)
 MAX_PATH_BYTES = 4095        # a whole path (Linux PATH_MAX without the NUL)
+
+
+def default_project_name(root: Path) -> str:
+    """The checkout's part of machine names: its directory's name, readable, and a short hash of its
+    path, so that two worktrees or clones of one project (even in directories of the same name)
+    never share a machine."""
+    readable = re.sub(r'[^a-z0-9]+', '-', root.name.lower()).strip('-')[:MAX_PROJECT_NAME - 7] or 'project'
+    return f'{readable.rstrip("-")}-{hashlib.sha256(str(root).encode()).hexdigest()[:6]}'
 
 
 def is_local_base(base: str) -> bool:
@@ -470,6 +482,132 @@ class HostList(Kind):
 
 HOSTS = HostList()
 
+# A repository URL as git takes it: https://host[:port]/path, ssh://[user@]host[:port]/path or the
+# scp-like [user@]host:path. The path is plain (letters, digits, ".", "_", "~", "-" and "/").
+_REPO_HOST = r'(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)'
+_REPO_PATH = r'(?P<path>(?!\.\.?/)[A-Za-z0-9._~-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)*)/?'
+REPO_URLS = (
+    re.compile(rf'https://{_REPO_HOST}(?::(?P<port>[0-9]{{1,5}}))?/{_REPO_PATH}'),
+    re.compile(rf'ssh://(?:(?P<user>[a-z_][a-z0-9_.-]*)@)?{_REPO_HOST}(?::(?P<port>[0-9]{{1,5}}))?/{_REPO_PATH}'),
+    re.compile(rf'(?:(?P<user>[a-z_][a-z0-9_.-]*)@)?{_REPO_HOST}:(?!/){_REPO_PATH}'),
+)
+GIT_MODES = ('forward', 'review', 'local')
+MAX_PUSH_MB = 10240
+# What git check-ref-format refuses in a ref, but for "*", which patterns use.
+_BAD_REF = re.compile(r'[\x00-\x20\x7f~^:?\[\\]|\.\.|//|@\{|^/|/$|\.lock(?:/|$)|/\.|^\.|\.$')
+
+
+@dataclass(frozen=True)
+class GitRepo:
+    """A repository the agent reaches only through the git gate."""
+    url: str
+    push: tuple[str, ...] | None       # full ref patterns; None: the agent's default, set by load_agents
+    mode: str
+    max_push_mb: int
+
+    @property
+    def parts(self) -> re.Match:
+        return next(m for m in (pattern.fullmatch(self.url) for pattern in REPO_URLS) if m)
+
+    @property
+    def path(self) -> str:
+        return self.parts['path'].removesuffix('.git')
+
+    @property
+    def gate_path(self) -> str:
+        """Where the gate serves it: host (with an https port other than 443), then the path without
+        `.git`; the same for every URL form of one repository."""
+        match = self.parts
+        https_port = match['port'] if self.url.startswith('https://') and match['port'] not in (None, '443') else None
+        return f'{match["host"].lower()}{":" + https_port if https_port else ""}/{self.path}'
+
+    def url_forms(self) -> tuple[str, ...]:
+        """The URL prefixes git may be given for this repository (https, ssh and scp-like), each
+        rewritten to the gate; a longer URL (`repo-2`) shares the prefix and reaches the gate too,
+        which answers for listed repositories only."""
+        match = self.parts
+        host, path = match['host'].lower(), self.path
+        user = match.groupdict().get('user') or 'git'
+        https = f'https://{host}{":" + match["port"] if self.url.startswith("https://") and match["port"] else ""}'
+        return (f'{https}/{path}', f'ssh://{user}@{host}/{path}', f'{user}@{host}:{path}')
+
+    def gate_entry(self) -> dict:
+        """The repository in the gate's bottles file (daemons/gate)."""
+        return {'upstream': self.url, 'path': self.gate_path, 'push': list(self.push or ()), 'mode': self.mode,
+                'max_push_bytes': self.max_push_mb << 20}
+
+
+def full_ref_pattern(pattern: str) -> str:
+    """A `push` pattern as a full ref: a branch pattern (`agent/a/*`) is under refs/heads/."""
+    return pattern if pattern.startswith('refs/') else f'refs/heads/{pattern}'
+
+
+class GitRepoList(Kind):
+    """Repositories the agent clones and pushes through the git gate."""
+    name = 'list of `{url, push, mode, max_push_mb}`'
+    ENTRY_KEYS = ('url', 'push', 'mode', 'max_push_mb')
+    EXAMPLE = '{url: https://github.com/acme/app.git, push: [agent/reviewer/*], mode: review}'
+
+    def problems(self, value):
+        if not isinstance(value, list):
+            yield (), f'expected a list of repositories such as - {self.EXAMPLE}, got {show(value)}'
+            return
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(value):
+            at = (Index(i),)
+            if not isinstance(entry, dict):
+                yield at, f'expected a mapping such as {self.EXAMPLE}, got {show(entry)}'
+                continue
+            for key in entry:
+                if key not in self.ENTRY_KEYS:
+                    close = difflib.get_close_matches(str(key)[:100], self.ENTRY_KEYS, n=1)
+                    yield at + (key,), ('unknown key; ' + (f'did you mean {close[0]!r}?' if close else
+                                                           f'a repository has {", ".join(self.ENTRY_KEYS)}'))
+            url = entry.get('url')
+            if not isinstance(url, str) or not any(p.fullmatch(url) for p in REPO_URLS):
+                yield at + ('url',), (f'expected a repository URL such as https://github.com/acme/app.git, '
+                                      f'ssh://git@github.com/acme/app.git or git@github.com:acme/app.git, '
+                                      f'got {show(url)}')
+            else:
+                path = GitRepo(url, None, 'review', 1).gate_path
+                if path in seen:
+                    yield at + ('url',), f'the same repository as entry {seen[path]} ({path}); keep one'
+                seen.setdefault(path, i)
+            push = entry.get('push', [])
+            if not isinstance(push, list) or ('push' in entry and not push):
+                yield at + ('push',), (f'expected a non-empty list of branch patterns such as [agent/reviewer/*], '
+                                       f'got {show(push)}; leave push out for agent/<agent>/*')
+            else:
+                for j, pattern in enumerate(push):
+                    if not isinstance(pattern, str) or not pattern or _BAD_REF.search(pattern) \
+                            or pattern.count('*') > 1 or pattern.startswith('refs/') and pattern.count('/') < 2:
+                        yield at + ('push', Index(j)), (
+                            f'expected a branch pattern such as agent/reviewer/* (or a full ref pattern such '
+                            f'as refs/tags/v*), with at most one "*", got {show(pattern)}')
+            if 'mode' in entry:
+                yield from ((at + ('mode',) + below, error) for below, error in Choice(*GIT_MODES).problems(
+                    entry['mode']))
+            if 'max_push_mb' in entry:
+                yield from ((at + ('max_push_mb',) + below, error) for below, error in Integer(
+                    1, MAX_PUSH_MB, 'MiB').problems(entry['max_push_mb']))
+
+    def schema(self):
+        return {'type': 'array', 'items': {
+            'type': 'object', 'required': ['url'], 'additionalProperties': False,
+            'properties': {'url': {'type': 'string', 'anyOf': [
+                               {'pattern': '^(?:' + re.sub(r'\?P<\w+>', '', p.pattern) + ')$'} for p in REPO_URLS]},
+                           'push': {'type': 'array', 'minItems': 1, 'items': {'type': 'string', 'minLength': 1}},
+                           'mode': {'enum': list(GIT_MODES)},
+                           'max_push_mb': {'type': 'integer', 'minimum': 1, 'maximum': MAX_PUSH_MB}}}}
+
+    def convert(self, value, base_dir):
+        return tuple(GitRepo(entry['url'], tuple(full_ref_pattern(p) for p in entry['push']) if 'push' in entry
+                             else None, entry.get('mode', GIT_DEFAULT_MODE), entry.get('max_push_mb', 100))
+                     for entry in value)
+
+
+GIT_DEFAULT_MODE = 'review'
+
 KEYS: tuple[Key, ...] = (
     Key('prompt', Text('text', 'text'), '',
         'the system prompt; Claude starts with `--append-system-prompt-file` only when it is non-empty', 'prompt'),
@@ -508,6 +646,12 @@ KEYS: tuple[Key, ...] = (
         'registries and tests; every such address is refused otherwise', 'allow_private'),
     Key('network.claude_code_hosts', HOSTS, CLAUDE_CODE_HOSTS,
         'what Claude Code itself needs, allowed besides `allow_hosts`; `[]` leaves them out', 'claude_code_hosts'),
+    Key('git', GitRepoList(), [],
+        'repositories the agent clones, fetches and pushes through the project\'s git gate, never with a '
+        'credential of its own: `url` (https, ssh or scp-like), `push` (branch patterns it may push, default '
+        '`agent/<agent>/*`; a `refs/tags/...` pattern allows tags), `mode` (`forward`: upstream at once; '
+        '`review`, the default: held until a person approves; `local`: kept in the gate), `max_push_mb` '
+        '(default 100)', 'git'),
     Key('env', EnvMap(ENV_NAME), {},
         'plain environment variables of the machine (merged with `_defaults.yaml` variable by variable)', 'env'),
     Key('secrets', ListOf(ENV_NAME, 'list of variable names', unique=True), [],
@@ -518,6 +662,11 @@ KEYS: tuple[Key, ...] = (
         'its uid (and gid); an account or group of the base that has it (`ubuntu`, `node`) is renamed to be the '
         'agent\'s', 'user.uid'),
     Key('user.home', GuestPath(), '/home/agent', 'its home directory', 'user.home'),
+    Key(PROJECT_KEY, Text('name', 'a short name such as acme-main (letters, digits, "-" and "_")',
+                          MACHINE_NAME.pattern, max_length=MAX_PROJECT_NAME), None,
+        'only in `_defaults.yaml`: the checkout\'s part of machine names (`bottle-<project>-<agent>`), so that '
+        'worktrees and clones side by side never share a machine; give each checkout its own', 'project',
+        default_text='the checkout directory\'s name and a hash of its path, such as `main-3f2a1c`'),
     Key('backend', Choice(*BACKENDS), None, 'where the bottle runs', 'backend',
         default_text=f'`{BACKEND_ENV}` (it also overrides `_defaults.yaml`), else the first that works '
                      'here: smolvm, podman, docker'),
@@ -572,18 +721,24 @@ class Agent:
     secrets: tuple[str, ...]
     user: GuestUser
     backend: str
+    project: str
+    git: tuple[GitRepo, ...] = ()
     skill_hosts: tuple[HostEntry, ...] = ()     # declared by the agent's skills (SKILL_HOSTS_KEY)
 
     @property
     def machine(self) -> str:
-        return MACHINE_PREFIX + self.name
+        return machine_name(self.project, self.name)
 
     @property
     def egress_rules(self) -> dict:
         """The bottle's rules in the format of daemons/proxy/rules.py: the manifest's hosts, its
-        skills' and Claude Code's, each entry once."""
+        skills' and Claude Code's, each entry once; its git repositories gated, so that the gate is
+        the only way to them."""
         entries = dict.fromkeys(self.hosts + self.skill_hosts + self.claude_code_hosts)
-        return {'hosts': [entry.rule() for entry in entries], 'allow_private': list(self.allow_private)}
+        rules = {'hosts': [entry.rule() for entry in entries], 'allow_private': list(self.allow_private)}
+        if self.git:
+            rules['gated'] = [{'host': repo.parts['host'].lower(), 'path': f'/{repo.path}'} for repo in self.git]
+        return rules
 
     def skill_dir(self, skill: str) -> Path:
         return self.skills_dir / skill
@@ -899,9 +1054,10 @@ def _check(doc: _Document, problems: list[Problem]):
 
 # --- all manifests
 
-def load_agents(agents_dir: Path, display_root: Path, setup_problem: Callable[[Recipe], str | None],
+def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], str | None],
                 default_backend: Callable[[], str]) -> dict[str, Agent]:
-    """Read and validate every agents/*.yaml; raise ManifestError listing all problems.
+    """Read and validate every agents/*.yaml of the project at `root`; raise ManifestError listing
+    all problems. Paths in problems are shown relative to `root`.
 
     `setup_problem(recipe)` says why the recipe's setup template cannot be used, or None.
     `default_backend()` picks the backend of agents whose manifests and environment name none;
@@ -910,7 +1066,7 @@ def load_agents(agents_dir: Path, display_root: Path, setup_problem: Callable[[R
 
     def display(path: Path) -> str:
         try:
-            return printable(str(path.relative_to(display_root)))
+            return printable(str(path.relative_to(root)))
         except ValueError:
             return printable(str(path))
 
@@ -957,7 +1113,7 @@ def load_agents(agents_dir: Path, display_root: Path, setup_problem: Callable[[R
         if doc is None:
             continue
         _check_prompt_keys(doc, problems)
-        draft = _Draft(name, doc, defaults, display, from_env)
+        draft = _Draft(name, doc, defaults, display, from_env, default_project_name(root))
         found = list(draft.check())
         problems.extend(found)
         if found or draft.blocked or name_problem:
@@ -984,15 +1140,18 @@ def load_agents(agents_dir: Path, display_root: Path, setup_problem: Callable[[R
     return {draft.name: draft.agent(backend_of(draft)) for draft in drafts}
 
 
+def machine_name(project: str, agent: str) -> str:
+    return f'{MACHINE_PREFIX}{project}-{agent}'
+
+
 def _agent_name_problem(name: str, display: str) -> Problem | None:
-    machine = MACHINE_PREFIX + name
-    if MACHINE_NAME.fullmatch(name) and len(machine) <= MAX_MACHINE_NAME:
+    if MACHINE_NAME.fullmatch(name) and len(name) <= MAX_AGENT_NAME:
         return None
     fixed = re.sub(r'-+', '-', re.sub(r'[^A-Za-z0-9_-]', '-', name)).strip('-_')[:MAX_AGENT_NAME]
     fixed = re.sub(r'[-_]+$', '', fixed) or 'agent'
     return Problem(display, None, None,
-                   f'the agent name comes from the file name and must become the machine name '
-                   f'{printable(MACHINE_PREFIX)}<name>: use only letters, digits, "-" and "_", start with a '
+                   f'the agent name comes from the file name and becomes part of the machine name '
+                   f'{printable(MACHINE_PREFIX)}<project>-<name>: use only letters, digits, "-" and "_", start with a '
                    f'letter or digit, no "--", no trailing "-", at most {MAX_AGENT_NAME} characters; rename '
                    f'the file, e.g. to {fixed}{MANIFEST_SUFFIX}')
 
@@ -1005,8 +1164,9 @@ def _check_prompt_keys(doc: _Document, problems: list[Problem]):
 class _Draft:
     """One agent's values, merged from its manifest, _defaults.yaml and the declared defaults."""
 
-    def __init__(self, name: str, doc: _Document, defaults: _Document | None, display, from_env: str | None):
-        self.name, self.doc, self.display = name, doc, display
+    def __init__(self, name: str, doc: _Document, defaults: _Document | None, display, from_env: str | None,
+                 default_project: str):
+        self.name, self.doc, self.display, self.default_project = name, doc, display, default_project
         self.base_dir = doc.path.parent
         self.values: dict[str, Any] = {}
         self.sources: dict[str, _Document] = {}   # where each value was given
@@ -1046,6 +1206,9 @@ class _Draft:
     def check(self) -> Iterator[Problem]:
         """Checks across keys and against the file system, of the values that are valid."""
         values, wrong = self.values, self.wrong
+        if self.doc.has(PROJECT_KEY):
+            yield self.doc.problem((PROJECT_KEY,), f'the project name is the checkout\'s, shared by all its agents: '
+                                                   f'move it to agents/{DEFAULTS_FILE}')
         prompt_file = KEY['prompt_file'].kind.convert(values['prompt_file'], self.base_dir)
         if prompt_file is not None:
             error = _regular_text_problem(prompt_file)
@@ -1095,6 +1258,9 @@ class _Draft:
             groups[group][attribute] = key.kind.convert(self.values[key.path], self.base_dir)
         fields = groups['']
         fields['backend'] = backend
+        fields['project'] = fields['project'] or self.default_project
+        fields['git'] = tuple(repo if repo.push else dataclasses.replace(repo, push=(f'refs/heads/agent/{self.name}/*',))
+                              for repo in fields['git'])
         fields['user'] = GuestUser(**groups['user'])
         fields['recipe'] = Recipe(**groups['recipe'], user=fields['user'], backend=backend,
                                   source_dir=self.base_dir)

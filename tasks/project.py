@@ -16,7 +16,7 @@ from doit.exceptions import InvalidDodoFile, TaskFailed
 
 from tasks.backends import BottleError
 from tasks.backends.detect import default_backend
-from tasks.manifest import Agent, ManifestError, Recipe, load_agents
+from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / 'templates'
 STATE_DIR = '.bottle'
@@ -73,6 +73,11 @@ class Project:
         except Exception as err:     # the template is the project's own code: anything can go wrong in it
             return f'template {recipe.setup!r} fails to render with this recipe: {type(err).__name__}: {err}'
         return None
+
+    @property
+    def name(self) -> str:
+        """This checkout's part of machine names (`project` in _defaults.yaml, which all agents share)."""
+        return next((agent.project for agent in self.agents.values()), None) or default_project_name(self.root)
 
     @property
     def label(self) -> str:

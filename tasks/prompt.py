@@ -19,8 +19,8 @@ def tasks(project: Project):
     for agent in project.agents.values():
         # Skills are not listed: Claude Code finds them itself, and a changed skill
         # list then costs no prompt copy.
-        settings = {'prompt': agent.prompt, 'allowed': allowed(agent), 'proxy': guest.PROXY_URL,
-                    'user': agent.user.name, 'home': agent.user.home}
+        settings = {'prompt': agent.prompt, 'allowed': allowed(agent), 'repositories': repositories(agent),
+                    'proxy': guest.PROXY_URL, 'user': agent.user.name, 'home': agent.user.home}
         yield {
             'name': agent.name,
             'doc': f'render the system prompt of {agent.name}',
@@ -42,6 +42,20 @@ def allowed(agent: Agent) -> list[str]:
             f'on paths starting {" or ".join(entry.paths)}' if entry.paths else None]))
         lines.append(f'{line} ({narrowed} only)' if narrowed else line)
     return lines
+
+
+MODES = {
+    'forward': 'a push goes upstream at once',
+    'review': 'a push is held until a person approves it; you are given its review id, and pushing again '
+              'replaces it',
+    'local': 'a push stays in the gate; nothing goes upstream',
+}
+
+
+def repositories(agent: Agent) -> list[str]:
+    """The git gate in words, one line per repository of the manifest's `git:` list."""
+    return [f'{repo.url}: you may push {", ".join(p.removeprefix("refs/heads/") for p in repo.push)} '
+            f'(fast-forwards only); {MODES[repo.mode]}' for repo in agent.git]
 
 
 @action

@@ -2,6 +2,8 @@
 
 provision_ca:<agent>            the egress CA's certificate in the guest's trust store, and the proxy
                                 in the clients' system-wide files (templates/egress-trust.sh.j2)
+provision_git:<agent>           the guest's git sends the repositories of the manifest's `git:` list to the
+                                project's git gate (templates/git-gate.gitconfig.j2), and commits as the agent
 provision_prompt:<agent>        the rendered prompt, copied to the guest (0600, agent-owned)
 provision_skill:<agent>:<skill> one skill directory, moved as one tar stream in one exec
 provision_skills:<agent>        skills dropped from the manifest, removed from the guest
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import egress, guest
+from tasks import egress, gate, guest
 from tasks.backends import BottleError, backend
 from tasks.checks import SameMachine
 from tasks.manifest import Agent
@@ -31,12 +33,14 @@ from tasks.prompt import prompt_file
 
 FAMILIES = {
     'provision_ca': 'make each agent\'s machine trust the egress CA and know its door',
+    'provision_git': 'point the git of each agent\'s machine at the git gate',
     'provision_prompt': 'copy each agent\'s rendered prompt into its machine',
     'provision_skill': 'copy one skill directory into an agent\'s machine',
     'provision_skills': 'remove skills dropped from a manifest from the machine',
 }
 
 TRUST_TEMPLATE = 'egress-trust.sh.j2'
+GITCONFIG_TEMPLATE = 'git-gate.gitconfig.j2'
 # curl has no system-wide file: the agent's own, for a scrubbed environment.
 CURLRC = f'# claude-bottle\'s egress door\nproxy = "{guest.PROXY_URL}"\nnoproxy = "{guest.NO_PROXY}"\n'
 
@@ -124,6 +128,16 @@ clear_unless -f "$dest"
 mv -fT "$tmp" "$dest"
 '''
 
+# As root: the gate's gitconfig from stdin, included from the system gitconfig once. Argument: path.
+RECEIVE_GITCONFIG = r'''set -eu
+dest=$1
+mkdir -p "$(dirname "$dest")"
+cat > "$dest.incoming"
+chmod 644 "$dest.incoming"
+mv -f "$dest.incoming" "$dest"
+git config --system --get-all include.path | grep -qxF "$dest" || git config --system --add include.path "$dest"
+'''
+
 # No prompt: none may stay behind. Argument: path.
 REMOVE_PROMPT = GUARDS + r'''set -eu
 dest=$1
@@ -156,15 +170,15 @@ def tasks(project: Project):
     for family, doc in FAMILIES.items():
         yield {'basename': family, 'name': None, 'doc': doc}
     for agent in project.agents.values():
-        steps = [_ca_step(project, agent), _prompt_step(project, agent)]
+        steps = [_ca_step(project, agent), _git_step(project, agent), _prompt_step(project, agent)]
         steps += [_skill_step(agent, skill) for skill in agent.skills]
         steps.append(_prune_step(agent))
         names = [f'{step["basename"]}:{step["name"]}' for step in steps]
         for step, previous in zip(steps, [f'start:{agent.name}'] + names):
-            yield {**step, 'task_dep': [previous]}
+            yield {**step, 'task_dep': [previous] + step.get('task_dep', [])}
         yield {
             'name': agent.name,
-            'doc': f'provision {agent.machine}: egress CA, prompt and {len(agent.skills)} skill(s)',
+            'doc': f'provision {agent.machine}: egress CA, git, prompt and {len(agent.skills)} skill(s)',
             'actions': None,
             'task_dep': names,
         }
@@ -184,6 +198,19 @@ def _ca_step(project: Project, agent: Agent) -> dict:
         'actions': [(trust_ca, [agent, cert, script])],
         'file_dep': [cert, project.template_file(TRUST_TEMPLATE)],
         'uptodate': [config_changed({'script': script, **_owner(agent)}), SameMachine(agent)],
+    }
+
+
+def _git_step(project: Project, agent: Agent) -> dict:
+    gitconfig = project.render(GITCONFIG_TEMPLATE, agent=agent.name, project=agent.project, repos=agent.git,
+                               gate=guest.GATE_URL)
+    return {
+        'basename': 'provision_git', 'name': agent.name,
+        'doc': f'point git in {agent.machine} at the git gate for {len(agent.git)} repositories',
+        'actions': [(configure_git, [project, agent, gitconfig])],
+        'task_dep': ['gate'],       # the gate serves the repositories (or stops when none is listed)
+        'file_dep': [project.template_file(GITCONFIG_TEMPLATE)],
+        'uptodate': [config_changed({'gitconfig': gitconfig}), SameMachine(agent)],
     }
 
 
@@ -234,6 +261,16 @@ def trust_ca(agent: Agent, cert: Path, script: str):
     runtime.exec(agent.machine, ['sh', '-c', script], stdin=cert.read_bytes())
     runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', f'{agent.user.home}/.curlrc', '644'],
                  stdin=CURLRC.encode(), user=agent.user.name)
+    return {'machine_id': identity}
+
+
+@action
+def configure_git(project: Project, agent: Agent, gitconfig: str):
+    identity = _current_identity(agent)
+    if agent.git:
+        gate.sync(project, agent.name)      # its mirrors, made with the host's credentials: a wrong URL fails here
+    backend(agent.backend).exec(agent.machine, ['sh', '-c', RECEIVE_GITCONFIG, 'sh', guest.GATE_GITCONFIG],
+                                stdin=gitconfig.encode())
     return {'machine_id': identity}
 
 

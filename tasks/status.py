@@ -1,7 +1,8 @@
 """status: every agent at a glance, from one backend probe and doit's own up-to-date information.
 
 For each agent: its backend and machine state, its image (built or not), whether its egress door
-answers, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
+answers, for an agent with repositories whether the git gate answers and how many of its pushes
+wait for review, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
 gives them, for every task on the way), and the requests its fence refused lately.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from doit.globals import Globals
 from doit.loader import load_tasks
 
-from tasks import egress
+from daemons.gate import review
+from tasks import egress, gate
 from tasks.backends import backend
 from tasks.image import image_of
 from tasks.project import Project, action
@@ -35,13 +37,17 @@ def status(project: Project, dodo: dict):
     tasks = {t.name: t for t in load_tasks(dodo, allow_delayed=True)}
     producers = {target: t.name for t in tasks.values() for target in t.targets}
     proxy = egress.proxy(project)
+    git_gate = gate.gate(project)
+    gate_state = 'answering' if git_gate.healthy() else 'not running'
+    held = [push.bottle for push in review.held(git_gate.state_dir)]
     for agent in project.agents.values():
         machine = backend(agent.backend).machine(agent.machine)      # one probe per backend, shared
         image = image_of(project, agent.recipe)
         print(f'{agent.name}: {agent.machine} on {agent.backend}, '
               f'{machine.state if machine else "no machine"}; image {image.key}'
               f'{"" if image.manifest.exists() else " (not built)"}; egress door '
-              f'{"open" if proxy.door_healthy(agent.name) else "closed"}')
+              f'{"open" if proxy.door_healthy(agent.name) else "closed"}'
+              + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else ''))
         pending = list(_would_run(f'launch:{agent.name}', tasks, producers))
         if pending:
             print('  next launch runs:')

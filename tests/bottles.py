@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.manifest import default_project_name, machine_name
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -185,17 +187,23 @@ class Bottles:
 
     # -- looking inside
 
+    def machine(self, agent: str) -> str:
+        """The agent's machine: bottle-<project>-<agent>, the project part this checkout's (README)."""
+        defaults_file = self.root / 'agents' / '_defaults.yaml'
+        defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.exists() else None
+        return machine_name((defaults or {}).get('project') or default_project_name(self.root), agent)
+
     def guest(self, agent: str, script: str) -> str:
-        return self.backend.guest(f'bottle-{agent}', script)
+        return self.backend.guest(self.machine(agent), script)
 
     def guest_process(self, agent: str, script: str) -> subprocess.Popen:
         """`sh -c script` as root in the agent's machine, its stdout a pipe read as it comes."""
-        return subprocess.Popen(self.backend.guest_argv(f'bottle-{agent}', script), stdout=subprocess.PIPE,
+        return subprocess.Popen(self.backend.guest_argv(self.machine(agent), script), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env())
 
     def put(self, agent: str, host_file: Path, guest_path: str):
         """A host file into the agent's running machine, behind doit's back."""
-        self.backend.put(f'bottle-{agent}', host_file, guest_path)
+        self.backend.put(self.machine(agent), host_file, guest_path)
 
     def door_dir(self, agent: str) -> Path:
         """The host directory of the agent's door, as the project's proxy records it."""
@@ -258,11 +266,13 @@ def make_fake_claude_archive(cache: Path) -> Path:
     archive = (cache / 'claude-bottle' / 'claude-code'
                / f'anthropic-ai-claude-code-{npm_platform()}-{TEST_CLAUDE_VERSION}.tgz')
     archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, 'w:gz') as tar:
+    partial = archive.with_name(f'.{archive.name}.{os.getpid()}')     # test workers share the cache
+    with tarfile.open(partial, 'w:gz') as tar:
         data = FAKE_CLAUDE.encode()
         info = tarfile.TarInfo('package/claude')
         info.size, info.mode = len(data), 0o755
         tar.addfile(info, io.BytesIO(data))
+    os.replace(partial, archive)
     return archive
 
 
@@ -595,9 +605,9 @@ class DockerFamily(LoggedCli):
         network first (the bottles here have none)."""
         bottles.use_real_claude()
         bottles.doit(f'provision:{agent}', env=env)
-        self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
+        self.guest(bottles.machine(agent), SKIP_ONBOARDING)
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env,
-                           lambda: self.engine.claude_process(f'bottle-{agent}'))
+                           lambda: self.engine.claude_process(bottles.machine(agent)))
 
     def state_dirs(self) -> list[Path]:
         """The writable layers of every bottle: where a guest would have written a secret."""
@@ -667,11 +677,11 @@ class RealSmolvm(LoggedCli, StandinSmolvm):
 
     def attach(self, bottles: Bottles, agent: str, env: dict) -> Attached:
         bottles.doit(f'provision:{agent}', env=env)
-        self.guest(f'bottle-{agent}', SKIP_ONBOARDING)
+        self.guest(bottles.machine(agent), SKIP_ONBOARDING)
 
         def inspect():
             try:
-                return parse_fields(self.guest(f'bottle-{agent}', INSPECT_CLAUDE))
+                return parse_fields(self.guest(bottles.machine(agent), INSPECT_CLAUDE))
             except subprocess.CalledProcessError:
                 return {}
         return tmux_attach(bottles.root, f'{sys.executable} -m doit launch:{agent}', env, inspect)

@@ -2,6 +2,7 @@
 address, a guest-side relay standing in for the one in a bottle, and raw proxy clients."""
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import io
@@ -51,10 +52,15 @@ class Upstream:
     POST /v1/messages: a mock Anthropic Messages API answering `reply_text` (streamed when the
     request asks for it); each request's JSON body is appended to `messages`.
     /git/<path>, when `git_root` is given: git smart HTTP by the real `git http-backend` over
-    the repositories under `git_root` (clone and fetch)."""
+    the repositories under `git_root` (clone and fetch). With `git_credentials` (user, password),
+    /git/ asks for them by Basic auth (401 without them, 403 with wrong ones) and takes pushes too;
+    a repository's own hooks (its hooks/ directory) run as on any git server."""
 
-    def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None):
+    def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None,
+                 git_credentials: tuple[str, str] | None = None):
         upstream = self
+        expected = 'Basic ' + base64.b64encode(':'.join(git_credentials).encode()).decode() \
+            if git_credentials else None
         self.connections = 0
         self.requests: list[tuple[str, str, str]] = []   # (method, path, Host header)
         self.messages: list[dict] = []                   # bodies of POST /v1/messages
@@ -135,6 +141,9 @@ class Upstream:
 
             def _git(self, body: bytes):
                 """One CGI run of `git http-backend`; its whole output is small enough to hold."""
+                if expected and self.headers.get('Authorization') != expected:
+                    self._refuse(403 if self.headers.get('Authorization') else 401)
+                    return
                 path, _, query = self.path.partition('?')
                 env = {
                     'PATH': os.environ['PATH'], 'GIT_PROJECT_ROOT': str(upstream.git_root),
@@ -146,6 +155,8 @@ class Upstream:
                     'HTTP_CONTENT_ENCODING': self.headers.get('Content-Encoding', ''),
                     'HTTP_GIT_PROTOCOL': self.headers.get('Git-Protocol', ''),
                 }
+                if expected:
+                    env['REMOTE_USER'] = git_credentials[0]     # http-backend then takes pushes
                 cgi = subprocess.run(['git', 'http-backend'], input=body, env=env, capture_output=True)
                 if cgi.returncode != 0 and not cgi.stdout:   # it died saying why on stderr only
                     cgi.stdout = b'Status: 500\r\nContent-Type: text/plain\r\n\r\n' + cgi.stderr
@@ -160,6 +171,16 @@ class Upstream:
                 self.send_header('Content-Length', str(len(content)))
                 self.end_headers()
                 self.wfile.write(content)
+
+            def _refuse(self, status: int):
+                body = b'credentials needed\n' if status == 401 else b'wrong credentials\n'
+                self.send_response(status)
+                if status == 401:
+                    self.send_header('WWW-Authenticate', 'Basic realm="git"')
+                self.send_header('Content-Type', 'text/plain')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _messages(self, request: dict):
                 with upstream.lock:

@@ -21,8 +21,8 @@ def test_smolvm_is_chosen_when_it_is_installed(standin):
     setup_agent(standin)
     without_backend_key(standin)
     run = standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))
-    assert run.count('pack') == 1 and run.count('create', 'bottle-a') == 1    # the stand-in did the work
-    assert 'bottle-a on smolvm' in run.output
+    assert run.count('pack') == 1 and run.count('create', standin.machine('a')) == 1    # the stand-in did the work
+    assert f'{standin.machine("a")} on smolvm' in run.output
     assert_fully_provisioned(standin)
 
 
@@ -31,7 +31,7 @@ def test_podman_is_chosen_without_smolvm_and_the_choice_is_shown(standin, tmp_pa
     without_backend_key(standin)
     path = path_without({'smolvm'}, standin.env()['PATH'], tmp_path)
     run = standin.doit('list', '--all', 'machine', env=standin.env(PATH=path, BOTTLE_BACKEND=None))
-    assert 'create machine bottle-a on podman' in run.output
+    assert f'create machine {standin.machine("a")} on podman' in run.output
     assert run.calls == []                               # choosing costs no backend call
 
 
@@ -39,10 +39,10 @@ def test_the_environment_and_the_manifest_key_win_over_detection(standin):
     setup_agent(standin)
     without_backend_key(standin)
     run = standin.doit('list', '--all', 'machine', env=standin.env(BOTTLE_BACKEND='docker'))
-    assert 'bottle-a on docker' in run.output
+    assert f'{standin.machine("a")} on docker' in run.output
     standin.agent('b', backend='podman')
     run = standin.doit('list', '--all', 'machine', env=standin.env(BOTTLE_BACKEND=None))
-    assert 'bottle-a on smolvm' in run.output and 'bottle-b on podman' in run.output
+    assert f'{standin.machine("a")} on smolvm' in run.output and f'{standin.machine("b")} on podman' in run.output
 
 
 def test_when_no_backend_works_one_paragraph_says_what_each_needs(standin, tmp_path):

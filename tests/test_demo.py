@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tasks.manifest import default_project_name, machine_name
 from tasks.project import Project
 from tests.bottles import (REPO, SKIP_ONBOARDING, Bottles, podman_claude_process, remove_podman_containers,
                            tmux_attach)
@@ -87,6 +88,7 @@ def test_demo_from_a_fresh_clone_prints_a_command_that_attaches_from_a_new_shell
            'XDG_CACHE_HOME': str(claude_cache)}
     env.pop('BOTTLE_BACKEND', None)
     env.pop('PYTHONPATH', None)
+    machine = machine_name(default_project_name(clone), 'demo')
     try:
         demo = subprocess.run(['./demo.sh'], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
         assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -95,20 +97,20 @@ def test_demo_from_a_fresh_clone_prints_a_command_that_attaches_from_a_new_shell
         direct = lines[lines.index('or directly with') + 1].strip()
         assert relaunch == 'BOTTLE_BACKEND=podman doit launch:demo'
         assert direct.startswith('podman exec -it -u agent ') and direct.endswith(
-            'bottle-demo claude --append-system-prompt-file /home/agent/.claude-bottle/system-prompt.md')
-        subprocess.run(['podman', 'exec', 'bottle-demo', 'sh', '-c', SKIP_ONBOARDING], check=True)
+            f'{machine} claude --append-system-prompt-file /home/agent/.claude-bottle/system-prompt.md')
+        subprocess.run(['podman', 'exec', machine, 'sh', '-c', SKIP_ONBOARDING], check=True)
         # A new login shell in the clone, as the user would open one: nothing of this run's
         # environment but PATH (where pip put doit), the download cache and the API key.
         shell = {'HOME': env.get('HOME', '/root'), 'PATH': env['PATH'], 'TERM': 'xterm',
                  'XDG_CACHE_HOME': env['XDG_CACHE_HOME'], 'ANTHROPIC_API_KEY': 'sk-test-not-a-key'}
         for command in (relaunch, direct):
-            attached = tmux_attach(clone, command, shell, lambda: podman_claude_process('bottle-demo'))
+            attached = tmux_attach(clone, command, shell, lambda: podman_claude_process(machine))
             assert attached.ok, attached.output
             assert attached.claude['user'] == 'agent' and attached.claude['uid'] != '0'
             assert attached.claude['args'] == ('--append-system-prompt-file '
                                                '/home/agent/.claude-bottle/system-prompt.md')
             assert attached.claude['tty'] == 'yes'
-            kill_claude('bottle-demo')
+            kill_claude(machine)
     finally:
         remove_podman_containers(Project(clone).label)
         Bottles.stop_egress_of(clone)

@@ -47,7 +47,7 @@ def test_image_from_the_offline_base_has_claude_git_curl_socat_and_a_non_root_ag
 def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(engine):
     setup_agent(engine, resources={'cpus': 1, 'memory': 1024}, env={'MODE': 'review'})
     run = engine.doit('provision')
-    create = next(c for c in run.calls if c[0] == 'create' and 'bottle-a' in c)
+    create = next(c for c in run.calls if c[0] == 'create' and engine.machine('a') in c)
     assert create[create.index('--cpus') + 1] == '1' and create[create.index('--memory') + 1] == '1024m'
     assert create[create.index('--network') + 1] == 'none'
     assert create[create.index('-v') + 1] == f'{engine.door_dir("a")}:/run/bottle'   # the door's directory
@@ -59,7 +59,7 @@ def test_attach_command_passes_secrets_by_name_only(engine):
     setup_agent(engine, secrets=['BOTTLE_TEST_SECRET'])
     run = engine.doit('launch:a', env=engine.env(BOTTLE_TEST_SECRET='value-never-printed'))
     assert (f'{engine.backend.cli} exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET '
-            'bottle-a') in run.stdout
+            f'{engine.machine("a")}') in run.stdout
     assert 'value-never-printed' not in run.output
 
 
@@ -72,8 +72,8 @@ def test_switching_backends_needs_only_the_environment_variable_or_the_manifest_
     label = Project(standin.root).label
     try:
         standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND='podman'))
-        assert podman_guest('a', f'cat {PROMPT}') == standin.prompt_text('a')
-        assert standin.backend.machine_state('bottle-a') is None
+        assert podman_guest(standin.machine('a'), f'cat {PROMPT}') == standin.prompt_text('a')
+        assert standin.backend.machine_state(standin.machine('a')) is None
 
         standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))      # the default: smolvm
         assert_fully_provisioned(standin)
@@ -81,13 +81,13 @@ def test_switching_backends_needs_only_the_environment_variable_or_the_manifest_
 
         setup_agent(standin, backend='podman')
         standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))
-        assert podman_guest('a', f'ls {SKILLS}').split() == ['review', 'style']
-        assert standin.backend.machine_state('bottle-a') is None
+        assert podman_guest(standin.machine('a'), f'ls {SKILLS}').split() == ['review', 'style']
+        assert standin.backend.machine_state(standin.machine('a')) is None
     finally:
         remove_podman_containers(label)
 
 
-def podman_guest(agent: str, script: str) -> str:
-    return subprocess.run(['podman', 'exec', f'bottle-{agent}', 'sh', '-c', script], capture_output=True,
+def podman_guest(machine: str, script: str) -> str:
+    return subprocess.run(['podman', 'exec', machine, 'sh', '-c', script], capture_output=True,
                           text=True, check=True).stdout
 

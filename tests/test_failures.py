@@ -71,23 +71,24 @@ def test_a_probe_that_returns_garbage_fails_the_task_in_words_and_the_next_run_c
     assert_fully_provisioned(faulty)
 
 
-@pytest.mark.parametrize('step', ['machine create --name bottle-a', 'machine start --name bottle-a',
-                                  'pack create', 'machine exec --name bottle-a'])
+# {a}: agent a's machine name, which carries the checkout's name
+@pytest.mark.parametrize('step', ['machine create --name {a}', 'machine start --name {a}',
+                                  'pack create', 'machine exec --name {a}'])
 def test_a_backend_cli_that_crashes_fails_the_task_in_words_and_the_next_run_completes(faulty, step):
-    run = faulty.doit('launch:a', check=False, env=faulty.faulty_env(f'crash:{step}'))
+    run = faulty.doit('launch:a', check=False, env=faulty.faulty_env(f'crash:{step.format(a=faulty.machine("a"))}'))
     assert_one_clear_failure(run, 'TaskFailed', 'was killed by SIGSEGV')
     faulty.doit('launch:a')
     assert_fully_provisioned(faulty)
 
 
 @pytest.mark.parametrize('step', ['machine ls', 'machine create --name bottle-build-', 'pack create',
-                                  'machine create --name bottle-a', 'machine start --name bottle-a',
-                                  'machine exec --name bottle-a'])
+                                  'machine create --name {a}', 'machine start --name {a}',
+                                  'machine exec --name {a}'])
 def test_ctrl_c_at_each_step_prints_one_line_and_the_next_run_completes(faulty, tmp_path, step):
     mark = tmp_path / 'paused'
     # A terminal's Ctrl-C reaches the whole foreground process group: doit and the smolvm it runs.
     proc = subprocess.Popen([sys.executable, '-m', 'doit', 'launch:a'], cwd=faulty.root,
-                            env=faulty.faulty_env(f'pause:{step}', FAULT_MARK=str(mark)),
+                            env=faulty.faulty_env(f'pause:{step.format(a=faulty.machine("a"))}', FAULT_MARK=str(mark)),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 300

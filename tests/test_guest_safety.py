@@ -185,7 +185,7 @@ def test_a_skills_dir_outside_the_home_planted_as_a_link_is_not_followed_by_root
     skills = '/tmp/safe-skills'          # /tmp: the agent may make it, so root does not
     bottles.skill('review', REVIEW)
     bottles.agent(agent, prompt='Be careful.', skills=['review'])
-    bottles.doit(f'provision_ca:{agent}')          # root's own writes to /etc come first
+    bottles.doit(f'provision_git:{agent}')         # root's own writes to /etc (CA, gitconfig) come first
     bottles.guest(agent, CANARIES)
     as_agent(bottles, agent, f'ln -s /etc {skills}')
     before = snapshot(bottles, agent)
@@ -208,7 +208,7 @@ def test_root_copies_a_file_only_below_directories_root_owns(podman, tmp_path):
     runtime = Docker('podman')
     for dest, below in ((f'{HOME}/etc/passwd', f'{HOME}/etc'), (f'{HOME}/ca.crt', HOME)):
         try:
-            runtime.copy_in(f'bottle-{agent}', source, dest, mode=0o644, uid=0, gid=0)
+            runtime.copy_in(podman.machine(agent), source, dest, mode=0o644, uid=0, gid=0)
         except BackendError as err:
             assert (f'claude-bottle: not writing {dest} as root: {below} is a symbolic link or not owned '
                     'by root') in str(err).splitlines()
@@ -216,7 +216,7 @@ def test_root_copies_a_file_only_below_directories_root_owns(podman, tmp_path):
             raise AssertionError(f'root wrote {dest}')
     assert_untouched(before, snapshot(podman, agent))
     assert not [n for n in podman.guest(agent, f'ls -A {HOME}').split() if n.startswith('ca.crt')]
-    runtime.copy_in(f'bottle-{agent}', source, '/usr/local/share/ca-certificates/safe.crt',
+    runtime.copy_in(podman.machine(agent), source, '/usr/local/share/ca-certificates/safe.crt',
                     mode=0o644, uid=0, gid=0)
     assert podman.guest(agent, 'stat -c "%U %a" /usr/local/share/ca-certificates/safe.crt').split() == \
         ['root', '644']

@@ -69,6 +69,10 @@ GOOD = {
     'user.uid': [1, 60000],
     'user.home': ['/home/agent', '/srv/a.b'],
     'backend': ['smolvm', 'podman', 'docker'],
+    'project': ['acme-main', 'x_1'],       # valid in _defaults.yaml only: in an agent's file, a problem
+    'git': [[], [{'url': 'https://github.com/acme/app.git'}],
+            [{'url': 'git@github.com:acme/app.git', 'push': ['agent/x/*', 'refs/tags/v*'], 'mode': 'forward',
+              'max_push_mb': 10}, {'url': 'ssh://git@h.example:2222/a/b', 'mode': 'local'}]],
 }
 BAD = {
     'prompt': [None, ['x']],
@@ -95,6 +99,12 @@ BAD = {
     'user.uid': [0, 60001, None],
     'user.home': ['home', '/', '/home/a b', '/home/../etc', '/x' * 3000],
     'backend': ['qemu', None],
+    'project': ['a--b', '-x', 'x' * 40, 5, ''],
+    'git': ['https://h.example/a', [None], [{'url': 'ftp://h.example/a'}], [{'url': 'https://h.example/a/../b'}],
+            [{'url': 'https://h.example/a', 'push': []}], [{'url': 'https://h.example/a', 'mode': 'push'}],
+            [{'url': 'https://h.example/a', 'push': ['a..b']}], [{'url': 'https://h.example/a', 'max_push_mb': 0}],
+            [{'url': 'https://h.example/a'}, {'url': 'https://h.example/a.git'}],
+            [{'url': 'https://h.example/a', 'pusj': ['x']}]],
 }
 
 ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + ''.join(

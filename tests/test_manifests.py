@@ -82,8 +82,8 @@ def test_shared_defaults_apply_to_every_agent(standin):
     assert 'provision_skill:a:shared' in info
     run = standin.doit('machine', 'prompt')
     creates = {c[c.index('--name') + 1]: c for c in run.calls if c[:2] == ['machine', 'create']}
-    assert creates['bottle-a'][creates['bottle-a'].index('--cpus') + 1] == '3'
-    assert creates['bottle-b'][creates['bottle-b'].index('--cpus') + 1] == '1'
+    a, b = creates[standin.machine('a')], creates[standin.machine('b')]
+    assert a[a.index('--cpus') + 1] == '3' and b[b.index('--cpus') + 1] == '1'
 
 
 # --- manifests that once crashed or hung the tool (issue 6, point 9), and what it once accepted
@@ -128,7 +128,19 @@ HOSTILE = {
                                          ["agents/_defaults.yaml:2: key 'skills[0]'", "skill 'nope' not found"]),
     'non-string keys': ({'a.yaml': 'prompt: hi\n1: one\nenv:\n  2: two\n'},
                         ["agents/a.yaml:2: key '1': unknown key", "agents/a.yaml:4: key 'env.2'"]),
-    'agent name too long': ({'a' * 122 + '.yaml': ''}, ['at most 121 characters', f'e.g. to {"a" * 121}.yaml']),
+    'agent name too long': ({'a' * 89 + '.yaml': ''}, ['at most 88 characters', f'e.g. to {"a" * 88}.yaml']),
+    'git URL that is no repository': ({'a.yaml': 'git:\n  - url: ftp://h.example/app\n'},
+                                      ["agents/a.yaml:2: key 'git[0].url'", 'expected a repository URL']),
+    'git mode misspelt': ({'a.yaml': 'git:\n  - url: https://h.example/app\n    mode: push\n'},
+                          ["agents/a.yaml:3: key 'git[0].mode'", 'forward, review, local']),
+    'git push pattern that is no ref': ({'a.yaml': 'git:\n  - url: https://h.example/app\n    push: [a..b]\n'},
+                                        ["agents/a.yaml:3: key 'git[0].push[0]'", 'branch pattern']),
+    'one repository twice': ({'a.yaml': 'git:\n  - url: https://h.example/app\n  - url: git@h.example:app.git\n'},
+                             ["agents/a.yaml:3: key 'git[1].url'", 'the same repository as entry 0']),
+    'project name in an agent': ({'a.yaml': 'prompt: hi\nproject: mine\n'},
+                                 ["agents/a.yaml:2: key 'project'", 'move it to agents/_defaults.yaml']),
+    'project name that is no machine name': ({'_defaults.yaml': 'project: my--project\n', 'a.yaml': ''},
+                                             ["agents/_defaults.yaml:1: key 'project'", 'letters, digits']),
 }
 
 
@@ -177,8 +189,8 @@ def test_oversized_manifest_is_refused(standin):
 # --- which backend an agent gets
 
 def machine_backends(run) -> dict[str, str]:
-    """agent: backend, from `doit list --all`'s `create machine bottle-<agent> on <backend>`."""
-    found = re.findall(r'create machine bottle-(\S+) on (\S+) ', run.stdout)
+    """agent: backend, from `doit list --all`'s `create machine bottle-<project>-<agent> on <backend>`."""
+    found = re.findall(r'create machine bottle-\S+-[0-9a-f]{6}-(\S+) on (\S+) ', run.stdout)
     return dict(found)
 
 

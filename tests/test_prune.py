@@ -1,6 +1,8 @@
 """`doit prune`: what no current agent or recipe uses goes, what they use stays, on every backend."""
 from __future__ import annotations
 
+import uuid
+
 from tests.test_scenarios import setup_agent
 
 
@@ -14,23 +16,25 @@ def engine_has(bottles, key: str) -> bool:
 
 
 def test_prune_removes_the_old_image_and_forgotten_agents_keeps_the_rest_and_then_finds_nothing(bottles):
-    setup_agent(bottles, 'a')
-    setup_agent(bottles, 'gone')
+    # Recipes of this test alone: an engine image another test's machine uses is kept, rightly.
+    recipe = uuid.uuid4().hex
+    setup_agent(bottles, 'a', image={'run': [f'echo {recipe} > /etc/recipe-version']})
+    setup_agent(bottles, 'gone', image={'run': [f'echo {recipe} > /etc/recipe-version']})
     bottles.doit('provision')
     old, = image_keys(bottles)
-    setup_agent(bottles, 'a', image={'run': ['echo v2 > /etc/recipe-version']})
+    setup_agent(bottles, 'a', image={'run': [f'echo {recipe}-v2 > /etc/recipe-version']})
     (bottles.root / 'agents/gone.yaml').unlink()
     bottles.doit('provision')
     current, = image_keys(bottles) - {old}
     gone_state = bottles.root / '.bottle/agents/gone'
-    assert gone_state.is_dir() and bottles.backend.machine_state('bottle-gone') == 'running'
+    assert gone_state.is_dir() and bottles.backend.machine_state(bottles.machine('gone')) == 'running'
 
     run = bottles.doit('prune')
     assert f'prune: removed image {old} (' in run.stdout, run.stdout
-    assert 'prune: removed machine bottle-gone on ' in run.stdout
+    assert f'prune: removed machine {bottles.machine("gone")} on ' in run.stdout
     assert 'prune: removed state of agent gone' in run.stdout and ' freed' in run.stdout
     assert image_keys(bottles) == {current}
-    assert bottles.backend.machine_state('bottle-gone') is None and not gone_state.exists()
+    assert bottles.backend.machine_state(bottles.machine('gone')) is None and not gone_state.exists()
     assert 'gone' not in (bottles.root / '.bottle/egress/doors.json').read_text()
     if hasattr(bottles.backend, 'engine'):
         assert f'prune: removed image {old} from {bottles.backend.name}' in run.stdout

@@ -62,7 +62,7 @@ def test_a_first_launch_packs_once_and_provisions_everything(bottles):
     run = bottles.doit('launch:a')
     assert run.count('pack') == 1
     assert f'claude-bottle: building image {image_key(bottles)} on ' in run.stderr     # it says what takes long
-    assert bottles.backend.machine_state('bottle-a') == 'running'
+    assert bottles.backend.machine_state(bottles.machine('a')) == 'running'
     assert 'Be careful with production.' in bottles.prompt_text('a')
     assert oct((bottles.root / '.bottle/agents/a/prompt.md').stat().st_mode & 0o777) == '0o600'
     assert_fully_provisioned(bottles)
@@ -140,7 +140,7 @@ def test_e_skills_the_agent_made_itself_survive_a_prune(bottles):
 def test_f_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
-    bottles.backend.delete_behind_back('bottle-a')
+    bottles.backend.delete_behind_back(bottles.machine('a'))
     run = bottles.doit('launch:a')
     assert run.count('pack') == 0 and run.count('create') == 1
     # the egress CA's certificate, the agent's curlrc and the prompt; the skills as tar streams
@@ -151,11 +151,11 @@ def test_f_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bott
 def test_f_machine_stopped_behind_doits_back_is_started_and_nothing_recopied(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
-    bottles.backend.stop_behind_back('bottle-a')
+    bottles.backend.stop_behind_back(bottles.machine('a'))
     run = bottles.doit('launch:a')
     assert run.count('start') == 1
     assert run.count('cp') == run.count('exec') == run.count('create') == 0
-    assert bottles.backend.machine_state('bottle-a') == 'running'
+    assert bottles.backend.machine_state(bottles.machine('a')) == 'running'
     assert_fully_provisioned(bottles)
 
 
@@ -175,8 +175,8 @@ def test_h_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
     setup_agent(bottles, 'b', image={'run': ['echo v2 > /etc/recipe-version']})
     run = bottles.doit('provision')
     assert run.count('pack') == 1
-    assert run.count('create', 'bottle-b') == 1 and run.count('create', 'bottle-a') == 0
-    assert run.count('cp', 'bottle-b') == 3          # the CA, the curlrc and b's prompt, into the new machine
+    assert run.count('create', bottles.machine('b')) == 1 and run.count('create', bottles.machine('a')) == 0
+    assert run.count('cp', bottles.machine('b')) == 3          # the CA, the curlrc and b's prompt, into the new machine
     assert sorted(run.transferred_skills()) == ['review', 'style']
     assert bottles.guest('b', 'cat /etc/recipe-version') == 'v2\n'
     assert_fully_provisioned(bottles, 'a')
@@ -231,7 +231,7 @@ def test_teardown_forgets_and_the_next_launch_rebuilds_the_bottle_not_the_image(
     setup_agent(bottles)
     bottles.doit('launch:a')
     bottles.doit('teardown:a')
-    assert bottles.backend.machine_state('bottle-a') is None
+    assert bottles.backend.machine_state(bottles.machine('a')) is None
     assert not (bottles.root / '.bottle/agents/a').exists()
     assert bottles.doit('teardown:a').count('delete') == 0      # nothing left to tear down
     run = bottles.doit('launch:a')
@@ -243,7 +243,7 @@ def test_clean_removes_machines_images_and_prompts(bottles):
     setup_agent(bottles)
     bottles.doit('provision')
     bottles.doit('clean')
-    assert bottles.backend.machine_state('bottle-a') is None
+    assert bottles.backend.machine_state(bottles.machine('a')) is None
     assert not list((bottles.root / '.bottle/images').glob('*/image.json'))
     assert not (bottles.root / '.bottle/agents/a/prompt.md').exists()
 

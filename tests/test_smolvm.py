@@ -8,7 +8,7 @@ def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_i
     setup_agent(standin, resources={'cpus': 3, 'memory': 1024}, env={'MODE': 'review'},
                 network={'allow_hosts': ['api.anthropic.com', 'pypi.org']})
     run = standin.doit('provision')
-    create = next(c for c in run.calls if c[:2] == ['machine', 'create'] and 'bottle-a' in c)
+    create = next(c for c in run.calls if c[:2] == ['machine', 'create'] and standin.machine('a') in c)
     assert create[create.index('--from') + 1].endswith('.smolmachine')
     assert create[create.index('--cpus') + 1] == '3' and create[create.index('--mem') + 1] == '1024'
     assert not {'--allow-host', '--net', '--allow-cidr'} & set(create)      # no network card at all
@@ -35,11 +35,11 @@ def test_the_build_machine_is_gone_after_the_pack(standin):
 def test_a_machine_this_project_did_not_make_is_never_deleted(standin):
     setup_agent(standin)
     standin.doit('image')
-    standin.backend.smolvm('machine', 'create', '--name', 'bottle-a', '--image', 'debian:bookworm-slim',
+    standin.backend.smolvm('machine', 'create', '--name', standin.machine('a'), '--image', 'debian:bookworm-slim',
                            '--net', '--', 'sleep', 'infinity')
     run = standin.doit('launch:a', check=False)
-    assert run.returncode != 0 and 'was not made by this project' in run.output
-    assert standin.backend.machine_state('bottle-a') == 'created'
+    assert run.returncode != 0 and 'was not made by this checkout' in run.output
+    assert standin.backend.machine_state(standin.machine('a')) == 'created'
 
 
 def test_attach_command_names_secrets_but_never_their_values(standin):

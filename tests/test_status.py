@@ -18,7 +18,7 @@ def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):
     assert run.kinds == {'probe': 1}, run.calls
     out = run.stdout
     fresh, stale = out.split('\nfresh: ')[1].split('\nstale: ')
-    assert fresh.startswith('bottle-fresh on smolvm, running; image ') and 'egress door open' in fresh
+    assert fresh.startswith(f'{standin.machine("fresh")} on smolvm, running; image ') and 'egress door open' in fresh
     assert 'next launch: nothing to do but attach' in fresh
     assert 'next launch runs:' in stale
     assert '    prompt:stale: config_changed(' in stale          # doit's own reason

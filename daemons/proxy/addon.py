@@ -9,11 +9,14 @@ socket relayed to the port), never from anything the client sends. The doors fil
 changing the `mode` option live so adding or removing a bottle never restarts the proxy:
 
     {"bottles": {"<bottle>": {"port": 41234, "rules": "/abs/egress-rules.json",
-                              "log": "/abs/egress.log"}}}
+                              "log": "/abs/egress.log"}},
+     "gate": {"port": 41240, "key_file": "/abs/gate/key"}}       (when the project has a git gate)
 
 For every request, in this order:
 - `health.bottle.invalid` (a reserved name that can never resolve) is answered here with
   {"bottle": <name>}: the health check through a door, with no upstream;
+- `http://git.bottle.invalid/...` goes to the project's git gate, with the bottle's name and the
+  gate's key in headers the guest cannot set (the gate refuses a request without the key);
 - CONNECT to a port other than 443 or 80, or to an IPv4 address in a non-canonical form
   (`2130706433`, `0x7f000001`, `127.1`), is refused with a 403 at CONNECT time;
 - any other CONNECT is accepted without connecting upstream (connection_strategy=lazy); the TLS
@@ -46,7 +49,7 @@ from typing import NamedTuple
 from mitmproxy import ctx, http
 
 import rules as bottle_rules
-from rules import HEALTH_HOST, PORTS
+from rules import BOTTLE_HEADER, GATE_HOST, GATE_KEY_HEADER, HEALTH_HOST, PORTS
 
 LISTEN_HOST = '127.0.0.1'
 DOORS_POLL_SECONDS = 0.25
@@ -111,6 +114,11 @@ class Bottle:
             self._log = None
 
 
+class Gate(NamedTuple):
+    port: int
+    key: str
+
+
 class ByteCounter:
     """The response's `stream` callable: passes chunks through as they come, counting them."""
     def __init__(self):
@@ -124,6 +132,7 @@ class ByteCounter:
 class EgressFence:
     def __init__(self):
         self.bottles: dict[int, Bottle] = {}
+        self.gate: Gate | None = None
         self._doors_key = None
         self._watch: asyncio.Task | None = None
         # (client connection id, host, port) -> the address checked for it; the upstream
@@ -165,7 +174,9 @@ class EgressFence:
         if key == self._doors_key:
             return
         try:
-            doors = json.loads(path.read_text())['bottles'] if key else {}
+            data = json.loads(path.read_text()) if key else {'bottles': {}}
+            doors, gate = data['bottles'], data.get('gate')
+            gate = Gate(int(gate['port']), Path(gate['key_file']).read_text().strip()) if gate else None
             bottles = {}
             for name, door in doors.items():
                 new = Bottle(name, int(door['port']), Path(door['rules']), Path(door['log']))
@@ -176,6 +187,7 @@ class EgressFence:
             log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
             return
         self._doors_key = key
+        self.gate = gate
         for gone in set(self.bottles.values()) - set(bottles.values()):
             gone.close()
         self.bottles = bottles
@@ -194,6 +206,9 @@ class EgressFence:
             refusal = NO_BOTTLE
         elif normal_host(host) == HEALTH_HOST:
             return
+        elif normal_host(host) == GATE_HOST:
+            refusal = Refusal(f'the git gate is reached at http://{GATE_HOST}/ (plain HTTP through the door), '
+                              'not through a tunnel')
         elif port not in PORTS:
             refusal = port_refusal(port)
         elif bottle_rules.noncanonical_ipv4(host):
@@ -208,11 +223,29 @@ class EgressFence:
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name}),
                                                {'Content-Type': 'application/json'})
             return
+        if bottle is not None and normal_host(flow.request.host) == GATE_HOST:
+            self.to_gate(flow, bottle)
+            return
         refusal = NO_BOTTLE if bottle is None else await self.refusal(flow, bottle)
         if refusal:
             deny(flow, bottle, refusal)
         else:
             flow.metadata['bottle_allowed'] = bottle
+
+    def to_gate(self, flow: http.HTTPFlow, bottle: Bottle):
+        if self.gate is None:
+            deny(flow, bottle, Refusal('this project runs no git gate', NO_GATE))
+            return
+        request = flow.request
+        for name in {n.lower() for n in request.headers.keys()}:
+            if name.startswith(('proxy', BOTTLE_HEADER.lower())):    # httpoxy, and identities the guest made up
+                del request.headers[name]
+        request.scheme, request.host, request.port = 'http', LISTEN_HOST, self.gate.port
+        request.headers[BOTTLE_HEADER] = bottle.name
+        request.headers[GATE_KEY_HEADER] = self.gate.key
+        request.stream = True       # a push reaches the gate as it comes
+        self.checked[(flow.client_conn.id, LISTEN_HOST, self.gate.port)] = LISTEN_HOST
+        flow.metadata['bottle_allowed'] = bottle
 
     async def refusal(self, flow: http.HTTPFlow, bottle: Bottle) -> Refusal | None:
         request = flow.request
@@ -231,6 +264,9 @@ class EgressFence:
         if isinstance(rules, str):
             return Refusal(rules, RELAUNCH)
         path = request.path.split('?', 1)[0]
+        reason = rules.gated_refusal(host, path)
+        if reason:
+            return Refusal(reason, GATED)
         reason = rules.refusal(request.method, host, path)
         if reason:
             return Refusal(reason, ALLOW_HOSTS)
@@ -312,6 +348,9 @@ ALLOW_HOSTS = ('To allow it, add the host to network.allow_hosts in the manifest
 ALLOW_PRIVATE = ('To allow it, list that network in network.allow_private in the manifest of agent {bottle} '
                  'and launch the agent again.')
 RELAUNCH = 'Launching agent {bottle} again writes its rules anew.'
+GATED = ('Clone, fetch and push it with git by the URL in the git: list of agent {bottle}; git sends those '
+         'through the git gate.')
+NO_GATE = ('Launching agent {bottle} again starts the gate, when its manifest lists repositories under git:.')
 NO_BOTTLE = Refusal('this listener belongs to no bottle')
 
 

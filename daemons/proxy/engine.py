@@ -5,7 +5,8 @@ relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules an
 
     <state_dir>/                      the project's proxy directory (for example .bottle/egress)
         proxy.pid, proxy.log          the proxy daemon (daemons.lifecycle)
-        doors.json                    bottle -> listener port, rules file, log file; read live by the addon
+        doors.json                    bottle -> listener port, rules file, log file, and where the git
+                                      gate listens; read live by the addon
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
     <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
@@ -204,6 +205,19 @@ class EgressProxy:
         except (ProxyError, OSError):
             return False
 
+    def route_gate(self, port: int | None, key_file: Path | None) -> None:
+        """Send the bottles' requests for the gate's name to the project's git gate at this port, with
+        the key in `key_file`; None: no gate. The addon applies it live."""
+        with self._locked():
+            self._write_doors(self._doors(), gate={'port': port, 'key_file': str(key_file)} if port else None)
+
+    def gate_route(self) -> dict | None:
+        """Where the addon sends requests for the gate: {"port", "key_file"}, or None. Never raises."""
+        try:
+            return self._file().get('gate')
+        except ProxyError:
+            return None
+
     def stop(self) -> None:
         """Stop the proxy and every relay; the doors stay registered for the next ensure_running."""
         with self._locked():
@@ -273,14 +287,20 @@ class EgressProxy:
         if proc.returncode != 0:
             raise ProxyError(f'making the egress CA in {self.ca_dir} failed:\n{proc.stderr[-2000:]}')
 
-    def _doors(self) -> dict:
+    def _file(self) -> dict:
         try:
-            return json.loads(self.doors_file.read_text())['bottles']
+            data = json.loads(self.doors_file.read_text())
+            if not isinstance(data, dict) or not isinstance(data['bottles'], dict):
+                raise TypeError('no "bottles" mapping')
+            return data
         except FileNotFoundError:
-            return {}
+            return {'bottles': {}}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ProxyError(f'{self.doors_file} is not a valid doors file ({err}); '
                              'remove it and open the doors again (doit launch)') from None
+
+    def _doors(self) -> dict:
+        return self._file()['bottles']
 
     def _doors_or_none(self) -> dict:
         try:
@@ -288,8 +308,12 @@ class EgressProxy:
         except ProxyError:
             return {}
 
-    def _write_doors(self, doors: dict) -> None:
-        write_atomic(self.doors_file, json.dumps({'bottles': doors}, indent=2, sort_keys=True) + '\n')
+    def _write_doors(self, doors: dict, **entries) -> None:
+        """The doors file with these doors; its other entries (the gate) as they are, or as `entries`
+        give them (None removes one)."""
+        data = {**self._file(), 'bottles': doors, **entries}
+        write_atomic(self.doors_file, json.dumps({k: v for k, v in data.items() if v is not None},
+                                                 indent=2, sort_keys=True) + '\n')
 
     @contextmanager
     def _locked(self):

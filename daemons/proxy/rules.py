@@ -9,7 +9,8 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
         {"domain": "github.com"},
         {"host": "api.github.com", "methods": ["GET", "HEAD"], "paths": ["/repos/acme/"]}
       ],
-      "allow_private": ["10.20.0.0/16"]
+      "allow_private": ["10.20.0.0/16"],
+      "gated": [{"host": "github.com", "path": "/acme/app"}]
     }
 
 - `host`: that exact name (or IP literal), case-insensitive, a trailing dot ignored.
@@ -20,6 +21,9 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
 - A request is allowed when any entry allows it; an empty or missing `hosts` allows nothing.
 - `allow_private`: networks (CIDR) that allowed hosts may resolve to although they are loopback,
   private, link-local or otherwise not public; every such address is refused unless listed here.
+- `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
+  host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows.
+  The gate itself is reached at GATE_HOST, which the addon routes to it.
 Only ports 443 and 80 are ever reachable, whatever the rules say.
 """
 from __future__ import annotations
@@ -35,6 +39,11 @@ from urllib.parse import unquote
 # health checks through a door (.invalid never resolves, so it can never be a real upstream).
 PORTS = (443, 80)
 HEALTH_HOST = 'health.bottle.invalid'
+GATE_HOST = 'git.bottle.invalid'
+# Set by the proxy on every request it routes to the gate (whatever the guest sent under these
+# names is dropped): which bottle speaks, and the key only the proxy and the gate hold.
+BOTTLE_HEADER = 'X-Claude-Bottle'
+GATE_KEY_HEADER = 'X-Claude-Bottle-Gate-Key'
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -69,17 +78,33 @@ class HostRule:
 
 
 @dataclass(frozen=True)
+class GatedRepo:
+    host: str
+    path: str
+
+    def covers(self, host: str, path: str) -> bool:
+        if host != self.host:
+            return False
+        path = unquote(path).replace('\\', '/')
+        return any(path == p or path.startswith(p + '/') for p in (self.path, self.path + '.git'))
+
+    def to_json(self) -> dict:
+        return {'host': self.host, 'path': self.path}
+
+
+@dataclass(frozen=True)
 class Rules:
     hosts: tuple[HostRule, ...] = ()
     allow_private: tuple[IPNetwork, ...] = ()
+    gated: tuple[GatedRepo, ...] = ()
 
     @classmethod
     def from_json(cls, data) -> Rules:
         if not isinstance(data, dict):
             raise RulesError('the rules must be a JSON object with "hosts" and "allow_private"')
-        unknown = set(data) - {'hosts', 'allow_private'}
+        unknown = set(data) - {'hosts', 'allow_private', 'gated'}
         if unknown:
-            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts" and "allow_private"')
+            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts", "allow_private" and "gated"')
         hosts = data.get('hosts', [])
         if not isinstance(hosts, list):
             raise RulesError('"hosts" must be a list of objects')
@@ -90,11 +115,19 @@ class Rules:
             allow_private = tuple(ipaddress.ip_network(n) for n in networks)
         except ValueError as err:
             raise RulesError(f'"allow_private": {err}') from None
-        return cls(tuple(_host_rule(i, entry) for i, entry in enumerate(hosts)), allow_private)
+        gated = data.get('gated', [])
+        if not isinstance(gated, list) or not all(
+                isinstance(g, dict) and set(g) == {'host', 'path'} and isinstance(g['host'], str) and g['host']
+                and isinstance(g['path'], str) and g['path'].startswith('/') for g in gated):
+            raise RulesError('"gated" must be a list of {"host": NAME, "path": "/PATH"}')
+        return cls(tuple(_host_rule(i, entry) for i, entry in enumerate(hosts)), allow_private,
+                   tuple(GatedRepo(normal_host(g['host']), g['path'].rstrip('/')) for g in gated))
 
     def to_json(self) -> dict:
-        return {'hosts': [h.to_json() for h in self.hosts],
-                'allow_private': [str(n) for n in self.allow_private]}
+        data = {'hosts': [h.to_json() for h in self.hosts], 'allow_private': [str(n) for n in self.allow_private]}
+        if self.gated:
+            data['gated'] = [g.to_json() for g in self.gated]
+        return data
 
     def refusal(self, method: str, host: str, path: str) -> str | None:
         """Why this request is not allowed, or None when it is."""
@@ -107,6 +140,13 @@ class Rules:
         return f'{method} {path} is not allowed on {host}; the rules allow only ' + '; '.join(
             f'{",".join(sorted(h.methods)) if h.methods else "any method"} on '
             f'{" or ".join(h.paths) if h.paths else "any path"}' for h in for_host)
+
+    def gated_refusal(self, host: str, path: str) -> str | None:
+        """Why this request is refused as one for a gated repository, or None."""
+        host = normal_host(host)
+        if any(g.covers(host, path) for g in self.gated):
+            return f'{host}{path} is in a repository that only the git gate reaches'
+        return None
 
     def address_refused(self, address: IPAddress) -> bool:
         """True for loopback, private, link-local, unspecified, multicast and other non-public

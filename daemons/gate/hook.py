@@ -1,0 +1,161 @@
+"""The gate's receive hooks, run by git receive-pack for each push into a mirror (hooks/):
+
+    python -P -m daemons.gate.hook pre-receive|post-receive      (stdin: "<old> <new> <ref>" lines)
+
+pre-receive applies the policy and, in mode `forward`, pushes upstream while the pushed objects are
+still in quarantine: an upstream refusal refuses the push, and the gate keeps nothing of it.
+post-receive, once the refs are in the gate, holds a `review` push and tells a `local` one where it is.
+All they print reaches the pusher as `remote:` lines. serve.py passes them, in the environment, the
+state directory, the bottle, the repository's entry of bottles.json and the names of the host's
+variables (BOTTLE_GATE_*). The daemon holds the mirror's lock for the whole push.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemons.gate import review, upstream
+from daemons.gate.config import Repo
+from daemons.gate.store import ZERO, append_receipt, now
+
+COMMITS_LISTED = 1000
+
+
+@dataclass(frozen=True)
+class Update:
+    old: str
+    new: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class Push:
+    state_dir: Path
+    bottle: str
+    repo: Repo
+    updates: list[Update]
+
+    @classmethod
+    def from_hook(cls) -> Push:
+        updates = [Update(*line.split()) for line in sys.stdin.read().splitlines() if line.strip()]
+        return cls(Path(os.environ['BOTTLE_GATE_STATE']), os.environ['BOTTLE_GATE_BOTTLE'],
+                   Repo.from_json(json.loads(os.environ['BOTTLE_GATE_REPO'])), updates)
+
+    def receipt(self, update: Update, decision: str, **details) -> None:
+        append_receipt(self.state_dir, bottle=self.bottle, repo=self.repo.upstream, path=self.repo.path,
+                       ref=update.ref, old=update.old, new=update.new, decision=decision, **details)
+
+    def allowed(self) -> str:
+        return ', '.join(self.repo.push) or 'nothing'
+
+
+def say(text: str) -> None:
+    print(f'gate: {text}', file=sys.stderr, flush=True)
+
+
+def local_git(*args: str) -> subprocess.CompletedProcess:
+    """git on the mirror with the hook's own environment: it sees the pushed objects in quarantine."""
+    return subprocess.run(['git', *args], capture_output=True, text=True, errors='replace')
+
+
+def pre_receive(push: Push) -> int:
+    refusals = {update: rule for update in push.updates if (rule := refusal(push, update))}
+    if refusals:
+        for update in push.updates:
+            rule, why = refusals.get(update, ('with-the-rest', 'another ref of the same push was refused'))
+            say(f'refused {update.ref} (rule {rule}): {why}')
+            push.receipt(update, 'refused', rule=rule)
+        say(f'this bottle may push, as fast-forwards, to: {push.allowed()}')
+        return 1
+    if push.repo.mode == 'forward':
+        return forward(push)
+    return 0
+
+
+def refusal(push: Push, update: Update) -> tuple[str, str] | None:
+    """(rule, why) when the policy refuses this ref update."""
+    if update.new == ZERO:
+        return 'no-delete', 'the gate never deletes a ref'
+    if update.ref.startswith('refs/tags/') and not push.repo.allows_tags():
+        return 'no-tags', 'tags are refused unless a refs/tags/ pattern in the manifest\'s push list allows them'
+    if not push.repo.may_push(update.ref):
+        return 'allowed-refs', f'this bottle may push only to {push.allowed()}'
+    current = local_git('rev-parse', '--verify', '--quiet', update.ref).stdout.strip() or ZERO
+    if current != update.old:
+        return 'ref-moved', (f'the ref is at {short(current)} now, not {short(update.old)} as your push expected: '
+                             'another push landed first; fetch and push again')
+    if update.old != ZERO and local_git('merge-base', '--is-ancestor', update.old, update.new).returncode != 0:
+        return 'no-force-push', (f'{short(update.new)} does not contain {short(update.old)}, where the ref is: '
+                                 'force pushes are refused; fetch, rebase or merge onto it, and push again')
+    return None
+
+
+def forward(push: Push) -> int:
+    """Push the accepted refs upstream, all or none (--atomic), with the host's credentials. The objects
+    are read from the quarantine; a local upstream must not inherit GIT_QUARANTINE_PATH, which forbids
+    ref updates."""
+    host = {name: os.environ[name] for name in json.loads(os.environ['BOTTLE_GATE_HOST_ENV']) if name in os.environ}
+    git_dir = Path(os.environ.get('GIT_DIR', '.')).resolve()
+    objects = {name: os.environ[name] for name in ('GIT_OBJECT_DIRECTORY', 'GIT_ALTERNATE_OBJECT_DIRECTORIES')
+               if name in os.environ}
+    try:
+        proc = upstream.push(git_dir, push.repo.upstream, [(u.new, u.ref) for u in push.updates],
+                             {**upstream.host_env(host), **objects})
+        said, landed = (proc.stdout + proc.stderr).strip(), proc.returncode == 0
+    except upstream.UpstreamError as err:
+        said, landed = str(err), False
+    if said:
+        print(said, file=sys.stderr, flush=True)     # the upstream's own words
+    for update in push.updates:
+        push.receipt(update, 'forwarded' if landed else 'refused', upstream=said,
+                     **({} if landed else {'rule': 'upstream'}))
+    if not landed:
+        say(f'the upstream {push.repo.upstream} refused the push (its words are above); the gate keeps nothing of it')
+        return 1
+    say(f'forwarded to {push.repo.upstream}')
+    return 0
+
+
+def post_receive(push: Push) -> None:
+    for update in push.updates:
+        if push.repo.mode == 'review':
+            item = hold(push, update)
+            say(f'{update.ref} is held for review as {item.id}: nothing went upstream yet. A person approves it '
+                f'on the host with `doit approve --id {item.id}`. A new push to {update.ref} is held as a new '
+                'review; this one then can no longer be approved.')
+            push.receipt(update, 'held', id=item.id)
+        elif push.repo.mode == 'local':
+            say(f'{update.ref} is kept in the gate only: nothing goes upstream from this repository (mode '
+                'local); a person on the host fetches it from the gate')
+            push.receipt(update, 'kept')
+
+
+def hold(push: Push, update: Update) -> review.Held:
+    """Record the push for review, with the commits it would add to the upstream's branches and tags."""
+    exclude = [f'--exclude={pattern}' for pattern in push.repo.push]
+    listed = local_git('log', f'--max-count={COMMITS_LISTED}', '--format=%H %s', update.new, '--not', *exclude,
+                       '--all').stdout.splitlines()
+    item = review.Held(id=review.new_id(), bottle=push.bottle, repo=push.repo.upstream, ref=update.ref,
+                       old=update.old, new=update.new, time=now(), commits=listed, path=push.repo.path)
+    review.record_held(push.state_dir, item)
+    return item
+
+
+def short(sha: str) -> str:
+    return 'nothing' if sha == ZERO else sha[:12]
+
+
+def main(argv: list[str]) -> int:
+    push = Push.from_hook()
+    if argv[1] == 'pre-receive':
+        return pre_receive(push)
+    post_receive(push)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv))

@@ -1,0 +1,474 @@
+"""The git gate (daemons/gate), host side, with real git everywhere.
+
+The upstream is the test upstream (tests/proxy_upstreams.py) over TLS on a loopback address, asking
+for Basic auth that only the host's git knows (a credential store in a test HOME, whose gitconfig
+trusts the test CA). The gate runs with that HOME. A "guest" git, with a HOME of its own and no
+credential, speaks to the gate on 127.0.0.1:<port> as the egress proxy would forward it: with the
+bottle's name and the gate's key as headers, and the upstream's URL rewritten to the gate's."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from daemons.gate.engine import GateError, GitGate
+from daemons.gate.review import ReviewError, approve, held, reject
+from daemons.gate.store import ZERO
+from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
+
+USER = 'host-user'
+PASSWORD = f'host-secret-{secrets.token_hex(8)}'
+IDENTITY = {'GIT_AUTHOR_NAME': 'Agent', 'GIT_AUTHOR_EMAIL': 'agent@example.invalid',
+            'GIT_COMMITTER_NAME': 'Agent', 'GIT_COMMITTER_EMAIL': 'agent@example.invalid'}
+
+
+class Setup:
+    """The module's upstream, host HOME and gate; repositories are added per test."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.address = random_loopback_address()
+        self.ca, cert, key = make_upstream_ca(root, self.address)
+        self.git_root = root / 'upstream'
+        self.git_root.mkdir()
+        self.upstream = Upstream(self.address, cert, key, git_root=self.git_root, git_credentials=(USER, PASSWORD))
+        home = root / 'host-home'
+        home.mkdir()
+        credentials = home / '.git-credentials'
+        credentials.write_text(f'https://{USER}:{PASSWORD}@{self.address}\n')
+        credentials.chmod(0o600)
+        (home / '.gitconfig').write_text(f'[credential]\n\thelper = store\n[http]\n\tsslCAInfo = {self.ca}\n')
+        self.host_env = {'PATH': os.environ['PATH'], 'HOME': str(home), 'GIT_CONFIG_NOSYSTEM': '1'}
+        self.state = root / 'gate'
+        self.gate = GitGate(self.state, env=self.host_env)
+        self.bottles: dict[str, list[dict]] = {}
+
+    def add_repo(self, name: str, bottle: str = 'a', mode: str = 'forward', max_push_bytes: int = 10 ** 8) -> str:
+        """Serve upstream repository `name` (made with one commit on main if new) to `bottle`;
+        returns its upstream URL."""
+        bare = self.git_root / f'{name}.git'
+        if not bare.exists():
+            work = self.root / 'seed' / name
+            work.mkdir(parents=True)
+            host_git(work, 'init', '-q', '-b', 'main')
+            (work / 'README').write_text(f'{name}\n')
+            host_git(work, 'add', 'README')
+            host_git(work, 'commit', '-q', '-m', 'first')
+            host_git(self.root, 'clone', '-q', '--bare', str(work), str(bare))
+        self.bottles.setdefault(bottle, []).append({
+            'upstream': self.url(name), 'path': f'{self.address}/git/{name}', 'push': [f'refs/heads/agent/{bottle}/*'],
+            'mode': mode, 'max_push_bytes': max_push_bytes})
+        self.gate.write_bottles({b: {'repos': repos} for b, repos in self.bottles.items()})
+        return self.url(name)
+
+    def url(self, name: str) -> str:
+        return f'https://{self.address}/git/{name}.git'
+
+    def guest(self, bottle: str, cwd: Path, *args: str, key: str | None = None,
+              headers: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """git as in bottle `bottle`: no credential, the gate's headers, the upstream rewritten to the gate."""
+        home = self.root / f'guest-{bottle}'
+        home.mkdir(exist_ok=True)
+        gate = f'http://127.0.0.1:{self.gate.port()}/{self.address}/git/'
+        key = self.gate.key_file.read_text() if key is None else key
+        config = [f'http.extraHeader=X-Claude-Bottle: {bottle}', f'http.extraHeader=X-Claude-Bottle-Gate-Key: {key}',
+                  *(f'http.extraHeader={header}' for header in headers),
+                  f'url.{gate}.insteadOf=https://{self.address}/git/']
+        env = {'PATH': os.environ['PATH'], 'HOME': str(home), 'GIT_CONFIG_NOSYSTEM': '1', **IDENTITY}
+        return subprocess.run(['git', *(arg for item in config for arg in ('-c', item)), *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    def clone(self, bottle: str, name: str, into: Path) -> Path:
+        proc = self.guest(bottle, into.parent, 'clone', '-q', self.url(name), into.name)
+        assert proc.returncode == 0, proc.stderr
+        return into
+
+    def branch(self, bottle: str, name: str, branch: str, into: Path) -> tuple[Path, str]:
+        """A guest clone of `name` on a new `branch` with a commit of its own: (work tree, commit)."""
+        work = self.clone(bottle, name, into)
+        host_git(work, 'checkout', '-q', '-b', branch)
+        return work, commit(work, f'{branch.rsplit("/", 1)[-1]}.txt')
+
+    def upstream_ref(self, name: str, ref: str) -> str | None:
+        return rev_parse(self.git_root / f'{name}.git', ref)
+
+    def gate_ref(self, bottle: str, name: str, ref: str) -> str | None:
+        return rev_parse(self.state / 'mirrors' / bottle / self.address / 'git' / f'{name}.git', ref)
+
+    def upstream_commit(self, name: str, file: str) -> str:
+        """A new commit on the upstream's main, made there directly."""
+        work = self.root / 'seed' / name
+        host_git(work, 'pull', '-q', str(self.git_root / f'{name}.git'), 'main')
+        return commit(work, file, push_to=(str(self.git_root / f'{name}.git'), 'main'))
+
+    def receipts(self) -> list[dict]:
+        return [json.loads(line) for line in self.gate.receipts_file.read_text().splitlines()]
+
+
+def host_git(cwd: Path, *args: str) -> str:
+    env = {'PATH': os.environ['PATH'], 'HOME': str(cwd), 'GIT_CONFIG_NOSYSTEM': '1', **IDENTITY}
+    return subprocess.run(['git', *args], cwd=cwd, env=env, capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def commit(work: Path, file: str, content: bytes | None = None, push_to: tuple[str, str] | None = None) -> str:
+    (work / file).write_bytes(content if content is not None else f'{file}\n'.encode())
+    host_git(work, 'add', file)
+    host_git(work, 'commit', '-q', '-m', f'add {file}')
+    if push_to:
+        host_git(work, 'push', '-q', *push_to)
+    return host_git(work, 'rev-parse', 'HEAD')
+
+
+def rev_parse(git_dir: Path, ref: str) -> str | None:
+    proc = subprocess.run(['git', '--git-dir', str(git_dir), 'rev-parse', '--verify', '--quiet', ref],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def held_id(stderr: str) -> str:
+    found = re.search(r'remote: gate: \S+ is held for review as (\w+)', stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+@pytest.fixture(scope='module')
+def s(tmp_path_factory):
+    setup = Setup(tmp_path_factory.mktemp('gate'))
+    try:
+        assert setup.gate.ensure_running()
+        yield setup
+    finally:
+        setup.gate.stop()
+        setup.upstream.close()
+
+
+def test_clone_and_fetch_see_the_upstream_and_keep_the_agents_refs(s, tmp_path):
+    url = s.add_repo('fetched', mode='local')
+    work, kept = s.branch('a', 'fetched', 'agent/a/kept', tmp_path / 'work')
+    assert host_git(work, 'config', 'remote.origin.url') == url
+    assert (work / 'README').read_text() == 'fetched\n'
+    assert s.guest('a', work, 'push', '-q', 'origin', 'agent/a/kept').returncode == 0
+    second = s.upstream_commit('fetched', 'second.txt')
+    host_git(s.root / 'seed' / 'fetched', 'push', '-q', str(s.git_root / 'fetched.git'), 'main:feature')
+
+    # Wants for 30 commits make a request over 1 KB, which git sends gzip-compressed.
+    bare = s.git_root / 'fetched.git'
+    tree = host_git(s.root, '--git-dir', str(bare), 'rev-parse', 'main^{tree}')
+    for number in range(30):
+        topic = host_git(s.root, '--git-dir', str(bare), 'commit-tree', tree, '-p', 'main', '-m', f'topic {number}')
+        host_git(s.root, '--git-dir', str(bare), 'update-ref', f'refs/heads/topic-{number}', topic)
+
+    assert s.guest('a', work, 'fetch', '-q').returncode == 0
+    assert host_git(work, 'rev-parse', 'origin/main') == second
+    assert host_git(work, 'rev-parse', 'origin/feature') == second
+    assert host_git(work, 'log', '-1', '--format=%s', 'origin/topic-29') == 'topic 29'
+
+    host_git(s.root, '--git-dir', str(s.git_root / 'fetched.git'), 'branch', '-D', 'feature')
+    assert s.guest('a', work, 'fetch', '-q', '--prune').returncode == 0
+    branches = host_git(work, 'branch', '-r', '--format=%(refname:short)').split()
+    assert 'origin/feature' not in branches            # pruned as upstream dropped it
+    assert s.gate_ref('a', 'fetched', 'refs/heads/agent/a/kept') == kept     # the agent's ref stays
+    assert s.upstream_ref('fetched', 'refs/heads/agent/a/kept') is None
+
+
+def test_forward_lands_the_same_commit_upstream(s, tmp_path):
+    s.add_repo('forwarded')
+    work = s.clone('a', 'forwarded', tmp_path / 'work')
+    host_git(work, 'checkout', '-q', '-b', 'agent/a/big')
+    sha = commit(work, 'big.bin', os.urandom(3 * 1024 * 1024))    # over http.postBuffer: sent chunked
+
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/big')
+    assert proc.returncode == 0, proc.stderr
+    assert f'remote: gate: forwarded to {s.url("forwarded")}' in proc.stderr
+    assert s.upstream_ref('forwarded', 'refs/heads/agent/a/big') == sha
+    assert s.gate_ref('a', 'forwarded', 'refs/heads/agent/a/big') == sha
+
+    # A Proxy header from the guest (httpoxy) does not send the gate's upstream push anywhere else.
+    newer = commit(work, 'more.txt')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/big', headers=('Proxy: http://127.0.0.1:9',))
+    assert proc.returncode == 0, proc.stderr
+    assert s.upstream_ref('forwarded', 'refs/heads/agent/a/big') == newer
+    receipt = [r for r in s.receipts() if r['new'] == newer]
+    assert [(r['bottle'], r['repo'], r['ref'], r['old'], r['decision']) for r in receipt] == [
+        ('a', s.url('forwarded'), 'refs/heads/agent/a/big', sha, 'forwarded')]
+
+
+def test_review_holds_and_approve_lands_that_commit(s, tmp_path):
+    s.add_repo('reviewed', mode='review')
+    work, first = s.branch('a', 'reviewed', 'agent/a/feature', tmp_path / 'work')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/feature')
+    assert proc.returncode == 0, proc.stderr
+    first_id = held_id(proc.stderr)
+    assert f'doit approve --id {first_id}' in proc.stderr
+    assert s.upstream_ref('reviewed', 'refs/heads/agent/a/feature') is None
+    item = {h.id: h for h in held(s.state)}[first_id]
+    assert (item.bottle, item.repo, item.ref, item.old, item.new) == (
+        'a', s.url('reviewed'), 'refs/heads/agent/a/feature', ZERO, first)
+    assert item.commits == [f'{first} add feature.txt']
+
+    second = commit(work, 'two.txt')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/feature')
+    assert proc.returncode == 0, proc.stderr
+    second_id = held_id(proc.stderr)
+    with pytest.raises(ReviewError, match=f'pushed again.*now at {second[:12]}.*newer push {second_id}'):
+        approve(s.state, first_id, env=s.host_env)
+    assert s.upstream_ref('reviewed', 'refs/heads/agent/a/feature') is None
+
+    output = approve(s.state, second_id, env=s.host_env)
+    assert 'agent/a/feature' in output
+    assert s.upstream_ref('reviewed', 'refs/heads/agent/a/feature') == second
+    assert second_id not in {h.id for h in held(s.state)}
+    assert [r['decision'] for r in s.receipts() if r.get('id') == second_id] == ['held', 'approved']
+
+
+def test_reject_drops_a_held_push(s, tmp_path):
+    s.add_repo('rejected', mode='review')
+    work, sha = s.branch('a', 'rejected', 'agent/a/idea', tmp_path / 'work')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/idea')
+    held_as = held_id(proc.stderr)
+
+    reject(s.state, held_as)
+    assert held_as not in {h.id for h in held(s.state)}
+    with pytest.raises(ReviewError, match='no push is held'):
+        approve(s.state, held_as, env=s.host_env)
+    assert s.upstream_ref('rejected', 'refs/heads/agent/a/idea') is None
+    assert s.gate_ref('a', 'rejected', 'refs/heads/agent/a/idea') == sha
+    assert [r['decision'] for r in s.receipts() if r.get('id') == held_as] == ['held', 'rejected']
+
+
+def test_local_keeps_the_push_in_the_gate(s, tmp_path):
+    s.add_repo('kept', mode='local')
+    work, sha = s.branch('a', 'kept', 'agent/a/draft', tmp_path / 'work')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/draft')
+    assert proc.returncode == 0, proc.stderr
+    assert 'nothing goes upstream' in proc.stderr
+    assert s.upstream_ref('kept', 'refs/heads/agent/a/draft') is None
+    listed = s.guest('a', tmp_path, 'ls-remote', s.url('kept'), 'refs/heads/agent/a/draft').stdout
+    assert listed.split() == [sha, 'refs/heads/agent/a/draft']
+    assert [r['decision'] for r in s.receipts() if r['new'] == sha] == ['kept']
+
+
+def test_refusals_name_the_rule_and_the_allowed_refs(s, tmp_path):
+    s.add_repo('guarded', max_push_bytes=100_000)
+    work = s.clone('a', 'guarded', tmp_path / 'work')
+    main = host_git(work, 'rev-parse', 'HEAD')
+
+    def refused(*push: str) -> str:
+        proc = s.guest('a', work, 'push', *push)
+        assert proc.returncode != 0, proc.stderr
+        return proc.stderr
+
+    commit(work, 'on-main.txt')
+    said = refused('origin', 'HEAD:main')
+    assert 'remote: gate: refused refs/heads/main (rule allowed-refs)' in said
+    assert 'refs/heads/agent/a/*' in said
+
+    host_git(work, 'checkout', '-q', '-b', 'agent/a/x')
+    landed = host_git(work, 'rev-parse', 'HEAD')
+    assert s.guest('a', work, 'push', '-q', 'origin', 'agent/a/x').returncode == 0
+    host_git(work, 'reset', '-q', '--hard', main)
+    commit(work, 'rewritten.txt')
+    said = refused('--force', 'origin', 'agent/a/x')
+    assert 'remote: gate: refused refs/heads/agent/a/x (rule no-force-push)' in said
+    assert 'refs/heads/agent/a/*' in said
+
+    said = refused('origin', ':agent/a/x')
+    assert 'remote: gate: refused refs/heads/agent/a/x (rule no-delete)' in said
+
+    host_git(work, 'tag', 'v1')
+    said = refused('origin', 'v1')
+    assert 'remote: gate: refused refs/tags/v1 (rule no-tags)' in said
+
+    commit(work, 'large.bin', os.urandom(300_000))
+    said = refused('origin', 'HEAD:agent/a/large')
+    assert 'pack exceeds maximum allowed size' in said
+
+    assert s.upstream_ref('guarded', 'refs/heads/main') == main
+    assert s.upstream_ref('guarded', 'refs/heads/agent/a/x') == landed
+    assert s.upstream_ref('guarded', 'refs/tags/v1') is None
+    assert s.upstream_ref('guarded', 'refs/heads/agent/a/large') is None
+    rules = [r['rule'] for r in s.receipts() if r['repo'] == s.url('guarded') and r['decision'] == 'refused']
+    assert rules == ['allowed-refs', 'no-force-push', 'no-delete', 'no-tags']
+
+
+def test_the_upstreams_refusal_reaches_the_agent_and_the_gate_keeps_nothing(s, tmp_path):
+    s.add_repo('protected')
+    hook = s.git_root / 'protected.git' / 'hooks' / 'pre-receive'
+    hook.write_text('#!/bin/sh\necho "upstream: branch protection says no" >&2\nexit 1\n')
+    hook.chmod(0o755)
+    work, sha = s.branch('a', 'protected', 'agent/a/try', tmp_path / 'work')
+
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/try')
+    assert proc.returncode != 0
+    assert 'remote: remote: upstream: branch protection says no' in proc.stderr
+    assert 'the gate keeps nothing' in proc.stderr
+    assert s.gate_ref('a', 'protected', 'refs/heads/agent/a/try') is None
+    assert s.upstream_ref('protected', 'refs/heads/agent/a/try') is None
+    assert [(r['decision'], r['rule']) for r in s.receipts() if r['new'] == sha] == [('refused', 'upstream')]
+
+
+def test_only_the_proxy_may_speak_to_the_gate(s, tmp_path):
+    s.add_repo('keyed')
+    health = f'http://127.0.0.1:{s.gate.port()}/health'
+    for headers in ({}, {'X-Claude-Bottle-Gate-Key': 'guessed'}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(health, headers=headers), timeout=10)
+        assert refused.value.code == 403
+        assert refused.value.headers['Content-Type'].startswith('text/plain')
+    key = s.gate.key_file.read_text()
+    with urllib.request.urlopen(urllib.request.Request(health, headers={'X-Claude-Bottle-Gate-Key': key}),
+                                timeout=10) as answer:
+        assert answer.status == 200
+
+    proc = s.guest('a', tmp_path, 'clone', s.url('keyed'), 'work', key='guessed')
+    assert proc.returncode != 0
+    assert 'remote: gate: refused: only the egress proxy may speak to the git gate' in proc.stderr
+    assert s.gate.key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_bottle_reaches_only_its_own_repositories(s, tmp_path):
+    s.add_repo('theirs', bottle='b', mode='local')
+    proc = s.guest('a', tmp_path, 'clone', s.url('theirs'), 'theirs')
+    assert proc.returncode != 0
+    assert 'is not a repository of bottle a: it is not in the git: list of its manifest' in proc.stderr
+
+    work = tmp_path / 'mine'
+    work.mkdir()
+    host_git(work, 'init', '-q', '-b', 'main')
+    commit(work, 'sneak.txt')
+    proc = s.guest('a', work, 'push', s.url('theirs'), 'HEAD:refs/heads/agent/a/sneak')
+    assert proc.returncode != 0
+    assert 'not in the git: list of its manifest' in proc.stderr
+
+    # Both bottles serve the same upstream: each has its own mirror, and sees only its own pushes.
+    s.add_repo('theirs', bottle='a', mode='local')
+    theirs, _ = s.branch('b', 'theirs', 'agent/b/secret', tmp_path / 'b-work')
+    assert s.guest('b', theirs, 'push', '-q', 'origin', 'agent/b/secret').returncode == 0
+    listed = s.guest('a', tmp_path, 'ls-remote', s.url('theirs'))
+    assert listed.returncode == 0, listed.stderr
+    assert 'refs/heads/main' in listed.stdout and 'agent/b/secret' not in listed.stdout
+
+
+def test_pushes_at_once_each_land_or_are_refused_with_a_message(s, tmp_path):
+    s.add_repo('busy', bottle='a')
+    s.add_repo('busy', bottle='b')
+    works = {name: s.clone(name[0], 'busy', tmp_path / name) for name in ('a1', 'a2', 'b1')}
+    for name, work in works.items():
+        host_git(work, 'checkout', '-q', '-b', f'agent/{name[0]}/race')
+        commit(work, f'{name}.txt')
+
+    def push_all(pushes: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
+        """Each entry's guest git command (bottle, cwd, args...), all at once."""
+        results = {}
+        threads = [threading.Thread(target=lambda n=n, p=p: results.__setitem__(n, s.guest(*p)))
+                   for n, p in pushes.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        return results
+
+    # Two bottles push the same upstream at once, and two clones of bottle a the same ref.
+    results = push_all({name: (name[0], work, 'push', 'origin', f'agent/{name[0]}/race')
+                        for name, work in works.items()})
+    assert results['b1'].returncode == 0, results['b1'].stderr
+    assert s.upstream_ref('busy', 'refs/heads/agent/b/race') == host_git(works['b1'], 'rev-parse', 'HEAD')
+    outcomes = sorted((results[n].returncode == 0, n) for n in ('a1', 'a2'))
+    (lost, loser), (won, winner) = outcomes
+    assert won and not lost, (results['a1'].stderr, results['a2'].stderr)
+    assert re.search(r'rule ref-moved|\[rejected\].*fetch first', results[loser].stderr), results[loser].stderr
+    winning = host_git(works[winner], 'rev-parse', 'HEAD')
+    assert s.upstream_ref('busy', 'refs/heads/agent/a/race') == winning
+    assert s.gate_ref('a', 'busy', 'refs/heads/agent/a/race') == winning
+
+    # Pushes while the gate refreshes the mirror for fetches of the same bottle.
+    work = works[winner]
+    fetches, pushes = [], []
+
+    def fetch_repeatedly():
+        for _ in range(5):
+            fetches.append(s.guest('a', works[loser], 'fetch', '-q', 'origin'))
+
+    fetcher = threading.Thread(target=fetch_repeatedly)
+    fetcher.start()
+    for number in range(3):
+        commit(work, f'during-{number}.txt')
+        pushes.append(s.guest('a', work, 'push', '-q', 'origin', 'agent/a/race'))
+    fetcher.join(timeout=120)
+    assert [p.returncode for p in pushes] == [0, 0, 0], [p.stderr for p in pushes]
+    assert [f.returncode for f in fetches] == [0] * 5, [f.stderr for f in fetches]
+    last = host_git(work, 'rev-parse', 'HEAD')
+    assert s.upstream_ref('busy', 'refs/heads/agent/a/race') == last
+    assert s.gate_ref('a', 'busy', 'refs/heads/agent/a/race') == last
+
+
+def test_no_host_credential_in_the_gates_files(s, tmp_path):
+    s.add_repo('clean')
+    work, _ = s.branch('a', 'clean', 'agent/a/clean', tmp_path / 'work')
+    assert s.guest('a', work, 'push', '-q', 'origin', 'agent/a/clean').returncode == 0
+    s.gate.sync('a')
+
+    # The upstream does ask for the credential: without the host's, git gets nowhere.
+    bare = subprocess.run(['git', '-c', f'http.sslCAInfo={s.ca}', 'ls-remote', s.url('clean')], capture_output=True,
+                          text=True, timeout=60, env={'PATH': os.environ['PATH'], 'HOME': str(tmp_path),
+                                                      'GIT_CONFIG_NOSYSTEM': '1', 'GIT_TERMINAL_PROMPT': '0'})
+    assert bare.returncode != 0 and 'could not read Username' in bare.stderr, bare.stderr
+
+    files = [path for path in s.state.rglob('*') if path.is_file()]
+    assert any(path.name == 'config' for path in files) and s.gate.receipts_file in files
+    for path in files + [p for p in (s.root / 'guest-a').rglob('*') if p.is_file()]:
+        assert PASSWORD.encode() not in path.read_bytes(), path
+    for receipt in s.receipts():
+        assert {'time', 'bottle', 'repo', 'ref', 'old', 'new', 'decision'} <= set(receipt)
+
+
+def test_an_unreachable_upstream_is_reported_not_served_stale(s, tmp_path):
+    s.add_repo('vanishing', bottle='c')
+    s.clone('c', 'vanishing', tmp_path / 'work')
+    (s.git_root / 'vanishing.git').rename(s.git_root / 'vanished.git')
+    proc = s.guest('c', tmp_path / 'work', 'fetch')
+    assert proc.returncode != 0
+    assert f'remote: gate: cannot fetch {s.url("vanishing")} with the host\'s credentials' in proc.stderr
+    with pytest.raises(GateError, match=f'could not fetch {re.escape(s.url("vanishing"))} for bottle c'):
+        s.gate.sync('c')
+    with pytest.raises(GateError, match="bottle 'nobody' has no repositories"):
+        s.gate.sync('nobody')
+
+
+def test_bottles_are_checked_before_they_are_written(s):
+    before = s.gate.bottles_file.read_text()
+    repo = {'upstream': 'ext::sh -c id', 'path': '../escape', 'push': ['agent/*/x/*'], 'mode': 'later',
+            'max_push_bytes': 0}
+    with pytest.raises(GateError) as refused:
+        s.gate.write_bottles({'a': {'repos': [repo]}, '-b': {'repos': []}})
+    for problem in ("bottle 'a', repository 1: upstream 'ext::sh -c id'", "path '../escape'",
+                    "push pattern 'agent/*/x/*'", "mode 'later'", 'max_push_bytes 0', "bottle '-b'"):
+        assert problem in str(refused.value)
+    assert s.gate.bottles_file.read_text() == before
+
+
+def test_a_killed_gate_is_started_again(s, tmp_path):
+    s.add_repo('revived')
+    pid = s.gate.daemon().pid()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while s.gate.daemon().pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not s.gate.healthy()
+    with pytest.raises(GateError, match='not running'):
+        s.gate.port()
+    assert s.gate.ensure_running()
+    assert not s.gate.ensure_running()
+    assert s.gate.daemon().pid() != pid
+    s.clone('a', 'revived', tmp_path / 'work')

@@ -1,0 +1,321 @@
+"""The git gate, end to end on every backend: the agent clones, fetches and pushes its manifest's
+repositories by their own URLs, the bottle's git sends them through its one door to the project's
+gate, and the gate applies the push policy and forwards, holds or keeps with the host's credentials,
+which never enter the bottle.
+
+One project per backend serves the module. The upstream is a real TLS server on a loopback address
+(tests/proxy_upstreams.py) serving bare repositories through the real `git http-backend`, with
+Basic auth whose password only the host's git knows (a credential store named by the host's global
+gitconfig, GIT_CONFIG_GLOBAL, which the gate inherits from doit). Agents: `fwd` and `fwd2` forward,
+`rev` holds for review, `loc` keeps in the gate; only `fwd` lists the repository `other`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tasks.project import Project
+from tests.bottles import Bottles
+from tests.conftest import BACKENDS
+from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
+
+AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
+PASSWORD = 'host-only-secret-7f3a9c'
+UPSTREAM_REFUSAL = 'upstream: branch protection says no'
+GIT = ['git', '-c', 'user.name=Upstream', '-c', 'user.email=upstream@example.invalid']
+
+
+@dataclass
+class Gated:
+    bottles: Bottles
+    address: str
+    git_root: Path
+
+    def url(self, repo: str) -> str:
+        return f'https://{self.address}/git/{repo}.git'
+
+    def sh(self, agent: str, script: str) -> tuple[int, str]:
+        """`script` as the agent user in its bottle, in its home: (exit code, stdout and stderr)."""
+        out = self.bottles.guest(agent, f'cd /home/agent && {AS_AGENT} sh -c {shlex.quote(script)} 2>&1; '
+                                        'echo "exit=$?"')
+        text, _, code = out.rstrip('\n').rpartition('exit=')
+        return int(code), text
+
+    def ok(self, agent: str, script: str) -> str:
+        code, out = self.sh(agent, script)
+        assert code == 0, out
+        return out
+
+    def upstream_ref(self, repo: str, ref: str) -> str | None:
+        proc = subprocess.run(['git', '--git-dir', str(self.git_root / f'{repo}.git'), 'rev-parse', '--verify',
+                               '--quiet', ref], capture_output=True, text=True)
+        return proc.stdout.strip() or None
+
+    def upstream_commit(self, repo: str, text: str) -> str:
+        """A new commit on the upstream's main, made on the host."""
+        work = self.git_root / f'{repo}-work'
+        (work / 'upstream.txt').write_text(text)
+        subprocess.run([*GIT, '-C', str(work), 'commit', '-qam', text], check=True)
+        subprocess.run([*GIT, '-C', str(work), 'push', '-q', 'origin', 'main'], check=True)
+        return subprocess.run(['git', '-C', str(work), 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    def clone(self, agent: str, repo: str = 'app') -> str:
+        """The agent's clone of the repository, made fresh, in its home; its directory name."""
+        self.ok(agent, f'rm -rf {repo} && git clone -q {self.url(repo)} {repo}')
+        return repo
+
+    def commit(self, agent: str, directory: str, text: str) -> str:
+        return self.ok(agent, f'cd {directory} && echo {shlex.quote(text)} > work.txt && git add work.txt && '
+                              f'git commit -qm {shlex.quote(text)} && git rev-parse HEAD').split()[-1]
+
+
+def make_repository(root: Path, name: str) -> None:
+    """A bare repository with one commit on main, and a working clone the host pushes from; its
+    pre-receive hook refuses branches named */protected, as a real server's branch protection would."""
+    bare, work = root / f'{name}.git', root / f'{name}-work'
+    subprocess.run(['git', 'init', '-q', '--bare', '-b', 'main', str(bare)], check=True)
+    hook = bare / 'hooks' / 'pre-receive'
+    hook.write_text(f'#!/bin/sh\nwhile read old new ref; do case "$ref" in */protected) '
+                    f'echo "{UPSTREAM_REFUSAL}" >&2; exit 1 ;; esac; done\n')
+    hook.chmod(0o755)
+    subprocess.run(['git', 'clone', '-q', str(bare), str(work)], check=True, capture_output=True)
+    (work / 'upstream.txt').write_text('first\n')
+    subprocess.run([*GIT, '-C', str(work), 'add', '.'], check=True)
+    subprocess.run([*GIT, '-C', str(work), 'commit', '-qm', 'first'], check=True)
+    subprocess.run([*GIT, '-C', str(work), 'push', '-q', 'origin', 'main'], check=True, capture_output=True)
+
+
+def host_git_config(tmp: Path, address: str, ca: Path) -> Path:
+    """The host user's global gitconfig: trusts the upstream's CA and has its credential."""
+    store = tmp / 'host-credentials'
+    store.write_text(f'https://gate-user:{PASSWORD}@{address}\n')
+    store.chmod(0o600)
+    config = tmp / 'host-gitconfig'
+    config.write_text(f'[credential]\n\thelper = store --file={store}\n[http]\n\tsslCAInfo = {ca}\n')
+    return config
+
+
+@pytest.fixture(scope='module', params=list(BACKENDS))
+def gated(request, tmp_path_factory, claude_cache):
+    tmp = tmp_path_factory.mktemp(f'gate-{request.param}')
+    backend = BACKENDS[request.param](request, tmp, claude_cache)
+    address = random_loopback_address()
+    ca, cert, key = make_upstream_ca(tmp, address)
+    git_root = tmp / 'git'
+    git_root.mkdir()
+    for name in ('app', 'other'):
+        make_repository(git_root, name)
+    upstream = Upstream(address, cert, key, git_root=git_root, git_credentials=('gate-user', PASSWORD))
+    bottles = Bottles(tmp / 'project', backend)
+    bottles.extra_env['GIT_CONFIG_GLOBAL'] = str(host_git_config(tmp, address, ca))
+    bottles.extra_env['GIT_SSL_CAINFO'] = str(ca)     # an environment's CA bundle wins over the gitconfig's
+    app = f'https://{address}/git/app.git'
+    bottles.agent('fwd', prompt='Push.', git=[{'url': app, 'mode': 'forward', 'max_push_mb': 1},
+                                              {'url': f'https://{address}/git/other.git', 'mode': 'forward'}])
+    bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)      # fwd2 may also reach the upstream's host directly
+    bottles.agent('fwd2', prompt='Push too.', git=[{'url': app, 'mode': 'forward'}],
+                  network={'allow_hosts': [address], 'allow_private': [f'{address}/32']})
+    bottles.agent('rev', prompt='Ask.', git=[{'url': app}])
+    bottles.agent('loc', prompt='Keep.', git=[{'url': app, 'mode': 'local'}])
+    try:
+        bottles.doit('provision')
+        yield Gated(bottles, address, git_root)
+    finally:
+        backend.close(Project(bottles.root).label)
+        bottles.stop_egress()
+        subprocess.run(['python3', '-c', 'import sys; from daemons.gate.engine import GitGate; '
+                        'GitGate(sys.argv[1]).stop()', str(bottles.root / '.bottle' / 'gate')],
+                       env=bottles.env(), check=False)
+        upstream.close()
+
+
+def held_id(output: str) -> str:
+    found = re.search(r'doit approve --id (\S+)`', output)
+    assert found, output
+    return found.group(1)
+
+
+def test_a_clone_goes_through_the_gate_keeps_the_upstream_url_and_fetch_sees_new_commits(gated):
+    directory = gated.clone('fwd')
+    assert gated.ok('fwd', f'git -C {directory} config remote.origin.url').strip() == gated.url('app')
+    assert gated.ok('fwd', f'git -C {directory} config --local --get-regexp "^url\\." || true').strip() == ''
+    newer = gated.upstream_commit('app', 'second upstream commit\n')
+    gated.ok('fwd', f'git -C {directory} fetch -q origin')
+    assert gated.ok('fwd', f'git -C {directory} rev-parse origin/main').strip() == newer
+    # The gate's own URL is what the guest's git was told, by the system gitconfig alone.
+    rewrite = gated.ok('fwd', f'git config --system --includes --get-regexp "^url\\..*\\.insteadof$" "{gated.url("app")[:-4]}"')
+    assert f'http://git.bottle.invalid/{gated.address}/git/app' in rewrite
+
+
+def test_a_forwarded_push_lands_upstream_at_the_same_sha(gated):
+    directory = gated.clone('fwd')
+    sha = gated.commit('fwd', directory, 'forwarded work')
+    out = gated.ok('fwd', f'cd {directory} && git push origin HEAD:agent/fwd/work')
+    assert 'forwarded to' in out
+    assert gated.upstream_ref('app', 'refs/heads/agent/fwd/work') == sha
+
+
+def test_a_reviewed_push_is_held_until_approved_and_a_stale_approval_is_refused(gated):
+    directory = gated.clone('rev')
+    sha = gated.commit('rev', directory, 'work to review')
+    out = gated.ok('rev', f'cd {directory} && git push origin HEAD:agent/rev/work')
+    review = held_id(out)
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/work') is None
+    listed = gated.bottles.doit('held').stdout
+    assert review in listed and 'work to review' in listed
+    status = gated.bottles.doit('status')
+    assert 'git gate answering, 1 push(es) held for review' in status.stdout.split('\nrev: ')[1].split('\n')[0]
+    assert status.kinds == {'probe': 1}
+    approved = gated.bottles.doit('approve', '--id', review)
+    assert f'approve: {review} forwarded upstream' in approved.stdout
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/work') == sha
+
+    gated.commit('rev', directory, 'second')
+    stale = held_id(gated.ok('rev', f'cd {directory} && git push origin HEAD:agent/rev/work'))
+    third = gated.commit('rev', directory, 'third')
+    newer = held_id(gated.ok('rev', f'cd {directory} && git push origin HEAD:agent/rev/work'))
+    assert f'(superseded by {newer}' in gated.bottles.doit('held').stdout.split(f'\n{stale}: ')[1].split('\n')[0]
+    refused = gated.bottles.doit('approve', '--id', stale, check=False)
+    assert refused.returncode == 1 and 'Traceback' not in refused.output
+    assert newer in refused.output, refused.output       # it points at the push to review instead
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/work') == sha
+    gated.bottles.doit('approve', '--id', newer)
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/work') == third
+
+
+def test_a_local_push_stays_in_the_gate(gated):
+    directory = gated.clone('loc')
+    sha = gated.commit('loc', directory, 'kept work')
+    out = gated.ok('loc', f'cd {directory} && git push origin HEAD:agent/loc/work')
+    assert 'kept in the gate only' in out
+    assert gated.upstream_ref('app', 'refs/heads/agent/loc/work') is None
+    assert sha in gated.ok('loc', f'git ls-remote {gated.url("app")} agent/loc/work')
+
+
+@pytest.mark.parametrize('case', ['main', 'force', 'delete', 'tag', 'size'])
+def test_a_refused_push_names_the_rule(gated, case):
+    directory = gated.clone('fwd')
+    gated.commit('fwd', directory, f'before {case}')
+    gated.ok('fwd', f'cd {directory} && git push -q origin HEAD:agent/fwd/{case}')
+    push = {
+        'main': 'git push origin HEAD:main',
+        'force': 'git commit -q --amend -m amended && git push --force origin HEAD:agent/fwd/' + case,
+        'delete': f'git push origin :agent/fwd/{case}',
+        'tag': 'git tag v1 && git push origin v1',
+        'size': ('head -c 3000000 /dev/urandom > big.bin && git add big.bin && git commit -qm big && '
+                 f'git push origin HEAD:agent/fwd/{case}'),
+    }[case]
+    before = gated.upstream_ref('app', f'refs/heads/agent/fwd/{case}')
+    code, out = gated.sh('fwd', f'cd {directory} && {push}')
+    assert code != 0, out
+    words = {'main': ['rule allowed-refs', 'refs/heads/agent/fwd/*'], 'force': ['rule no-force-push'],
+             'delete': ['rule no-delete'], 'tag': ['rule no-tags'], 'size': ['pack exceeds maximum allowed size']}
+    for word in words[case]:     # said by the gate, so git shows it as the remote's words
+        assert any(line.startswith('remote:') and word in line for line in out.splitlines()), out
+    assert gated.upstream_ref('app', f'refs/heads/agent/fwd/{case}') == before
+    assert gated.upstream_ref('app', 'refs/tags/v1') is None
+
+
+def test_an_upstream_refusal_reaches_the_agent_and_the_gate_keeps_nothing(gated):
+    directory = gated.clone('fwd')
+    gated.commit('fwd', directory, 'to a protected branch')
+    code, out = gated.sh('fwd', f'cd {directory} && git push origin HEAD:agent/fwd/protected')
+    assert code != 0 and UPSTREAM_REFUSAL in out, out
+    assert gated.upstream_ref('app', 'refs/heads/agent/fwd/protected') is None
+    assert gated.ok('fwd', f'git ls-remote {gated.url("app")} agent/fwd/protected').strip() == ''
+
+
+def test_the_allowlist_never_opens_a_gated_repository_on_its_host(gated):
+    # fwd2 may reach the upstream's host, but not the repository there, other than through the gate.
+    code, out = gated.sh('fwd2', f'curl -sS -w "%{{http_code}}" https://{gated.address}/public/page')
+    assert code == 0 and out.endswith('200'), out
+    for path in ('/git/app.git/info/refs?service=git-upload-pack', '/git/app/info/refs', '/git/app.git/HEAD'):
+        code, out = gated.sh('fwd2', f'curl -sS -w "%{{http_code}}" "https://{gated.address}{path}"')
+        assert out.endswith('403') and 'only the git gate reaches' in out, out
+    code, out = gated.sh('fwd2', f'GIT_CONFIG_NOSYSTEM=1 git ls-remote {gated.url("app")}')   # no insteadOf
+    assert code != 0 and '403' in out, out
+
+
+def test_no_host_credential_enters_the_bottle_or_doits_database(gated):
+    found = gated.bottles.guest('fwd', f'grep -rlsF {PASSWORD} /etc /home /root /tmp /run 2>/dev/null; '
+                                       f'cat /proc/[0-9]*/environ 2>/dev/null | tr "\\0" "\\n" | grep -cF {PASSWORD}; '
+                                       'true')
+    assert found.split() == ['0'], found
+    config = gated.ok('fwd', 'git config -l --show-origin')
+    assert PASSWORD not in config and 'gate-user' not in config and 'credential' not in config
+    assert PASSWORD.encode() not in (gated.bottles.root / '.bottle' / 'doit.sqlite').read_bytes()
+
+
+def test_a_bottle_cannot_reach_anothers_repository_even_with_a_forged_identity(gated):
+    gate_url = f'http://git.bottle.invalid/{gated.address}/git/other'
+    forged = ('-c "http.extraHeader=X-Claude-Bottle: fwd" -c "http.extraHeader=X-Claude-Bottle-Gate-Key: guess" '
+              '-c "http.extraHeader=Proxy: http://127.0.0.1:1"')
+    for command in (f'git {forged} ls-remote {gate_url}', f'git ls-remote {gated.url("other")}',
+                    f'git {forged} clone -q {gate_url} stolen'):
+        code, out = gated.sh('loc', command)
+        assert code != 0, out
+    code, out = gated.sh('loc', f'git {forged} ls-remote {gate_url}')
+    assert 'loc' in out and 'git:' in out, out                   # the gate names who asked, and why not
+    # Its own repository works, forged headers or not: they are dropped, never believed.
+    assert gated.sh('loc', f'git {forged} ls-remote {gated.url("app")} main')[0] == 0
+    directory = gated.clone('loc')
+    gated.commit('loc', directory, 'not for other')
+    code, out = gated.sh('loc', f'cd {directory} && git push {gate_url} HEAD:agent/loc/x')
+    assert code != 0, out
+    assert gated.upstream_ref('other', 'refs/heads/agent/loc/x') is None
+    assert not list((gated.bottles.root / '.bottle' / 'gate' / 'mirrors' / 'loc').rglob('other*'))
+
+
+def test_pushes_at_once_and_during_refreshes_each_land_or_are_refused_in_words(gated):
+    for agent in ('fwd', 'fwd2'):
+        gated.clone(agent)
+    rounds = 4
+    pushing = {agent: gated.bottles.guest_process(agent, f'cd /home/agent/app && {AS_AGENT} sh -c ' + shlex.quote(
+        f'for i in $(seq {rounds}); do echo "$i" > race.txt && git add race.txt && git commit -qm "race $i" && '
+        f'git push origin HEAD:agent/{agent}/race 2>&1; echo "exit=$? sha=$(git rev-parse HEAD)"; done'))
+        for agent in ('fwd', 'fwd2')}
+    refreshing = gated.bottles.guest_process('fwd', f'{AS_AGENT} sh -c ' + shlex.quote(
+        f'cd /home/agent && rm -rf watch && git clone -q {gated.url("app")} watch && cd watch && '
+        f'for i in $(seq {2 * rounds}); do git fetch -q origin 2>&1; echo "fetch=$?"; done'))
+    for agent, process in pushing.items():
+        out, _ = process.communicate(timeout=300)
+        results = re.findall(r'exit=(\d+) sha=([0-9a-f]{40})', out.decode())
+        assert len(results) == rounds, out.decode()
+        landed = [sha for code, sha in results if code == '0']
+        assert landed, out.decode()
+        for code, _ in results:
+            assert code == '0' or 'gate:' in out.decode() or 'remote:' in out.decode(), out.decode()
+        assert gated.upstream_ref('app', f'refs/heads/agent/{agent}/race') == landed[-1]
+    out, _ = refreshing.communicate(timeout=300)
+    assert out.decode().count('fetch=0') == 2 * rounds, out.decode()
+
+
+def test_a_repository_list_change_alone_rewrites_the_guests_gitconfig(gated):
+    again = gated.bottles.doit('provision')
+    assert again.kinds == {'probe': 1} and 'provision_git:loc' not in again.executed, again.output
+    gated.bottles.agent('loc', prompt='Keep.', git=[{'url': gated.url('app'), 'mode': 'local'},
+                                                    {'url': gated.url('other'), 'mode': 'local'}])
+    changed = gated.bottles.doit('provision')
+    assert {'provision_git:loc', 'gate'} <= changed.executed, changed.output
+    assert not {'provision_git:fwd', 'machine:loc'} & changed.executed     # the prompt names the new one
+    assert gated.ok('loc', f'git ls-remote git@{gated.address}:git/other.git main').strip()   # scp-like, rewritten too
+
+
+def test_a_gate_killed_behind_doits_back_is_started_by_the_next_launch(gated):
+    pid = json.loads((gated.bottles.root / '.bottle' / 'gate' / 'gate.pid').read_text())['pid']
+    os.killpg(pid, signal.SIGKILL)
+    code, out = gated.sh('fwd', f'git ls-remote {gated.url("app")} main')
+    assert code != 0, out
+    relaunch = gated.bottles.doit('launch:fwd')
+    assert 'gate' in relaunch.executed, relaunch.output
+    assert gated.ok('fwd', f'git ls-remote {gated.url("app")} main').strip()
+    assert gated.bottles.doit('launch:fwd').kinds == {'probe': 1}
