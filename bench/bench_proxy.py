@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from daemons.lifecycle import Daemon  # noqa: E402
-from daemons.proxy.engine import CA_MAKER, EgressProxy, ensure_venv, write_rules  # noqa: E402
+from daemons.proxy.engine import EgressProxy, ProxyError, ensure_venv, write_rules  # noqa: E402
 from tasks.project import cache_dir  # noqa: E402
 from tests.proxy_upstreams import GuestRelay, Upstream, make_upstream_ca, random_loopback_address  # noqa: E402
 
@@ -308,9 +308,10 @@ def plain_proxy(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
     but without the fence addon (and so no bottles), listening on `port`, with a CA of the same kind
     made by the project's CA maker; and that CA's certificate."""
     confdir = state_dir / 'ca'
-    made = subprocess.run([str(venv / 'bin' / 'python'), str(CA_MAKER), str(confdir)], capture_output=True, text=True)
-    if made.returncode != 0:
-        raise BenchFailure(f'making a CA in {confdir} failed: {made.stderr[-1000:]}')
+    try:
+        EgressProxy(state_dir, venv).ensure_ca()        # in state_dir/ca
+    except ProxyError as err:
+        raise BenchFailure(f'making a CA in {confdir} failed: {err}') from None
     python, serve, *kept = proxy.daemon().argv
     replaced = ('bottle_doors', 'confdir', 'mode', *(s.split('=', 1)[0] for s in settings))
     kept = [s for s in kept if s.split('=', 1)[0] not in replaced]

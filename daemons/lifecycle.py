@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.project import write_atomic
+from tasks.atomic import write_atomic
 
 POLL_SECONDS = 0.05
 

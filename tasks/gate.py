@@ -159,11 +159,12 @@ def show_held(project: Project):
     if not pushes:
         print('held: no push waits for review')
         return
-    latest = {(push.bottle, push.path, push.ref): push.id for push in pushes}     # oldest first
+    state_dir = gate(project).state_dir
     for push in pushes:
-        newer = latest[(push.bottle, push.path, push.ref)]
+        current = review.gate_ref(state_dir, push)
+        newer = review.superseded_by(state_dir, push, current) if current != push.new else None
         print(f'{push.id}: {push.bottle} pushed {push.ref} of {push.repo}, {push.old[:12]}..{push.new[:12]} '
-              f'at {push.time}' + (f' (superseded by {newer}: the agent pushed again)' if newer != push.id else ''))
+              f'at {push.time}' + (f' (superseded by {newer}: the agent pushed again)' if newer else ''))
         for commit in push.commits:
             print(f'    {commit}')
     print('approve one with `doit approve --id ID`, or drop it with `doit reject --id ID`')

@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jinja2
 import jinja2.meta
 from doit.exceptions import InvalidDodoFile, TaskFailed
 
+from tasks.atomic import write_atomic
 from tasks.backends import BottleError
 from tasks.backends.detect import default_backend
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
@@ -115,28 +115,6 @@ def cache_dir() -> Path:
     """Per-user download cache, shared by all projects."""
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     return Path(base) / 'claude-bottle'
-
-
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o644):
-    """Readers see the old file or the whole new one, never a part, also after a crash:
-    the data is on disk before the rename, and the rename is on disk before we return."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, 'wb') as out:
-            out.write(data.encode() if isinstance(data, str) else data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def write_json(path: Path, data: dict):

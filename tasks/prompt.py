@@ -4,8 +4,9 @@ from __future__ import annotations
 from doit.tools import config_changed
 
 from tasks import guest
+from tasks.atomic import write_atomic
 from tasks.manifest import Agent
-from tasks.project import Project, action, write_atomic
+from tasks.project import Project, action
 
 TEMPLATE = 'prompt.md.j2'
 

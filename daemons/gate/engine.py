@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daemons.gate.config import BottlesError, load_bottles, parse_bottles
-from daemons.gate.store import KEY_HEADER, LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
 from daemons.lifecycle import Daemon
-from tasks.project import write_atomic
+from daemons.proxy.rules import GATE_KEY_HEADER
+from tasks.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_SECONDS = 3.0
@@ -140,7 +141,7 @@ class GitGate:
             return False
         connection = http.client.HTTPConnection(LISTEN_HOST, record['port'], timeout=PROBE_SECONDS)
         try:
-            connection.request('GET', '/health', headers={KEY_HEADER: self.key_file.read_text().strip()})
+            connection.request('GET', '/health', headers={GATE_KEY_HEADER: self.key_file.read_text().strip()})
             response = connection.getresponse()
             return response.status == 200 and json.loads(response.read()).get('pid') == record['pid']
         except (OSError, ValueError, http.client.HTTPException):

@@ -3,8 +3,9 @@
     python -P -m daemons.gate.hook pre-receive|post-receive      (stdin: "<old> <new> <ref>" lines)
 
 pre-receive applies the policy and, in mode `forward`, pushes upstream while the pushed objects are
-still in quarantine: an upstream refusal refuses the push, and the gate keeps nothing of it.
-post-receive, once the refs are in the gate, holds a `review` push and tells a `local` one where it is.
+still in quarantine: an upstream refusal refuses the push, and the gate keeps nothing of it; in mode
+`local` it tells the pusher where the push stays. post-receive, once the refs are in the gate, holds
+a `review` push (the hook scripts start no Python for it in the other modes).
 All they print reaches the pusher as `remote:` lines. serve.py passes them, in the environment, the
 state directory, the bottle, the repository's entry of bottles.json and the names of the host's
 variables (BOTTLE_GATE_*). The daemon holds the mirror's lock for the whole push.
@@ -73,6 +74,11 @@ def pre_receive(push: Push) -> int:
         return 1
     if push.repo.mode == 'forward':
         return forward(push)
+    if push.repo.mode == 'local':       # the push holds the mirror's lock: the refs are updated next
+        for update in push.updates:
+            say(f'{update.ref} is kept in the gate only: nothing goes upstream from this repository (mode '
+                'local); a person on the host fetches it from the gate')
+            push.receipt(update, 'kept')
     return 0
 
 
@@ -128,10 +134,6 @@ def post_receive(push: Push) -> None:
                 f'on the host with `doit approve --id {item.id}`. A new push to {update.ref} is held as a new '
                 'review; this one then can no longer be approved.')
             push.receipt(update, 'held', id=item.id)
-        elif push.repo.mode == 'local':
-            say(f'{update.ref} is kept in the gate only: nothing goes upstream from this repository (mode '
-                'local); a person on the host fetches it from the gate')
-            push.receipt(update, 'kept')
 
 
 def hold(push: Push, update: Update) -> review.Held:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemons.gate import upstream
 from daemons.gate.store import append_receipt, held_dir, held_file, mirror_dir, mirror_lock
+from tasks.atomic import write_atomic
 
 
 class ReviewError(Exception):
@@ -41,8 +42,6 @@ def new_id() -> str:
 
 
 def record_held(state_dir: Path, item: Held) -> None:
-    # Imported here: the hooks import this module on every push, and only review pushes need it.
-    from tasks.project import write_atomic
     write_atomic(held_file(state_dir, item.id), json.dumps(asdict(item), indent=2) + '\n')
 
 
@@ -59,15 +58,13 @@ def approve(state_dir: Path, held_id: str, env: Mapping[str, str] | None = None)
     or when the upstream refuses."""
     with _locked(state_dir, held_id) as item:
         mirror = mirror_dir(state_dir, item.bottle, item.path)
-        current = subprocess.run(['git', '--git-dir', str(mirror), 'rev-parse', '--verify', '--quiet', item.ref],
-                                 capture_output=True, text=True).stdout.strip()
+        current = gate_ref(state_dir, item)
         if current != item.new:
-            newer = [other.id for other in held(state_dir) if (other.bottle, other.path, other.ref, other.new)
-                     == (item.bottle, item.path, item.ref, current)]
+            newer = superseded_by(state_dir, item, current)
             raise ReviewError(
                 f'held push {held_id} cannot be approved: the agent pushed again; {item.ref} of bottle '
                 f'{item.bottle} in the gate is now at {current[:12] or "nothing"}, not {item.new[:12]}. '
-                + (f'Review the newer push {newer[0]} instead.' if newer else 'No newer push is held for it.'))
+                + (f'Review the newer push {newer} instead.' if newer else 'No newer push is held for it.'))
         try:
             proc = upstream.push(mirror, item.repo, [(item.new, item.ref)], upstream.host_env(env or os.environ))
             output, refused = (proc.stdout + proc.stderr).strip(), proc.returncode != 0
@@ -82,6 +79,19 @@ def approve(state_dir: Path, held_id: str, env: Mapping[str, str] | None = None)
         append_receipt(state_dir, **receipt, decision='approved')
         held_file(state_dir, held_id).unlink()
     return output
+
+
+def gate_ref(state_dir: Path, item: Held) -> str:
+    """Where the held push's ref is in the gate now ('' when it is not there)."""
+    mirror = mirror_dir(state_dir, item.bottle, item.path)
+    return subprocess.run(['git', '--git-dir', str(mirror), 'rev-parse', '--verify', '--quiet', item.ref],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def superseded_by(state_dir: Path, item: Held, current: str) -> str | None:
+    """The id of the held push that put the ref where it is now, when that is not `item`."""
+    return next((other.id for other in held(state_dir) if other.id != item.id and
+                 (other.bottle, other.path, other.ref, other.new) == (item.bottle, item.path, item.ref, current)), None)
 
 
 def reject(state_dir: Path, held_id: str) -> None:

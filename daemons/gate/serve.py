@@ -24,9 +24,10 @@ from pathlib import Path
 import uvicorn
 
 from daemons.gate.config import BottlesError, Repo, load_bottles
-from daemons.gate.store import BOTTLE_HEADER, KEY_HEADER, LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
+from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
-from tasks.project import write_atomic
+from tasks.atomic import write_atomic
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536
@@ -51,11 +52,11 @@ class Gate:
         if scope['type'] != 'http':
             return
         headers = {name.decode('latin-1').lower(): value.decode('latin-1') for name, value in scope['headers']}
-        if not hmac.compare_digest(headers.get(KEY_HEADER, '').encode(), self.key):
+        if not hmac.compare_digest(headers.get(GATE_KEY_HEADER.lower(), '').encode(), self.key):
             return await answer(send, 403, 'gate: refused: only the egress proxy may speak to the git gate')
         if scope['path'] == '/health':
             return await answer(send, 200, json.dumps({'pid': os.getpid()}), 'application/json')
-        bottle = headers.get(BOTTLE_HEADER, '')
+        bottle = headers.get(BOTTLE_HEADER.lower(), '')
         try:
             repos = load_bottles(self.state_dir / 'bottles.json').get(bottle)
         except BottlesError as err:

@@ -10,8 +10,7 @@
         mirrors/<bottle>/<path>.git        a bare mirror per bottle and repository
         mirrors/<bottle>/<path>.git.lock   taken while anything changes that mirror's refs
 
-Also what the gate and the egress proxy agree on (the headers). Kept free of the project's heavier
-modules: the hooks import it on every push.
+Kept free of the project's heavier modules: the hooks import it on every push.
 """
 from __future__ import annotations
 
@@ -22,13 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from daemons.proxy import rules      # standard library only
-
 ZERO = '0' * 40
 LISTEN_HOST = '127.0.0.1'
-# The headers the egress proxy adds to each request it routes to the gate, as ASGI gives them.
-BOTTLE_HEADER = rules.BOTTLE_HEADER.lower()
-KEY_HEADER = rules.GATE_KEY_HEADER.lower()
 LOCK_SECONDS = 600.0        # a push or a refresh holds a mirror's lock at most about this long
 
 

@@ -8,7 +8,7 @@ ECDSA P-256, basicConstraints CA:TRUE (critical, no intermediates), keyUsage key
 (critical). It must exist before mitmproxy starts: mitmproxy would otherwise make its own RSA CA
 and a second copy of the key (mitmproxy-ca.p12).
 
-Runs with the proxy environment's Python (it needs `cryptography`):
+Runs with the proxy environment's Python (it needs `cryptography`), the project on its PYTHONPATH:
     python ca.py CONFDIR           make the CA unless it exists (and restore a missing cert file)
     python ca.py CONFDIR --renew   replace it with a new one
 """
@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tasks.atomic import write_atomic     # standard library only; the engine puts the project on PYTHONPATH
 
 KEY_FILE = 'mitmproxy-ca.pem'
 CERT_FILE = 'mitmproxy-ca-cert.pem'
@@ -44,9 +45,9 @@ def ensure(confdir: Path, renew: bool = False) -> None:
     confdir.mkdir(parents=True, exist_ok=True)
     os.chmod(confdir, 0o700)
     if key_pem:
-        _write_atomic(key_file, key_pem + cert_pem, 0o600)
+        write_atomic(key_file, key_pem + cert_pem, 0o600)   # made 0600: never readable by others
     if not cert_file.exists() or cert_file.read_bytes() != cert_pem:
-        _write_atomic(cert_file, cert_pem, 0o644)
+        write_atomic(cert_file, cert_pem, 0o644)
 
 
 def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -66,23 +67,6 @@ def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
                                          encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(key, hashes.SHA256()))
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # tasks.project.write_atomic cannot be imported here: this runs in mitmproxy's own environment,
-    # without the project's dependencies. The temp file has its final mode from creation: the key is
-    # never readable by others.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, 'wb') as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 if __name__ == '__main__':

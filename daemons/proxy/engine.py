@@ -42,7 +42,7 @@ from pathlib import Path
 
 from daemons.lifecycle import Daemon
 from daemons.proxy.rules import HEALTH_HOST, Rules
-from tasks.project import write_atomic
+from tasks.atomic import write_atomic
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
@@ -283,7 +283,7 @@ class EgressProxy:
         if not flags and (self.ca_dir / 'mitmproxy-ca.pem').exists() and self.ca_cert.exists():
             return      # spares starting the environment's Python on every launch
         proc = subprocess.run([str(self.venv / 'bin' / 'python'), str(CA_MAKER), str(self.ca_dir), *flags],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(HERE.parent.parent)})
         if proc.returncode != 0:
             raise ProxyError(f'making the egress CA in {self.ca_dir} failed:\n{proc.stderr[-2000:]}')
 
