@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,15 @@ class Fence:
     def log(self, agent: str) -> list[dict]:
         path = self.bottles.root / '.bottle' / 'agents' / agent / 'egress.log'
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def logged(self, agent: str, path: str, seconds: float = 10) -> dict:
+        """The log line of the agent's last request for `path`. An allowed request's line is written
+        once the response has streamed through, which may be just after the client has it all."""
+        deadline = time.monotonic() + seconds
+        while not (lines := [line for line in self.log(agent) if line['path'] == path]):
+            assert time.monotonic() < deadline, f'no log line for {path} of {agent}: {self.log(agent)}'
+            time.sleep(0.05)
+        return lines[-1]
 
     def proxy_pid(self) -> int:
         return json.loads((self.bottles.root / '.bottle' / 'egress' / 'proxy.pid').read_text())['pid']
@@ -142,7 +152,7 @@ def test_a_the_bottle_has_no_network_card_only_its_door(fence):
 def test_a_curl_reaches_an_allowed_host_trusting_the_provisioned_ca(fence):
     status, body = fence.curl('open', f'{fence.url}/hello')
     assert (status, body) == (200, 'upstream saw GET /hello'), body
-    line = fence.log('open')[-1]
+    line = fence.logged('open', '/hello')
     assert (line['host'], line['path'], line['allowed'], line['status']) == (fence.address, '/hello', True, 200)
     # A scrubbed environment still finds the door (curlrc) and the CA (the system store).
     out = fence.bottles.guest('open', f'env -i PATH=/usr/bin:/bin HOME=/root curl -sS --max-time 20 {fence.url}/scrubbed')

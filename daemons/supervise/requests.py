@@ -1,0 +1,281 @@
+"""Requests from bottles and the human's decisions on them: what the MCP tools, the page and the command
+line call. A decision takes effect here, whoever makes it: an approved host joins the bottle's rules,
+an approved push goes upstream through the gate.
+
+Every decision is bound to one request: it is made once (a decided request stays decided), recorded
+with who made it ("page", or the OS user on the command line) and when.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from daemons.gate import review
+from daemons.proxy import rules
+from daemons.proxy.engine import write_rules
+from daemons.supervise.store import (PENDING, Request, SuperviseError, connect, insert, load_bottles, now,
+                                     row_request)
+from tasks.atomic import write_atomic
+
+RECENT = 50             # decided requests shown besides the pending ones
+LOG_TAIL_BYTES = 256 * 1024
+
+
+def bottle_entry(state_dir: Path, bottle: str) -> dict:
+    """What the supervisor knows of `bottle` (its rules, approved hosts, egress log, wait)."""
+    entry = load_bottles(state_dir)[1].get(bottle)
+    if entry is None:
+        raise SuperviseError(f'bottle {bottle!r} is not served by this supervisor; relaunch it')
+    return entry
+
+
+def ask_egress(state_dir: Path, bottle: str, host: str, reason: str) -> Request:
+    bottle_entry(state_dir, bottle)
+    try:
+        rules.Rules.from_json({'hosts': [{'host': host}]})
+    except rules.RulesError:
+        raise SuperviseError(f'{host!r} is not a host name; ask for a name such as "pypi.org", without a scheme, '
+                             'port or path') from None
+    return insert(state_dir, bottle, 'egress', {'host': rules.normal_host(host), 'reason': reason})
+
+
+def ask_push(state_dir: Path, bottle: str, review_id: str) -> Request:
+    bottle_entry(state_dir, bottle)
+    item = _held(state_dir, review_id)
+    if item is None or item.bottle != bottle:
+        raise SuperviseError(f'no push of this bottle is held for review as {review_id!r}; the id is the one '
+                             '`git push` printed ("held for review as ...")')
+    return insert(state_dir, bottle, 'push', {'review_id': item.id, 'repo': item.repo, 'ref': item.ref,
+                                              'new': item.new, 'commits': item.commits})
+
+
+def ask_question(state_dir: Path, bottle: str, question: str, choices: list[str] | None) -> Request:
+    bottle_entry(state_dir, bottle)
+    return insert(state_dir, bottle, 'question', {'question': question, 'choices': choices or []})
+
+
+def get(state_dir: Path, request_id: str, bottle: str | None = None) -> Request | None:
+    """The request, or None when there is none by that id (of that bottle, when `bottle` is given)."""
+    with connect(state_dir) as db:
+        row = db.execute('SELECT * FROM requests WHERE id = ?', (request_id,)).fetchone()
+    if row is None or (bottle is not None and row['bottle'] != bottle):
+        return None
+    return row_request(row)
+
+
+def pending(state_dir: Path, bottle: str | None = None) -> list[Request]:
+    """The requests waiting for the human, oldest first."""
+    with connect(state_dir) as db:
+        rows = db.execute('SELECT * FROM requests WHERE state = ? AND (? IS NULL OR bottle = ?) ORDER BY created, id',
+                          (PENDING, bottle, bottle)).fetchall()
+    return [row_request(row) for row in rows]
+
+
+def recent(state_dir: Path, bottle: str | None = None, limit: int = RECENT) -> list[Request]:
+    """The pending requests and the `limit` last decided ones, newest first."""
+    with connect(state_dir) as db:
+        rows = db.execute('SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state = ? UNION ALL '
+                          'SELECT * FROM (SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state != ? '
+                          'ORDER BY created DESC, rowid DESC LIMIT ?) ORDER BY created DESC',
+                          (bottle, bottle, PENDING, bottle, bottle, PENDING, limit)).fetchall()
+    return [row_request(row) for row in rows]
+
+
+def approve(state_dir: Path, request_id: str, by: str) -> Request:
+    """Grant a host or a push request, and make it take effect: the host is allowed for the bottle from
+    its next request on, or the held commit goes upstream."""
+    with _deciding(state_dir, request_id) as (db, request):
+        if request.kind == 'egress':
+            _allow_host(bottle_entry(state_dir, request.bottle), request.payload['host'])
+            text = None
+        elif request.kind == 'push':
+            text = _forward_push(state_dir, request)
+        else:
+            raise SuperviseError(f'request {request_id} is a question: answer it instead')
+        return _decide(db, request, 'approved', text, by)
+
+
+def deny(state_dir: Path, request_id: str, by: str, reason: str = '') -> Request:
+    """Refuse a request; the agent is told `reason`. A denied push is rejected at the gate: nothing goes
+    upstream."""
+    with _deciding(state_dir, request_id) as (db, request):
+        if request.kind == 'push':
+            gate = _gate(state_dir)
+            try:
+                review.reject(gate, request.payload['review_id'])
+            except review.ReviewError:
+                pass        # rejected or approved already by other means: nothing left to drop
+        return _decide(db, request, 'denied', reason or 'no reason given', by)
+
+
+def answer(state_dir: Path, request_id: str, by: str, text: str) -> Request:
+    """Answer a question; with choices, `text` must be one of them."""
+    with _deciding(state_dir, request_id) as (db, request):
+        if request.kind != 'question':
+            raise SuperviseError(f'request {request_id} asks for {request.kind}: approve or deny it')
+        choices = request.payload.get('choices') or []
+        if choices and text not in choices:
+            raise SuperviseError(f'request {request_id} asks to choose one of {choices}, not {text!r}')
+        if not text.strip():
+            raise SuperviseError(f'the answer to request {request_id} is empty')
+        return _decide(db, request, 'answered', text, by)
+
+
+def abandon(state_dir: Path, request_id: str) -> None:
+    """The call that asked went away (cancelled, disconnected): a still pending request is dropped."""
+    with connect(state_dir) as db:
+        db.execute("UPDATE requests SET state = 'abandoned', decided = ? WHERE id = ? AND state = ?",
+                   (now(), request_id, PENDING))
+
+
+def outcome(request: Request) -> str:
+    """What the agent is told about its request."""
+    by = f'request {request.id}, by {request.answered_by} at {request.decided}'
+    if request.state == PENDING:
+        return f'still pending as request {request.id}; call check_request later'
+    if request.state == 'approved' and request.kind == 'egress':
+        return f'approved: {request.payload["host"]} is allowed for this bottle from now on ({by})'
+    if request.state == 'approved':
+        return (f'approved: {request.payload["ref"]} at {request.payload["new"]} was pushed to '
+                f'{request.payload["repo"]} ({by}). The upstream said:\n{request.answer}')
+    if request.state == 'denied':
+        return f'denied ({by}): {request.answer}'
+    if request.state == 'answered':
+        return f'answered ({by}): {request.answer}'
+    return f'abandoned (request {request.id}): the call that asked went away before an answer; ask again if needed'
+
+
+def report_status(state_dir: Path, bottle: str, text: str) -> None:
+    bottle_entry(state_dir, bottle)
+    with connect(state_dir) as db:
+        db.execute('INSERT INTO statuses (bottle, time, text) VALUES (?, ?, ?)', (bottle, now(), text))
+
+
+def statuses(state_dir: Path) -> dict[str, dict]:
+    """Each bottle's latest status report: {"time", "text"}."""
+    with connect(state_dir) as db:
+        rows = db.execute('SELECT bottle, time, text FROM statuses WHERE rowid IN '
+                          '(SELECT max(rowid) FROM statuses GROUP BY bottle)').fetchall()
+    return {row['bottle']: {'time': row['time'], 'text': row['text']} for row in rows}
+
+
+def blocked(log: Path, limit: int = 20) -> list[dict]:
+    """The bottle's last `limit` requests the egress proxy refused, newest first, from its log."""
+    try:
+        with open(log, 'rb') as stream:
+            stream.seek(max(0, os.fstat(stream.fileno()).st_size - LOG_TAIL_BYTES))
+            lines = stream.read().decode(errors='replace').splitlines()
+    except OSError:
+        return []
+    refused = []
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue        # the first line of the tail is usually cut
+        if isinstance(entry, dict) and entry.get('allowed') is False:
+            refused.append({key: entry.get(key) for key in ('time', 'method', 'host', 'port', 'path', 'reason')})
+            if len(refused) == limit:
+                break
+    return refused
+
+
+def approved_hosts(entry: dict) -> list[str]:
+    try:
+        hosts = json.loads(Path(entry['approved']).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise SuperviseError(f'{entry["approved"]} is not a list of approved hosts ({err}); fix or remove it') from None
+    return hosts if isinstance(hosts, list) else []
+
+
+def revoke(state_dir: Path, bottle: str, host: str) -> None:
+    """Withdraw an approved host: it leaves the approved hosts and the bottle's rules, so the proxy refuses
+    it from the next request on. A host the manifest itself allows returns with the next render of the
+    rules (the next launch)."""
+    entry = bottle_entry(state_dir, bottle)
+    hosts = approved_hosts(entry)
+    if host not in hosts:
+        raise SuperviseError(f'{host!r} is not an approved host of bottle {bottle}; the page lists them')
+    write_atomic(Path(entry['approved']), json.dumps([h for h in hosts if h != host], indent=2) + '\n')
+    try:
+        data = rules.load(Path(entry['rules'])).to_json()
+    except rules.RulesError as err:
+        raise SuperviseError(f'cannot remove {host} from the bottle\'s rules: {err}; relaunch the bottle') from None
+    data['hosts'] = [h for h in data['hosts'] if h != {'host': host}]
+    write_rules(Path(entry['rules']), data)
+
+
+def _allow_host(entry: dict, host: str) -> None:
+    """The host goes into the approved hosts first (which re-renders of the rules merge in), then
+    into the rules the proxy reads on each request."""
+    hosts = approved_hosts(entry)
+    if host not in hosts:
+        write_atomic(Path(entry['approved']), json.dumps(sorted([*hosts, host]), indent=2) + '\n')
+    try:
+        data = rules.load(Path(entry['rules'])).to_json()
+    except rules.RulesError as err:
+        raise SuperviseError(f'cannot add {host} to the bottle\'s rules: {err}; relaunch the bottle') from None
+    if {'host': host} not in data['hosts']:
+        data['hosts'].append({'host': host})
+        write_rules(Path(entry['rules']), data)
+
+
+def _forward_push(state_dir: Path, request: Request) -> str:
+    """The held push goes upstream, if it is still the very commit the request was made for."""
+    review_id = request.payload['review_id']
+    item = _held(state_dir, review_id)
+    if item is None:
+        raise SuperviseError(f'push {review_id} of request {request.id} is no longer held for review (approved '
+                             'or rejected from the command line?); deny the request')
+    if item.new != request.payload['new']:
+        raise SuperviseError(f'held push {review_id} is now at {item.new}, not {request.payload["new"]} as in '
+                             f'request {request.id}; deny it')
+    try:
+        return review.approve(_gate(state_dir), review_id)
+    except review.ReviewError as err:
+        raise SuperviseError(str(err)) from None
+
+
+def _gate(state_dir: Path) -> Path:
+    gate = load_bottles(state_dir)[0]
+    if gate is None:
+        raise SuperviseError('the supervisor knows no git gate, so it cannot review pushes; relaunch the bottles')
+    return gate
+
+
+def _held(state_dir: Path, review_id: str) -> review.Held | None:
+    return next((item for item in review.held(_gate(state_dir)) if item.id == review_id), None)
+
+
+@contextmanager
+def _deciding(state_dir: Path, request_id: str) -> Iterator[tuple]:
+    """The pending request, in a write transaction: of two decisions at once, the second finds it decided.
+    An error inside rolls back and leaves the request pending."""
+    with connect(state_dir) as db:
+        db.execute('BEGIN IMMEDIATE')
+        try:
+            row = db.execute('SELECT * FROM requests WHERE id = ?', (request_id,)).fetchone()
+            if row is None:
+                raise SuperviseError(f'there is no request {request_id!r}; the page and `pending` list them')
+            request = row_request(row)
+            if request.state != PENDING:
+                raise SuperviseError(f'request {request_id} is {request.state} already (by {request.answered_by} '
+                                     f'at {request.decided}); a request is decided once')
+            yield db, request
+            db.execute('COMMIT')
+        except BaseException:
+            db.execute('ROLLBACK')
+            raise
+
+
+def _decide(db, request: Request, state: str, text: str | None, by: str) -> Request:
+    decided = now()
+    db.execute('UPDATE requests SET state = ?, answer = ?, answered_by = ?, decided = ? WHERE id = ?',
+               (state, text, by, decided, request.id))
+    return Request(request.id, request.bottle, request.kind, request.payload, state, text, by, request.created,
+                   decided)

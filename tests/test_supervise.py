@@ -1,0 +1,423 @@
+"""The supervisor (daemons/supervise), host side: the real daemon on 127.0.0.1, spoken to by the official
+MCP SDK's streamable HTTP client with the headers the egress proxy adds (the bottle's name and the
+supervisor's key), and by the human through the page's JSON API (with the user's token) or the
+command line's functions."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from daemons.gate.review import held
+from daemons.proxy import rules
+from daemons.proxy.engine import write_rules
+from daemons.proxy.rules import BOTTLE_HEADER
+from daemons.supervise import requests
+from daemons.supervise.engine import SUPERVISE_KEY_HEADER, Supervisor
+from daemons.supervise.serve import TOOLS
+from tests.test_gate import Setup as GateSetup
+from tests.test_gate import held_id
+
+WAITS = {'a': 60, 'b': 60, 'quick': 2}      # seconds each bottle's calls wait for the human
+POLL_SECONDS = 0.1
+POLL_LIMIT = 600        # polls of the page before a test gives up on seeing a request (about a minute)
+
+
+class Setup:
+    """The module's supervisor, its bottles' rules, approved hosts and egress logs, and a git gate."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / 'gate-setup').mkdir()
+        self.gate = GateSetup(root / 'gate-setup')
+        self.sup = Supervisor(root / 'supervise', gate_state_dir=self.gate.state, env=self.gate.host_env)
+        self.bottles = {}
+        for bottle, wait in WAITS.items():
+            directory = root / 'bottles' / bottle
+            write_rules(directory / 'egress-rules.json', {'hosts': [{'host': 'api.anthropic.com'}]})
+            self.bottles[bottle] = {'rules': str(directory / 'egress-rules.json'),
+                                    'approved': str(directory / 'approved-hosts.json'),
+                                    'log': str(directory / 'egress.log'), 'wait_seconds': wait}
+        self.sup.write_bottles(self.bottles)
+
+    def rules(self, bottle: str) -> rules.Rules:
+        return rules.load(Path(self.bottles[bottle]['rules']))
+
+    @asynccontextmanager
+    async def client(self, bottle: str, key: str | None = None, mode: str = 'legacy'):
+        """An MCP session as the egress proxy forwards the bottle's: Host 127.0.0.1:<port>, its headers.
+        `legacy`: the initialize handshake, as Claude Code does it; `auto` tries the newer discovery first."""
+        headers = {BOTTLE_HEADER: bottle, SUPERVISE_KEY_HEADER: self.sup.key_file.read_text() if key is None else key}
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+            transport = streamable_http_client(f'http://127.0.0.1:{self.sup.port()}/mcp', http_client=http)
+            async with Client(transport, mode=mode) as client:
+                yield client
+
+    def page(self, token: str | None = None) -> httpx2.AsyncClient:
+        token = self.sup.token_file.read_text() if token is None else token
+        return httpx2.AsyncClient(base_url=f'http://127.0.0.1:{self.sup.page_port()}', timeout=30,
+                                  headers={'Authorization': f'Bearer {token}'} if token else {})
+
+    async def page_state(self) -> dict:
+        async with self.page() as page:
+            response = await page.get('/api/state')
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def decide(self, request_id: str, action: str, body: dict | None = None) -> httpx2.Response:
+        async with self.page() as page:
+            return await page.post(f'/api/requests/{request_id}/{action}', json=body or {})
+
+    async def pending_on_page(self, bottle: str, kind: str) -> dict:
+        """The bottle's pending request of that kind, once the page lists it."""
+        for _ in range(POLL_LIMIT):
+            found = [r for r in (await self.page_state())['requests']
+                     if (r['bottle'], r['kind'], r['state']) == (bottle, kind, 'pending')]
+            if found:
+                return found[0]
+            await asyncio.sleep(POLL_SECONDS)
+        raise AssertionError(f'no pending {kind} request of bottle {bottle} appeared on the page')
+
+
+@pytest.fixture(scope='module')
+def s(tmp_path_factory):
+    setup = Setup(tmp_path_factory.mktemp('supervise'))
+    try:
+        assert setup.gate.gate.ensure_running()
+        assert setup.sup.ensure_running()
+        yield setup
+    finally:
+        setup.sup.stop()
+        setup.gate.gate.stop()
+        setup.gate.upstream.close()
+
+
+def text(result) -> str:
+    assert not result.is_error, result.content
+    return result.content[0].text
+
+
+def test_a_client_lists_the_tools_and_health_is_a_real_mcp_session(s):
+    async def listed(mode: str):
+        async with s.client('a', mode=mode) as client:
+            return {tool.name for tool in (await client.list_tools()).tools}
+
+    assert asyncio.run(listed('legacy')) == asyncio.run(listed('auto')) == set(TOOLS)
+    assert s.sup.healthy()
+    assert s.sup.key_file.stat().st_mode & 0o777 == 0o600
+    assert s.sup.token_file.stat().st_mode & 0o777 == 0o600
+    assert not s.sup.ensure_running()           # healthy: left alone
+
+
+def test_an_approved_host_passes_the_bottles_rules_at_once(s):
+    assert s.rules('a').refusal('GET', 'pypi.org', '/simple/') == 'pypi.org is not an allowed host'
+
+    async def scenario():
+        async with s.client('a') as client:
+            call = asyncio.create_task(client.call_tool(
+                'request_egress', {'host': 'PyPI.org', 'reason': 'pip install requests'}))
+            request = await s.pending_on_page('a', 'egress')
+            assert (request['host'], request['reason']) == ('pypi.org', 'pip install requests')
+            approved = await s.decide(request['id'], 'approve')
+            assert approved.status_code == 200, approved.text
+            again = await s.decide(request['id'], 'deny', {'reason': 'changed my mind'})
+            return request['id'], text(await call), again
+
+    request_id, answer, again = asyncio.run(scenario())
+    assert answer.startswith('approved: pypi.org is allowed for this bottle from now on'), answer
+    assert s.rules('a').refusal('GET', 'pypi.org', '/simple/') is None
+    assert s.rules('a').refusal('GET', 'api.anthropic.com', '/v1/messages') is None     # the rest stays
+    assert json.loads(Path(s.bottles['a']['approved']).read_text()) == ['pypi.org']
+    assert again.status_code == 409 and 'approved already' in again.json()['error']  # single use
+    decided = requests.get(s.sup.state_dir, request_id)
+    assert (decided.state, decided.answered_by) == ('approved', 'page') and decided.decided
+    assert s.rules('b').refusal('GET', 'pypi.org', '/') == 'pypi.org is not an allowed host'   # a's only
+
+    async def revoke():
+        async with s.page() as page:
+            return [await page.post('/api/bottles/a/revoke', json={'host': 'pypi.org'}) for _ in range(2)]
+
+    revoked, again = asyncio.run(revoke())
+    assert revoked.status_code == 200, revoked.text
+    assert s.rules('a').refusal('GET', 'pypi.org', '/simple/') == 'pypi.org is not an allowed host'
+    assert s.rules('a').refusal('GET', 'api.anthropic.com', '/v1/messages') is None
+    assert json.loads(Path(s.bottles['a']['approved']).read_text()) == []
+    assert again.status_code == 409 and 'not an approved host of bottle a' in again.json()['error']
+
+
+def test_a_bounded_wait_says_still_pending_and_the_answer_survives_a_restart(s):
+    progress = []
+
+    async def ask():
+        async def on_progress(done, total, message):
+            progress.append((done, total, message))
+
+        async with s.client('quick') as client:
+            return text(await client.call_tool('ask_human', {'question': 'Which colour?', 'choices': ['red', 'blue']},
+                                               progress_callback=on_progress))
+
+    answer = asyncio.run(ask())
+    request_id = answer.split('still pending as request ')[1].split(';')[0]
+    assert answer == f'still pending as request {request_id}; call check_request later'
+    assert progress and progress[0][1] == WAITS['quick'] and request_id in progress[0][2]
+
+    s.sup.stop()
+    assert not s.sup.healthy()
+    assert s.sup.ensure_running()
+    assert request_id in {r.id for r in requests.pending(s.sup.state_dir, 'quick')}
+
+    with pytest.raises(requests.SuperviseError, match="one of \\['red', 'blue'\\]"):
+        requests.answer(s.sup.state_dir, request_id, 'host-user', 'green')
+    requests.answer(s.sup.state_dir, request_id, 'host-user', 'blue')       # as the command line does
+
+    async def check():
+        async with s.client('quick') as client:
+            return text(await client.call_tool('check_request', {'request_id': request_id}))
+
+    assert check_answer(asyncio.run(check())) == ('host-user', 'blue')
+
+
+def check_answer(answer: str) -> tuple[str, str]:
+    head, _, said = answer.partition('): ')
+    assert head.startswith('answered (request '), answer
+    return head.split(', by ')[1].split(' at ')[0], said
+
+
+def test_a_bottle_cannot_check_or_see_another_bottles_requests(s):
+    async def scenario():
+        async with s.client('quick') as client:
+            asked = text(await client.call_tool('ask_human', {'question': 'May I?'}))
+        request_id = asked.split('still pending as request ')[1].split(';')[0]
+        async with s.client('b') as client:
+            foreign = await client.call_tool('check_request', {'request_id': request_id})
+            missing = await client.call_tool('check_request', {'request_id': 'deadbeef'})
+        async with s.client('quick') as client:
+            own = text(await client.call_tool('check_request', {'request_id': request_id}))
+        return request_id, foreign, missing, own
+
+    request_id, foreign, missing, own = asyncio.run(scenario())
+    assert foreign.is_error and f"this bottle has no request '{request_id}'" in foreign.content[0].text
+    assert missing.is_error and "this bottle has no request 'deadbeef'" in missing.content[0].text
+    assert own == f'still pending as request {request_id}; call check_request later'
+    assert request_id not in {r.id for r in requests.pending(s.sup.state_dir, 'b')}
+
+
+def test_without_the_key_or_the_token_nothing_is_served(s):
+    async def scenario():
+        port = s.sup.port()
+        async with httpx2.AsyncClient(timeout=30) as http:
+            initialize = {'jsonrpc': '2.0', 'id': 1, 'method': 'initialize', 'params': {
+                'protocolVersion': '2025-06-18', 'capabilities': {}, 'clientInfo': {'name': 't', 'version': '0'}}}
+            headers = {'Accept': 'application/json, text/event-stream', BOTTLE_HEADER: 'a'}
+            no_key = await http.post(f'http://127.0.0.1:{port}/mcp', json=initialize, headers=headers)
+            wrong_key = await http.post(f'http://127.0.0.1:{port}/mcp', json=initialize,
+                                        headers={**headers, SUPERVISE_KEY_HEADER: 'guessed'})
+            rebound = await http.post(f'http://127.0.0.1:{port}/mcp', json=initialize, headers={
+                **headers, SUPERVISE_KEY_HEADER: s.sup.key_file.read_text(), 'Host': 'evil.example'})
+            keyed = await http.post(f'http://127.0.0.1:{port}/mcp', json=initialize, headers={
+                **headers, SUPERVISE_KEY_HEADER: s.sup.key_file.read_text()})
+        pages = {}
+        for name, token in (('none', ''), ('wrong', 'guessed')):
+            async with s.page(token) as page:
+                pages[name] = [(await page.get('/')).status_code, (await page.get('/api/state')).status_code,
+                               (await page.post('/api/requests/x/approve', json={})).status_code]
+        async with s.page() as page:
+            form = await page.post('/api/requests/x/approve', data={'a': 'b'})
+            rebound_page = await page.get('/api/state', headers={'Host': f'evil.example:{s.sup.page_port()}'})
+        async with s.page('') as page:
+            link = await page.get(f'/?token={s.sup.token_file.read_text()}')
+            cookie = link.headers.get('set-cookie', '')
+            with_cookie = await page.get('/api/state', headers={'Cookie': cookie.split(';')[0]})
+        return no_key, wrong_key, rebound, keyed, pages, form, rebound_page, link, cookie, with_cookie
+
+    no_key, wrong_key, rebound, keyed, pages, form, rebound_page, link, cookie, with_cookie = asyncio.run(scenario())
+    assert no_key.status_code == wrong_key.status_code == 403
+    assert 'only the egress proxy may speak to the supervisor' in no_key.text
+    assert rebound.status_code == 421
+    assert keyed.status_code == 200
+    assert pages == {'none': [401, 401, 401], 'wrong': [401, 401, 401]}
+    assert form.status_code == 415                   # a cross-site form cannot decide
+    assert rebound_page.status_code == 421
+    assert link.status_code == 303 and 'HttpOnly' in cookie and 'SameSite=strict' in cookie.replace('Strict', 'strict')
+    assert with_cookie.status_code == 200 and {b['name'] for b in with_cookie.json()['bottles']} == set(WAITS)
+
+
+def test_the_page_lists_blocked_requests_and_status_reports(s):
+    log = Path(s.bottles['b']['log'])
+    lines = [{'time': f'2026-01-01T00:00:0{n}Z', 'bottle': 'b', 'method': 'CONNECT', 'host': f'h{n}.example',
+              'port': 443, 'path': '', 'allowed': n % 2 == 0, 'reason': None if n % 2 == 0 else 'not allowed',
+              'status': 403} for n in range(4)]
+    log.write_text(''.join(json.dumps(line) + '\n' for line in lines))
+
+    async def scenario():
+        async with s.client('b') as client:
+            assert text(await client.call_tool('report_status', {'text': 'building the docs'})) == 'recorded'
+        return {b['name']: b for b in (await s.page_state())['bottles']}
+
+    bottles = asyncio.run(scenario())
+    assert [x['host'] for x in bottles['b']['blocked']] == ['h3.example', 'h1.example']
+    assert bottles['b']['status']['text'] == 'building the docs'
+    assert bottles['a']['blocked'] == [] and bottles['a']['status'] is None
+
+
+def test_a_call_that_goes_away_leaves_its_request_abandoned(s):
+    async def scenario():
+        async with s.client('b') as client:
+            call = asyncio.create_task(client.call_tool('ask_human', {'question': 'Still there?'}))
+            request = await s.pending_on_page('b', 'question')
+            call.cancel()
+            with suppress(asyncio.CancelledError):
+                await call
+        # the session is closed: the call's connection is gone
+        for _ in range(POLL_LIMIT):
+            if requests.get(s.sup.state_dir, request['id']).state != 'pending':
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        return request['id']
+
+    request_id = asyncio.run(scenario())
+    assert requests.get(s.sup.state_dir, request_id).state == 'abandoned'
+    answered = asyncio.run(s.decide(request_id, 'answer', {'text': 'yes'}))
+    assert answered.status_code == 409 and 'abandoned already' in answered.json()['error']
+
+
+def test_an_approved_push_review_lands_that_commit_upstream(s, tmp_path):
+    s.gate.add_repo('reviewed', bottle='a', mode='review')
+    work, sha = s.gate.branch('a', 'reviewed', 'agent/a/feature', tmp_path / 'work')
+    pushed = s.gate.guest('a', work, 'push', 'origin', 'agent/a/feature')
+    assert pushed.returncode == 0, pushed.stderr
+    review_id = held_id(pushed.stderr)
+
+    async def scenario():
+        async with s.client('b') as client:     # not b's push: b cannot ask for it
+            foreign = await client.call_tool('request_push_review', {'review_id': review_id})
+        async with s.client('a') as client:
+            call = asyncio.create_task(client.call_tool('request_push_review', {'review_id': review_id}))
+            request = await s.pending_on_page('a', 'push')
+            approved = await s.decide(request['id'], 'approve')
+            return foreign, request, approved, text(await call)
+
+    foreign, request, approved, answer = asyncio.run(scenario())
+    assert foreign.is_error and 'no push of this bottle is held' in foreign.content[0].text
+    assert (request['review_id'], request['new'], request['ref']) == (review_id, sha, 'refs/heads/agent/a/feature')
+    assert approved.status_code == 200, approved.text
+    assert answer.startswith(f'approved: refs/heads/agent/a/feature at {sha} was pushed to'), answer
+    assert s.gate.upstream_ref('reviewed', 'refs/heads/agent/a/feature') == sha
+    assert review_id not in {h.id for h in held(s.gate.state)}
+
+
+def test_a_killed_supervisor_is_not_healthy_and_is_restarted(s):
+    pid = s.sup.daemon().pid()
+    os.killpg(pid, signal.SIGKILL)
+    for _ in range(POLL_LIMIT):
+        if s.sup.daemon().pid() is None:
+            break
+        time.sleep(POLL_SECONDS)
+    assert not s.sup.healthy()
+    assert s.sup.ensure_running()
+    assert s.sup.healthy() and s.sup.daemon().pid() != pid
+
+
+class Browser:
+    """Headless Chromium from Debian's packages, driven by chromedriver's WebDriver HTTP API."""
+
+    ELEMENT = 'element-6066-11e4-a52e-4f735466cecf'     # the WebDriver spec's key of an element reference
+
+    def __init__(self, directory: Path):
+        self.log = directory / 'chromedriver.log'
+        self.driver = subprocess.Popen(['chromedriver', '--port=0'], stdout=self.log.open('w'),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        port = None
+        for _ in range(POLL_LIMIT):
+            found = re.search(r'started successfully on port (\d+)', self.log.read_text())
+            if found:
+                port = int(found.group(1))
+                break
+            assert self.driver.poll() is None, self.log.read_text()
+            time.sleep(POLL_SECONDS)
+        assert port, f'chromedriver did not start: {self.log.read_text()}'
+        self.http = httpx2.Client(base_url=f'http://127.0.0.1:{port}', timeout=60)
+        session = self.call('POST', '/session', {'capabilities': {'alwaysMatch': {
+            'browserName': 'chrome', 'goog:chromeOptions': {'binary': shutil.which('chromium'), 'args': [
+                '--headless=new', '--no-sandbox', '--disable-gpu', '--window-size=1100,800',
+                f'--user-data-dir={directory / "profile"}']}}}})
+        self.session = f'/session/{session["sessionId"]}'
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        response = self.http.request(method, path, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()['value']
+
+    def open(self, url: str) -> None:
+        self.call('POST', f'{self.session}/url', {'url': url})
+
+    def find(self, css: str) -> str | None:
+        response = self.http.post(f'{self.session}/element', json={'using': 'css selector', 'value': css})
+        return response.json()['value'][self.ELEMENT] if response.status_code == 200 else None
+
+    def wait_for(self, css: str) -> str:
+        for _ in range(POLL_LIMIT):
+            if element := self.find(css):
+                return element
+            time.sleep(POLL_SECONDS)
+        raise AssertionError(f'the page never showed {css}')
+
+    def click(self, element: str) -> None:
+        self.call('POST', f'{self.session}/element/{element}/click', {})
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call('GET', f'{self.session}/screenshot')))
+
+    def close(self) -> None:
+        try:
+            self.http.delete(self.session)
+        finally:
+            self.http.close()
+            os.killpg(self.driver.pid, signal.SIGTERM)
+            self.driver.wait(timeout=30)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not shutil.which('chromedriver') or not shutil.which('chromium'):
+        pytest.skip('no headless Chromium: apt-get install chromium chromium-driver')
+    driver = Browser(tmp_path)
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+def test_the_human_approves_on_the_page_in_a_browser(s, browser, tmp_path):
+    async def scenario():
+        async with s.client('a') as client:
+            call = asyncio.create_task(client.call_tool(
+                'request_egress', {'host': 'docs.python.org', 'reason': 'read the asyncio docs'}))
+            request = await s.pending_on_page('a', 'egress')
+            await asyncio.to_thread(browser.open, s.sup.page_url())     # the token becomes a cookie
+            approve = await asyncio.to_thread(browser.wait_for, f'#request-{request["id"]} button.approve')
+            await asyncio.to_thread(browser.screenshot, tmp_path / 'supervise-page.png')
+            await asyncio.to_thread(browser.click, approve)
+            return request['id'], text(await call)
+
+    request_id, answer = asyncio.run(scenario())
+    assert answer.startswith('approved: docs.python.org is allowed'), answer
+    assert requests.get(s.sup.state_dir, request_id).answered_by == 'page'
+    assert s.rules('a').refusal('GET', 'docs.python.org', '/3/') is None
+    assert (tmp_path / 'supervise-page.png').read_bytes().startswith(b'\x89PNG')
+    # The page shows the decision without a reload.
+    browser.wait_for(f'#request-{request_id}:not(.pending)')
+    browser.screenshot(tmp_path / 'supervise-page-approved.png')
