@@ -241,8 +241,9 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
         check(guest_file_count(lambda script: base.guest('base-a', script)) == expected_files,
               f'baseline guest has {expected_files} skill files')
         # probe, create, start, the CA with its trust script and the agent's curlrc (provision_ca, counted
-        # as cp: they write files), the prompt's cp, one exec per skill, one exec to prune
-        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 3, 'exec': shape.skills + 1})
+        # as cp: they write files), the prompt's cp, one exec for the git gate's gitconfig (provision_git),
+        # one exec per skill, one exec to prune
+        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 3, 'exec': shape.skills + 2})
         if cb.kinds != expected:
             oddities.append(f'cold launch made {kinds_text(cb.kinds)} (expected {kinds_text(expected)}): '
                             f'{[a[:5] for a in cb.argvs]}')

@@ -81,7 +81,6 @@ def task(project: Project) -> dict:
     return {
         'doc': f'run the project\'s git gate for {", ".join(sorted(served))} and route the bottles to it',
         'actions': [(open_gate, [project, served])],
-        'task_dep': ['egress_ca'],
         'uptodate': [config_changed(served), GateServing(project)],
         'clean': [(close_gate, [project])],
     }
