@@ -110,7 +110,7 @@ def main() -> int:
         gate.sync('b')
         door = proxy.open_door('b', tmp / 'bottle', tmp / 'door')
         write_rules(door.rules, {'hosts': [], 'allow_private': []})
-        proxy.route_gate(gate.port(), gate.key_file)
+        proxy.route_service('gate', gate.port(), gate.key_file)
         guest = GuestRelay(door.socket)
         guest_config = tmp / 'guest-gitconfig'
         guest_config.write_text(f'[http]\n\tproxy = http://127.0.0.1:{guest.port}\n' + ''.join(

@@ -51,7 +51,7 @@ class GateServing:
     def __call__(self, task, values):
         try:
             served = gate(self.project)
-            return served.healthy() and egress.proxy(self.project).gate_route() == _route(served)
+            return served.healthy() and egress.proxy(self.project).service_route('gate') == _route(served)
         except Exception:       # whatever the reason, the action meets it again and says it
             return False
 
@@ -133,8 +133,7 @@ def open_gate(project: Project, served: dict):
     running = gate(project)
     running.write_bottles(served)
     running.ensure_running()
-    route = _route(running)
-    egress.proxy(project).route_gate(route['port'], running.key_file)
+    egress.proxy(project).route_service('gate', running.port(), running.key_file)
 
 
 @in_words
@@ -148,7 +147,7 @@ def close_gate(project: Project):
     gate(project).stop()
     egress_proxy = egress.proxy(project)
     if egress_proxy.doors_file.exists():
-        egress_proxy.route_gate(None, None)
+        egress_proxy.route_service('gate', None, None)
 
 
 @action

@@ -23,11 +23,12 @@ from mcp.client.streamable_http import streamable_http_client
 
 from daemons.gate.review import held
 from daemons.proxy import rules
-from daemons.proxy.engine import write_rules
-from daemons.proxy.rules import BOTTLE_HEADER
+from daemons.proxy.engine import EgressProxy, ensure_venv, write_rules
+from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
-from daemons.supervise.engine import SUPERVISE_KEY_HEADER, Supervisor
+from daemons.supervise.engine import Supervisor
 from daemons.supervise.serve import TOOLS
+from tests.proxy_upstreams import GuestRelay
 from tests.test_gate import Setup as GateSetup
 from tests.test_gate import held_id
 
@@ -421,3 +422,30 @@ def test_the_human_approves_on_the_page_in_a_browser(s, browser, tmp_path):
     # The page shows the decision without a reload.
     browser.wait_for(f'#request-{request_id}:not(.pending)')
     browser.screenshot(tmp_path / 'supervise-page-approved.png')
+
+
+def test_through_a_bottles_door_the_supervisor_hears_that_bottle_and_no_forged_one(s, claude_cache):
+    """The guest's way in: its door, the project's egress proxy routing supervise.bottle.invalid to the
+    supervisor with the door's bottle and the key; the headers a guest sends under those names are dropped."""
+    proxy = EgressProxy(s.root / 'egress', ensure_venv(claude_cache / 'claude-bottle'))
+    door = proxy.open_door('a', s.root / 'door-bottle', s.root / 'doors' / 'a')
+    write_rules(door.rules, {'hosts': []})          # nothing on the internet: the service is not a host
+    relay = GuestRelay(door.socket)
+    try:
+        async def report():
+            forged = {BOTTLE_HEADER: 'b', SUPERVISE_KEY_HEADER: 'guess', 'Proxy': 'http://127.0.0.1:1'}
+            async with httpx2.AsyncClient(proxy=relay.url, headers=forged, timeout=30) as http:
+                transport = streamable_http_client(f'http://{SUPERVISE_HOST}/mcp', http_client=http)
+                async with Client(transport, mode='legacy') as client:
+                    return text(await client.call_tool('report_status', {'text': 'through the door'}))
+
+        with pytest.raises(Exception):              # no route yet: the proxy's 403 says no supervisor runs
+            asyncio.run(report())
+        proxy.route_service('supervise', s.sup.port(), s.sup.key_file)
+        asyncio.run(report())
+        statuses = asyncio.run(s.page_state())['bottles']
+        assert [b for b in statuses if b['name'] == 'a'][0]['status']['text'] == 'through the door', statuses
+        assert 'through the door' not in json.dumps([b for b in statuses if b['name'] == 'b'])
+    finally:
+        relay.close()
+        proxy.stop()

@@ -10,13 +10,15 @@ changing the `mode` option live so adding or removing a bottle never restarts th
 
     {"bottles": {"<bottle>": {"port": 41234, "rules": "/abs/egress-rules.json",
                               "log": "/abs/egress.log"}},
-     "gate": {"port": 41240, "key_file": "/abs/gate/key"}}       (when the project has a git gate)
+     "services": {"gate": {"port": 41240, "key_file": "/abs/gate/key"}, "supervise": {...}}}
+                                                  (the project's services that run, rules.SERVICES)
 
 For every request, in this order:
 - `health.bottle.invalid` (a reserved name that can never resolve) is answered here with
   {"bottle": <name>}: the health check through a door, with no upstream;
-- `http://git.bottle.invalid/...` goes to the project's git gate, with the bottle's name and the
-  gate's key in headers the guest cannot set (the gate refuses a request without the key);
+- `http://git.bottle.invalid/...` goes to the project's git gate, and `http://supervise.bottle.invalid/...`
+  to its supervisor, with the bottle's name and that service's key in headers the guest cannot set
+  (a service refuses a request without its key);
 - CONNECT to a port other than 443 or 80, or to an IPv4 address in a non-canonical form
   (`2130706433`, `0x7f000001`, `127.1`), is refused with a 403 at CONNECT time;
 - any other CONNECT is accepted without connecting upstream (connection_strategy=lazy); the TLS
@@ -49,7 +51,7 @@ from typing import NamedTuple
 from mitmproxy import ctx, http
 
 import rules as bottle_rules
-from rules import BOTTLE_HEADER, GATE_HOST, GATE_KEY_HEADER, HEALTH_HOST, PORTS
+from rules import BOTTLE_HEADER, HEALTH_HOST, PORTS, SERVICES
 
 LISTEN_HOST = '127.0.0.1'
 DOORS_POLL_SECONDS = 0.25
@@ -114,9 +116,14 @@ class Bottle:
             self._log = None
 
 
-class Gate(NamedTuple):
+class Service(NamedTuple):
+    name: str
     port: int
+    key_header: str
     key: str
+
+
+SERVICE_NAMES = {host: name for name, (host, _) in SERVICES.items()}
 
 
 class ByteCounter:
@@ -132,7 +139,7 @@ class ByteCounter:
 class EgressFence:
     def __init__(self):
         self.bottles: dict[int, Bottle] = {}
-        self.gate: Gate | None = None
+        self.services: dict[str, Service] = {}        # by the name the guest uses
         self._doors_key = None
         self._watch: asyncio.Task | None = None
         # (client connection id, host, port) -> the address checked for it; the upstream
@@ -175,8 +182,10 @@ class EgressFence:
             return
         try:
             data = json.loads(path.read_text()) if key else {'bottles': {}}
-            doors, gate = data['bottles'], data.get('gate')
-            gate = Gate(int(gate['port']), Path(gate['key_file']).read_text().strip()) if gate else None
+            doors = data['bottles']
+            services = {SERVICES[name][0]: Service(name, int(entry['port']), SERVICES[name][1],
+                                                   Path(entry['key_file']).read_text().strip())
+                        for name, entry in data.get('services', {}).items()}
             bottles = {}
             for name, door in doors.items():
                 new = Bottle(name, int(door['port']), Path(door['rules']), Path(door['log']))
@@ -187,7 +196,7 @@ class EgressFence:
             log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
             return
         self._doors_key = key
-        self.gate = gate
+        self.services = services
         for gone in set(self.bottles.values()) - set(bottles.values()):
             gone.close()
         self.bottles = bottles
@@ -206,8 +215,8 @@ class EgressFence:
             refusal = NO_BOTTLE
         elif normal_host(host) == HEALTH_HOST:
             return
-        elif normal_host(host) == GATE_HOST:
-            refusal = Refusal(f'the git gate is reached at http://{GATE_HOST}/ (plain HTTP through the door), '
+        elif normal_host(host) in SERVICE_NAMES:
+            refusal = Refusal(f'{host} is reached at http://{normal_host(host)}/ (plain HTTP through the door), '
                               'not through a tunnel')
         elif port not in PORTS:
             refusal = port_refusal(port)
@@ -223,8 +232,8 @@ class EgressFence:
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name}),
                                                {'Content-Type': 'application/json'})
             return
-        if bottle is not None and normal_host(flow.request.host) == GATE_HOST:
-            self.to_gate(flow, bottle)
+        if bottle is not None and normal_host(flow.request.host) in SERVICE_NAMES:
+            self.to_service(flow, bottle, normal_host(flow.request.host))
             return
         refusal = NO_BOTTLE if bottle is None else await self.refusal(flow, bottle)
         if refusal:
@@ -232,19 +241,20 @@ class EgressFence:
         else:
             flow.metadata['bottle_allowed'] = bottle
 
-    def to_gate(self, flow: http.HTTPFlow, bottle: Bottle):
-        if self.gate is None:
-            deny(flow, bottle, Refusal('this project runs no git gate', NO_GATE))
+    def to_service(self, flow: http.HTTPFlow, bottle: Bottle, host: str):
+        service = self.services.get(host)
+        if service is None:
+            deny(flow, bottle, Refusal(f'this project runs no {SERVICE_NAMES[host]} service', NO_SERVICE))
             return
         request = flow.request
         for name in {n.lower() for n in request.headers.keys()}:
             if name.startswith(('proxy', BOTTLE_HEADER.lower())):    # httpoxy, and identities the guest made up
                 del request.headers[name]
-        request.scheme, request.host, request.port = 'http', LISTEN_HOST, self.gate.port
+        request.scheme, request.host, request.port = 'http', LISTEN_HOST, service.port
         request.headers[BOTTLE_HEADER] = bottle.name
-        request.headers[GATE_KEY_HEADER] = self.gate.key
+        request.headers[service.key_header] = service.key
         request.stream = True       # a push reaches the gate as it comes
-        self.checked[(flow.client_conn.id, LISTEN_HOST, self.gate.port)] = LISTEN_HOST
+        self.checked[(flow.client_conn.id, LISTEN_HOST, service.port)] = LISTEN_HOST
         flow.metadata['bottle_allowed'] = bottle
 
     async def refusal(self, flow: http.HTTPFlow, bottle: Bottle) -> Refusal | None:
@@ -350,7 +360,7 @@ ALLOW_PRIVATE = ('To allow it, list that network in network.allow_private in the
 RELAUNCH = 'Launching agent {bottle} again writes its rules anew.'
 GATED = ('Clone, fetch and push it with git by the URL in the git: list of agent {bottle}; git sends those '
          'through the git gate.')
-NO_GATE = ('Launching agent {bottle} again starts the gate, when its manifest lists repositories under git:.')
+NO_SERVICE = 'Launching agent {bottle} again starts the services its manifest asks for (git:, supervise).'
 NO_BOTTLE = Refusal('this listener belongs to no bottle')
 
 

@@ -5,8 +5,8 @@ relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules an
 
     <state_dir>/                      the project's proxy directory (for example .bottle/egress)
         proxy.pid, proxy.log          the proxy daemon (daemons.lifecycle)
-        doors.json                    bottle -> listener port, rules file, log file, and where the git
-                                      gate listens; read live by the addon
+        doors.json                    bottle -> listener port, rules file, log file, and where the
+                                      project's services (git gate, supervisor) listen; read live by the addon
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
     <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
@@ -205,16 +205,20 @@ class EgressProxy:
         except (ProxyError, OSError):
             return False
 
-    def route_gate(self, port: int | None, key_file: Path | None) -> None:
-        """Send the bottles' requests for the gate's name to the project's git gate at this port, with
-        the key in `key_file`; None: no gate. The addon applies it live."""
+    def route_service(self, name: str, port: int | None, key_file: Path | None) -> None:
+        """Send the bottles' requests for the service's name (rules.SERVICES: 'gate', 'supervise') to the
+        project's service at this port, with the key in `key_file`; None: it does not run. The addon
+        applies it live."""
         with self._locked():
-            self._write_doors(self._doors(), gate={'port': port, 'key_file': str(key_file)} if port else None)
+            services = {**self._file().get('services', {}), name: {'port': port, 'key_file': str(key_file)}}
+            if not port:
+                del services[name]
+            self._write_doors(self._doors(), services=services or None)
 
-    def gate_route(self) -> dict | None:
-        """Where the addon sends requests for the gate: {"port", "key_file"}, or None. Never raises."""
+    def service_route(self, name: str) -> dict | None:
+        """Where the addon sends requests for the service: {"port", "key_file"}, or None. Never raises."""
         try:
-            return self._file().get('gate')
+            return self._file().get('services', {}).get(name)
         except ProxyError:
             return None
 
@@ -309,8 +313,8 @@ class EgressProxy:
             return {}
 
     def _write_doors(self, doors: dict, **entries) -> None:
-        """The doors file with these doors; its other entries (the gate) as they are, or as `entries`
-        give them (None removes one)."""
+        """The doors file with these doors; its other entries (the services) as they are, or as
+        `entries` give them (None removes one)."""
         data = {**self._file(), 'bottles': doors, **entries}
         write_atomic(self.doors_file, json.dumps({k: v for k, v in data.items() if v is not None},
                                                  indent=2, sort_keys=True) + '\n')

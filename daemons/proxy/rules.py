@@ -23,7 +23,7 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
   private, link-local or otherwise not public; every such address is refused unless listed here.
 - `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
   host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows.
-  The gate itself is reached at GATE_HOST, which the addon routes to it.
+  The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
 Only ports 443 and 80 are ever reachable, whatever the rules say.
 """
 from __future__ import annotations
@@ -40,10 +40,15 @@ from urllib.parse import unquote
 PORTS = (443, 80)
 HEALTH_HOST = 'health.bottle.invalid'
 GATE_HOST = 'git.bottle.invalid'
-# Set by the proxy on every request it routes to the gate (whatever the guest sent under these
-# names is dropped): which bottle speaks, and the key only the proxy and the gate hold.
+SUPERVISE_HOST = 'supervise.bottle.invalid'
+# Set by the proxy on every request it routes to one of the project's services (whatever the guest
+# sent under these names is dropped): which bottle speaks, and the key only the proxy and that
+# service hold.
 BOTTLE_HEADER = 'X-Claude-Bottle'
 GATE_KEY_HEADER = 'X-Claude-Bottle-Gate-Key'
+SUPERVISE_KEY_HEADER = 'X-Claude-Bottle-Supervise-Key'
+# The project's own services a bottle reaches through its door, by name: (host, key header).
+SERVICES = {'gate': (GATE_HOST, GATE_KEY_HEADER), 'supervise': (SUPERVISE_HOST, SUPERVISE_KEY_HEADER)}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

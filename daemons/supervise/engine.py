@@ -27,15 +27,15 @@ from mcp.client.streamable_http import streamable_http_client
 
 from daemons.gate.engine import CREDENTIAL_VARIABLES
 from daemons.lifecycle import Daemon
+from daemons.proxy.rules import SUPERVISE_KEY_HEADER
 from daemons.supervise.serve import TOOLS
-from daemons.supervise.store import LISTEN_HOST, SUPERVISE_KEY_HEADER, SuperviseError, bottles_file, db_file
+from daemons.supervise.store import LISTEN_HOST, SuperviseError, bottles_file, db_file
 from tasks.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_SECONDS = 5.0
 BOTTLE_KEYS = {'rules', 'approved', 'log', 'wait_seconds'}
 
-__all__ = ['Supervisor', 'SuperviseError', 'SUPERVISE_KEY_HEADER']
 
 
 class Supervisor:

@@ -25,10 +25,10 @@ import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from daemons.proxy.rules import BOTTLE_HEADER
+from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
 from daemons.supervise.page import page_app
-from daemons.supervise.store import LISTEN_HOST, PENDING, SUPERVISE_KEY_HEADER, Request, SuperviseError
+from daemons.supervise.store import LISTEN_HOST, PENDING, Request, SuperviseError
 from tasks.atomic import write_atomic
 
 PROGRESS_SECONDS = 10.0     # Claude Code cuts a call that sends nothing for 300 s; tell it we live well before

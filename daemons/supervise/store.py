@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LISTEN_HOST = '127.0.0.1'
-# Set by the egress proxy on every request it routes to the supervisor, with the contents of the key file.
-SUPERVISE_KEY_HEADER = 'X-Claude-Bottle-Supervise-Key'
 BUSY_SECONDS = 120.0    # a decision holds the write lock while it forwards a push upstream
 SCHEMA = '''
 CREATE TABLE IF NOT EXISTS requests (
