@@ -94,22 +94,16 @@ def review_tasks(project: Project):
         'uptodate': [False],
         'verbosity': 2,
     }
-    yield {
-        'basename': 'approve',
-        'doc': 'forward a held push upstream: exactly the commit the agent pushed (doit approve --id ID)',
-        'actions': [(approve, [project])],
-        'params': [REVIEW_ID],
-        'uptodate': [False],
-        'verbosity': 2,
-    }
-    yield {
-        'basename': 'reject',
-        'doc': 'drop a held push; nothing goes upstream (doit reject --id ID)',
-        'actions': [(reject, [project])],
-        'params': [REVIEW_ID],
-        'uptodate': [False],
-        'verbosity': 2,
-    }
+    for decide, doc in ((approve, 'forward a held push upstream: exactly the commit the agent pushed'),
+                        (reject, 'drop a held push; nothing goes upstream')):
+        yield {
+            'basename': decide.__name__,
+            'doc': f'{doc} (doit {decide.__name__} --id ID)',
+            'actions': [(decide, [project])],
+            'params': [REVIEW_ID],
+            'uptodate': [False],
+            'verbosity': 2,
+        }
 
 
 def _route(served: GitGate) -> dict:

@@ -245,6 +245,18 @@ def test_the_allowlist_never_opens_a_gated_repository_on_its_host(gated):
     assert code != 0 and '403' in out, out
 
 
+def test_the_agent_reaches_the_gate_only_by_its_name_and_cannot_touch_its_gitconfig(gated):
+    port = json.loads((gated.bottles.root / '.bottle' / 'gate' / 'gate.json').read_text())['port']
+    code, out = gated.sh('fwd', f'curl -sS --proxy http://127.0.0.1:3128 --noproxy "" -w "%{{http_code}}" '
+                                f'http://127.0.0.1:{port}/health')
+    assert out.endswith('403') and 'Blocked by the egress proxy of bottle fwd' in out, out
+    for plant in ('ln -s /etc/passwd /etc/claude-bottle/gitconfig.incoming', 'echo x >> /etc/claude-bottle/gitconfig',
+                  'git config --system user.name other'):
+        code, out = gated.sh('fwd', plant)
+        assert code != 0, (plant, out)
+    assert gated.ok('fwd', 'git config user.name').strip() == 'fwd (claude-bottle)'
+
+
 def test_no_host_credential_enters_the_bottle_or_doits_database(gated):
     found = gated.bottles.guest('fwd', f'grep -rlsF {PASSWORD} /etc /home /root /tmp /run 2>/dev/null; '
                                        f'cat /proc/[0-9]*/environ 2>/dev/null | tr "\\0" "\\n" | grep -cF {PASSWORD}; '

@@ -442,7 +442,22 @@ def test_through_a_bottles_door_the_supervisor_hears_that_bottle_and_no_forged_o
         with pytest.raises(Exception):              # no route yet: the proxy's 403 says no supervisor runs
             asyncio.run(report())
         proxy.route_service('supervise', s.sup.port(), s.sup.key_file)
-        asyncio.run(report())
+        deadline = time.monotonic() + 10        # the addon reads the doors file every 0.25 s
+        while True:
+            try:
+                asyncio.run(report())
+                break
+            except Exception:
+                assert time.monotonic() < deadline, 'the proxy never routed supervise.bottle.invalid'
+                time.sleep(0.25)
+
+        async def straight(url: str) -> httpx2.Response:      # the page, or the MCP port without the route
+            async with httpx2.AsyncClient(proxy=relay.url, timeout=30) as http:
+                return await http.get(url)
+        for url in (f'http://127.0.0.1:{s.sup.page_port()}/api/state', f'http://127.0.0.1:{s.sup.port()}/mcp',
+                    f'http://localhost:{s.sup.page_port()}/'):
+            refused = asyncio.run(straight(url))
+            assert refused.status_code == 403 and 'Blocked by the egress proxy of bottle a' in refused.text, url
         statuses = asyncio.run(s.page_state())['bottles']
         assert [b for b in statuses if b['name'] == 'a'][0]['status']['text'] == 'through the door', statuses
         assert 'through the door' not in json.dumps([b for b in statuses if b['name'] == 'b'])
