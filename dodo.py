@@ -6,12 +6,14 @@
     doit teardown:<agent> machine deleted, state forgotten; `doit clean` removes all outputs
     doit prune            old images, forgotten agents and superseded bases removed
     doit status           every agent: machine, image, door, what its next launch would do and why
+    doit supervise        the supervisor's page and what the agents ask; doit approve --id ID to grant
 
 The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import base, egress, gate, image, launch, machine, prompt, provision, prune, status
+from tasks import (base, egress, gate, image, launch, machine, prompt, provision, prune, review, status,
+                   supervise)
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -49,7 +51,7 @@ def task_start():
 
 
 def task_provision():
-    """Provision each running machine: egress CA, git gate, prompt and skills, each copied only when changed."""
+    """Provision each running machine: egress CA, git, supervisor, prompt and skills, each only when changed."""
     yield from provision.tasks(PROJECT)
 
 
@@ -78,9 +80,14 @@ def task_gate():
     return gate.task(PROJECT)
 
 
+def task_supervisor():
+    """Run the project's supervisor for the supervised agents, and route the bottles to it."""
+    return supervise.task(PROJECT)
+
+
 def task_review():
-    """Review pushes the git gate holds: doit held; doit approve --id ID; doit reject --id ID."""
-    yield from gate.review_tasks(PROJECT)
+    """Answer the bottles: doit supervise; doit held; doit approve|reject|answer --id ID; doit revoke."""
+    yield from review.tasks(PROJECT)
 
 
 def task_launch():

@@ -7,8 +7,9 @@ egress_ca             the project's CA in .bottle/egress/ca/ (ECDSA P-256; the k
                       makes a new one; egress:<agent> restarts a running proxy to use it, and
                       provision_ca:<agent> gives it to the guest.
 allowlist:<agent>     .bottle/agents/<agent>/egress-rules.json, the bottle's rules: the manifest's
-                      hosts, those its skills declare (`allow_hosts:` in SKILL.md's front matter)
-                      and Claude Code's own. The proxy reads a changed file at the next request,
+                      hosts, those its skills declare (`allow_hosts:` in SKILL.md's front matter),
+                      Claude Code's own, and those the human approved through the
+                      supervisor. The proxy reads a changed file at the next request,
                       without a restart; `doit info allowlist:<agent>` shows the rules it would write.
 egress:<agent>        the bottle's door open: the project's proxy running (one process for all
                       bottles, state in .bottle/egress/) and the bottle's socket answering. Up to
@@ -34,6 +35,7 @@ from doit.tools import config_changed
 from daemons.lifecycle import DaemonError
 from daemons.proxy.engine import MITMPROXY_VERSION, Door, EgressProxy, ProxyError, ensure_venv, venv_dir, write_rules
 from daemons.proxy.rules import RulesError
+from tasks import supervise
 from tasks.backends import BottleError
 from tasks.checks import FileExists
 from tasks.manifest import Agent
@@ -111,7 +113,7 @@ def allowlist_tasks(project: Project):
             'actions': [(write_allowlist, [project, agent, rules])],
             'file_dep': [agent.skill_dir(skill) / 'SKILL.md' for skill in agent.skills],
             'targets': [rules_file(project, agent.name)],
-            'uptodate': [config_changed(rules)],
+            'uptodate': [config_changed({**rules, 'approved': supervise.approved_text(project, agent)})],
             'clean': True,
         }
 
@@ -156,7 +158,9 @@ def make_ca(project: Project):
 @action
 @in_words
 def write_allowlist(project: Project, agent: Agent, rules: dict):
-    write_rules(rules_file(project, agent.name), rules)
+    approved = [{'host': host} for host in supervise.approved_hosts(project, agent)]
+    write_rules(rules_file(project, agent.name),
+                {**rules, 'hosts': rules['hosts'] + [entry for entry in approved if entry not in rules['hosts']]})
 
 
 @action

@@ -1,9 +1,10 @@
 """Where things go inside a bottle, and how its one way out looks from inside."""
 from __future__ import annotations
 
+import json
 import os
 
-from daemons.proxy.rules import GATE_HOST    # standard library only, shared with the proxy
+from daemons.proxy.rules import GATE_HOST, SUPERVISE_HOST    # standard library only, shared with the proxy
 from tasks.manifest import Agent
 
 SKILLS_DIR_ENV = 'CLAUDE_BOTTLE_GUEST_SKILLS_DIR'
@@ -37,6 +38,23 @@ EGRESS_ENV = {
     'NODE_EXTRA_CA_CERTS': CA_CERT, 'SSL_CERT_FILE': CA_BUNDLE, 'REQUESTS_CA_BUNDLE': CA_BUNDLE,
     'GIT_SSL_CAINFO': CA_BUNDLE,
 }
+
+
+# The supervisor, as the guest's Claude Code sees it: an MCP server over plain HTTP to a name only the
+# proxy knows, through the door, which adds who is speaking and the supervisor's key: nothing secret
+# is registered. The per-call limit is past the bounded wait, so the supervisor's "still pending"
+# answer comes first; progress keeps the call alive meanwhile.
+SUPERVISE_MCP = 'supervise'
+SUPERVISE_URL = f'http://{SUPERVISE_HOST}/mcp'
+SUPERVISE_TIMEOUT_MARGIN = 120
+
+
+def supervise_registration(agent: Agent) -> str:
+    """The JSON of `claude mcp add-json`, or "" for an agent that is not supervised."""
+    if not agent.supervise:
+        return ''
+    return json.dumps({'type': 'http', 'url': SUPERVISE_URL,
+                       'timeout': (agent.supervise_wait + SUPERVISE_TIMEOUT_MARGIN) * 1000})
 
 
 def prompt_path(agent: Agent) -> str:

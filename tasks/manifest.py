@@ -194,6 +194,17 @@ class Integer(Kind):
         return {'type': 'integer', 'minimum': self.low, 'maximum': self.high}
 
 
+class Boolean(Kind):
+    name = '`true` or `false`'
+
+    def problems(self, value):
+        if not isinstance(value, bool):
+            yield (), f'expected true or false, got {show(value)}'
+
+    def schema(self):
+        return {'type': 'boolean'}
+
+
 class Choice(Kind):
     def __init__(self, *options: str):
         self.options = options
@@ -607,6 +618,7 @@ class GitRepoList(Kind):
 
 
 GIT_DEFAULT_MODE = 'review'
+MAX_SUPERVISE_WAIT = 3600     # Claude Code's per-server timeout is set past it; "pending" comes long before
 
 KEYS: tuple[Key, ...] = (
     Key('prompt', Text('text', 'text'), '',
@@ -652,6 +664,13 @@ KEYS: tuple[Key, ...] = (
         '`agent/<agent>/*`; a `refs/tags/...` pattern allows tags), `mode` (`forward`: upstream at once; '
         '`review`, the default: held until a person approves; `local`: kept in the gate), `max_push_mb` '
         '(default 100)', 'git'),
+    Key('supervise', Boolean(), True,
+        'the project\'s supervisor in the bottle\'s Claude Code (an MCP server named `supervise`): the agent asks '
+        'it for a host, a push review or an answer, and the human decides on the supervisor\'s page or with '
+        '`doit approve`; `false` leaves it out', 'supervise'),
+    Key('supervise_wait', Integer(0, MAX_SUPERVISE_WAIT, 'seconds'), 600,
+        'how long a question to the supervisor waits for the human before the agent is told "still pending" '
+        '(it checks later)', 'supervise_wait'),
     Key('env', EnvMap(ENV_NAME), {},
         'plain environment variables of the machine (merged with `_defaults.yaml` variable by variable)', 'env'),
     Key('secrets', ListOf(ENV_NAME, 'list of variable names', unique=True), [],
@@ -723,6 +742,8 @@ class Agent:
     backend: str
     project: str
     git: tuple[GitRepo, ...] = ()
+    supervise: bool = True
+    supervise_wait: int = 600
     skill_hosts: tuple[HostEntry, ...] = ()     # declared by the agent's skills (SKILL_HOSTS_KEY)
 
     @property

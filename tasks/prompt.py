@@ -21,7 +21,8 @@ def tasks(project: Project):
         # Skills are not listed: Claude Code finds them itself, and a changed skill
         # list then costs no prompt copy.
         settings = {'prompt': agent.prompt, 'allowed': allowed(agent), 'repositories': repositories(agent),
-                    'proxy': guest.PROXY_URL, 'user': agent.user.name, 'home': agent.user.home}
+                    'proxy': guest.PROXY_URL, 'user': agent.user.name, 'home': agent.user.home,
+                    'supervise': agent.supervise, 'supervise_wait': agent.supervise_wait}
         yield {
             'name': agent.name,
             'doc': f'render the system prompt of {agent.name}',

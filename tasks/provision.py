@@ -4,6 +4,8 @@ provision_ca:<agent>            the egress CA's certificate in the guest's trust
                                 in the clients' system-wide files (templates/egress-trust.sh.j2)
 provision_git:<agent>           the guest's git sends the repositories of the manifest's `git:` list to the
                                 project's git gate (templates/git-gate.gitconfig.j2), and commits as the agent
+provision_supervise:<agent>     the project's supervisor registered in the agent's Claude Code (user scope, no
+                                secret: the proxy adds its key), or no registration when `supervise: false`
 provision_prompt:<agent>        the rendered prompt, copied to the guest (0600, agent-owned)
 provision_skill:<agent>:<skill> one skill directory, moved as one tar stream in one exec
 provision_skills:<agent>        skills dropped from the manifest, removed from the guest
@@ -34,6 +36,7 @@ from tasks.prompt import prompt_file
 FAMILIES = {
     'provision_ca': 'make each agent\'s machine trust the egress CA and know its door',
     'provision_git': 'point the git of each agent\'s machine at the git gate',
+    'provision_supervise': 'register the project\'s supervisor in the Claude Code of each agent\'s machine',
     'provision_prompt': 'copy each agent\'s rendered prompt into its machine',
     'provision_skill': 'copy one skill directory into an agent\'s machine',
     'provision_skills': 'remove skills dropped from a manifest from the machine',
@@ -138,6 +141,14 @@ mv -f "$dest.incoming" "$dest"
 git config --system --get-all include.path | grep -qxF "$dest" || git config --system --add include.path "$dest"
 '''
 
+# As the agent: Claude Code's user-scope registration of an MCP server replaced (`add-json` refuses a
+# name that exists), or removed when the configuration is empty. Arguments: home, name, JSON or "".
+REGISTER_MCP = r'''set -eu
+export HOME="$1"
+claude mcp remove -s user "$2" > /dev/null 2>&1 || :
+[ -z "$3" ] || claude mcp add-json -s user "$2" "$3" > /dev/null
+'''
+
 # No prompt: none may stay behind. Argument: path.
 REMOVE_PROMPT = GUARDS + r'''set -eu
 dest=$1
@@ -170,7 +181,8 @@ def tasks(project: Project):
     for family, doc in FAMILIES.items():
         yield {'basename': family, 'name': None, 'doc': doc}
     for agent in project.agents.values():
-        steps = [_ca_step(project, agent), _git_step(project, agent), _prompt_step(project, agent)]
+        steps = [_ca_step(project, agent), _git_step(project, agent), _supervise_step(agent),
+                 _prompt_step(project, agent)]
         steps += [_skill_step(agent, skill) for skill in agent.skills]
         steps.append(_prune_step(agent))
         names = [f'{step["basename"]}:{step["name"]}' for step in steps]
@@ -178,7 +190,7 @@ def tasks(project: Project):
             yield {**step, 'task_dep': [previous] + step.get('task_dep', [])}
         yield {
             'name': agent.name,
-            'doc': f'provision {agent.machine}: egress CA, git, prompt and {len(agent.skills)} skill(s)',
+            'doc': f'provision {agent.machine}: egress CA, git, supervisor, prompt and {len(agent.skills)} skill(s)',
             'actions': None,
             'task_dep': names,
         }
@@ -211,6 +223,18 @@ def _git_step(project: Project, agent: Agent) -> dict:
         'task_dep': ['gate'],       # the gate serves the repositories (or stops when none is listed)
         'file_dep': [project.template_file(GITCONFIG_TEMPLATE)],
         'uptodate': [config_changed({'gitconfig': gitconfig}), SameMachine(agent)],
+    }
+
+
+def _supervise_step(agent: Agent) -> dict:
+    registration = guest.supervise_registration(agent)
+    return {
+        'basename': 'provision_supervise', 'name': agent.name,
+        'doc': f'{"register" if registration else "unregister"} the project\'s supervisor in the Claude Code '
+               f'of {agent.machine}',
+        'actions': [(register_supervisor, [agent, registration])],
+        'task_dep': ['supervisor'],     # it serves the agent (or stops when no agent is supervised)
+        'uptodate': [config_changed({'registration': registration, 'home': agent.user.home}), SameMachine(agent)],
     }
 
 
@@ -271,6 +295,14 @@ def configure_git(project: Project, agent: Agent, gitconfig: str):
         gate.sync(project, agent.name)      # its mirrors, made with the host's credentials: a wrong URL fails here
     backend(agent.backend).exec(agent.machine, ['sh', '-c', RECEIVE_GITCONFIG, 'sh', guest.GATE_GITCONFIG],
                                 stdin=gitconfig.encode())
+    return {'machine_id': identity}
+
+
+@action
+def register_supervisor(agent: Agent, registration: str):
+    identity = _current_identity(agent)
+    backend(agent.backend).exec(agent.machine, ['sh', '-c', REGISTER_MCP, 'sh', agent.user.home, guest.SUPERVISE_MCP,
+                                                registration], user=agent.user.name)
     return {'machine_id': identity}
 
 

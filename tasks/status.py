@@ -2,7 +2,8 @@
 
 For each agent: its backend and machine state, its image (built or not), whether its egress door
 answers, for an agent with repositories whether the git gate answers and how many of its pushes
-wait for review, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
+wait for review, for a supervised agent whether the supervisor answers and how many of its requests
+wait for the human, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
 gives them, for every task on the way), and the requests its fence refused lately.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from doit.globals import Globals
 from doit.loader import load_tasks
 
 from daemons.gate import review
-from tasks import egress, gate
+from daemons.supervise import requests
+from tasks import egress, gate, supervise
 from tasks.backends import backend
 from tasks.image import image_of
 from tasks.project import Project, action
@@ -40,6 +42,10 @@ def status(project: Project, dodo: dict):
     git_gate = gate.gate(project)
     gate_state = 'answering' if git_gate.healthy() else 'not running'
     held = [push.bottle for push in review.held(git_gate.state_dir)]
+    supervisor = supervise.supervisor(project)
+    supervisor_state = 'answering' if supervisor.healthy() else 'not running'
+    waiting = [request.bottle for request in requests.pending(supervisor.state_dir)] \
+        if supervisor.db_file.exists() else []
     for agent in project.agents.values():
         machine = backend(agent.backend).machine(agent.machine)      # one probe per backend, shared
         image = image_of(project, agent.recipe)
@@ -47,7 +53,9 @@ def status(project: Project, dodo: dict):
               f'{machine.state if machine else "no machine"}; image {image.key}'
               f'{"" if image.manifest.exists() else " (not built)"}; egress door '
               f'{"open" if proxy.door_healthy(agent.name) else "closed"}'
-              + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else ''))
+              + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else '')
+              + (f'; supervisor {supervisor_state}, {waiting.count(agent.name)} request(s) waiting (doit supervise)'
+                 if agent.supervise else ''))
         pending = list(_would_run(f'launch:{agent.name}', tasks, producers))
         if pending:
             print('  next launch runs:')

@@ -132,11 +132,16 @@ class Bottles:
 
     @staticmethod
     def stop_egress_of(root: Path):
-        """Stop the egress proxy and door relays of the project at `root`, if it ever started them."""
+        """Stop the project's daemons at `root` that it ever started: the supervisor, the git gate, the egress
+        proxy and its door relays."""
+        from daemons.gate.engine import GitGate
         from daemons.proxy.engine import EgressProxy
-        state = root / '.bottle' / 'egress'
-        if state.exists():
-            EgressProxy(state, Path('/nonexistent')).stop()
+        from daemons.supervise.engine import Supervisor
+        state = root / '.bottle'
+        for name, stop in (('supervise', lambda d: Supervisor(d).stop()), ('gate', lambda d: GitGate(d).stop()),
+                           ('egress', lambda d: EgressProxy(d, Path('/nonexistent')).stop())):
+            if (state / name).exists():
+                stop(state / name)
 
     # -- writing the project
 
@@ -227,7 +232,6 @@ class Bottles:
 
 # --- the Claude Code that stand-in images install --------------------------------------------
 
-TEST_CLAUDE_VERSION = '0.0.0-test'
 
 
 def real_claude_version() -> str:
@@ -238,7 +242,20 @@ def real_claude_version() -> str:
 # Stands in for the native claude binary in stand-in images only (a real one is 370 MB;
 # the podman suite installs the real one). It records how it was started.
 FAKE_CLAUDE = r'''#!/bin/sh
-if [ "${1:-}" = "--version" ]; then echo "0.0.0-test (Claude Code)"; exit 0; fi
+if [ "${1:-}" = "--version" ]; then echo "@VERSION@ (Claude Code)"; exit 0; fi
+if [ "${1:-}" = "mcp" ]; then   # user-scope registrations, one file each, refused as the real one refuses
+  servers="$HOME/.claude-test-mcp"
+  case "$2 $3 $4" in
+    "add-json -s user")
+      [ ! -e "$servers/$5" ] || { echo "MCP server $5 already exists in user config" >&2; exit 1; }
+      mkdir -p "$servers" && printf '%s\n' "$6" > "$servers/$5" && echo "Added MCP server $5 to user config" ;;
+    "remove -s user")
+      [ -e "$servers/$5" ] || { echo "No user-scoped MCP server found with name: $5" >&2; exit 1; }
+      rm "$servers/$5" && echo "Removed MCP server $5 from user config" ;;
+    *) echo "claude (test stand-in): unexpected: $*" >&2; exit 2 ;;
+  esac
+  exit 0
+fi
 out="$HOME/claude-started.txt"
 {
   echo "uid=$(id -u)"
@@ -257,6 +274,11 @@ echo "claude (test stand-in) started"
 '''
 
 
+# Its version names its contents, so images made with an older script (kept by an engine between
+# runs) are never taken for current ones.
+TEST_CLAUDE_VERSION = f'0.0.0-test.{hashlib.sha256(FAKE_CLAUDE.encode()).hexdigest()[:8]}'
+
+
 def make_fake_claude_archive(cache: Path) -> Path:
     """Put a package for TEST_CLAUDE_VERSION into the claude-bottle download cache."""
     import io
@@ -268,7 +290,7 @@ def make_fake_claude_archive(cache: Path) -> Path:
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(f'.{archive.name}.{os.getpid()}')     # test workers share the cache
     with tarfile.open(partial, 'w:gz') as tar:
-        data = FAKE_CLAUDE.encode()
+        data = FAKE_CLAUDE.replace('@VERSION@', TEST_CLAUDE_VERSION).encode()
         info = tarfile.TarInfo('package/claude')
         info.size, info.mode = len(data), 0o755
         tar.addfile(info, io.BytesIO(data))

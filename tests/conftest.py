@@ -20,11 +20,11 @@ CACHE_ENV = 'BOTTLE_TEST_CACHE'
 
 @pytest.fixture(scope='session', autouse=True)
 def no_daemon_outlives_the_session(tmp_path_factory):
-    """Every project's egress proxy and door relays stopped at the end, also of a project no fixture
-    made (a test's own clone) or one whose test was interrupted."""
+    """Every project's daemons (supervisor, git gate, egress proxy, door relays) stopped at the end, also
+    of a project no fixture made (a test's own clone) or one whose test was interrupted."""
     yield
-    for state in tmp_path_factory.getbasetemp().glob('*/*/.bottle/egress'):
-        Bottles.stop_egress_of(state.parent.parent)
+    for state in tmp_path_factory.getbasetemp().glob('*/*/.bottle'):
+        Bottles.stop_egress_of(state.parent)
 
 
 @pytest.fixture(scope='session')

@@ -21,21 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-
 from daemons.gate.engine import CREDENTIAL_VARIABLES
 from daemons.lifecycle import Daemon
-from daemons.proxy.rules import SUPERVISE_KEY_HEADER
-from daemons.supervise.serve import TOOLS
-from daemons.supervise.store import LISTEN_HOST, SuperviseError, bottles_file, db_file
+from daemons.supervise.store import LISTEN_HOST, TOOLS, SuperviseError, bottles_file, db_file
 from tasks.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE_SECONDS = 5.0
 BOTTLE_KEYS = {'rules', 'approved', 'log', 'wait_seconds'}
-
 
 
 class Supervisor:
@@ -142,9 +134,10 @@ class Supervisor:
         record = self._port_record()
         if not record or record['pid'] != self.daemon().pid():
             return False
+        from daemons.supervise.probe import tool_names     # the MCP client takes a second to import
         key = self.key_file.read_text().strip()
         with ThreadPoolExecutor(1) as pool:     # a loop of its own, whatever the caller runs
-            return pool.submit(asyncio.run, _tool_names(record['port'], key)).result() >= set(TOOLS)
+            return pool.submit(asyncio.run, tool_names(record['port'], key)).result() >= set(TOOLS)
 
     def _running_record(self) -> dict:
         record = self._port_record()
@@ -165,12 +158,3 @@ class Supervisor:
         with open(self.state_dir / 'key.lock', 'a') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
-
-
-async def _tool_names(port: int, key: str) -> set[str]:
-    """The legacy initialize handshake, as Claude Code does it, then tools/list."""
-    async with asyncio.timeout(PROBE_SECONDS):
-        async with httpx2.AsyncClient(headers={SUPERVISE_KEY_HEADER: key}, timeout=PROBE_SECONDS) as http:
-            transport = streamable_http_client(f'http://{LISTEN_HOST}:{port}/mcp', http_client=http)
-            async with Client(transport, mode='legacy') as client:
-                return {tool.name for tool in (await client.list_tools()).tools}

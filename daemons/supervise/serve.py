@@ -33,7 +33,6 @@ from tasks.atomic import write_atomic
 
 PROGRESS_SECONDS = 10.0     # Claude Code cuts a call that sends nothing for 300 s; tell it we live well before
 POLL_SECONDS = 0.5          # how soon a waiting tool sees a decision made by another process
-TOOLS = ('request_egress', 'request_push_review', 'ask_human', 'report_status', 'check_request')
 INSTRUCTIONS = """\
 You run in a bottle: a sandbox whose network reaches only allowed hosts, and whose git pushes may be held
 for review. A human on the host answers through these tools.

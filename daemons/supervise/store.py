@@ -32,6 +32,7 @@ CREATE INDEX IF NOT EXISTS requests_by_bottle ON requests (bottle, created);
 CREATE TABLE IF NOT EXISTS statuses (bottle TEXT NOT NULL, time TEXT NOT NULL, text TEXT NOT NULL);
 '''
 KINDS = ('egress', 'push', 'question')
+TOOLS = ('request_egress', 'request_push_review', 'ask_human', 'report_status', 'check_request')
 PENDING = 'pending'
 
 

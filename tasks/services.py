@@ -1,0 +1,106 @@
+"""The project's services behind the egress proxy (the git gate, the supervisor), doit's side: one task
+per service that runs it for the agents that use it and routes the bottles' requests for its name to it
+(rules.SERVICES), or stops it when no agent uses it. Neither costs a backend call.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+from doit.tools import config_changed
+
+from daemons.gate.engine import GateError
+from daemons.gate.review import ReviewError
+from daemons.lifecycle import DaemonError
+from daemons.proxy.engine import ProxyError
+from daemons.supervise.store import SuperviseError
+from tasks import egress
+from tasks.backends import BottleError
+from tasks.project import Project, action
+
+
+class Service(Protocol):
+    """What daemons.gate.engine.GitGate and daemons.supervise.engine.Supervisor have in common."""
+    key_file: object
+
+    def write_bottles(self, bottles: dict) -> None: ...
+    def ensure_running(self) -> bool: ...
+    def healthy(self) -> bool: ...
+    def port(self) -> int: ...
+    def stop(self) -> None: ...
+    def daemon(self): ...
+
+
+def in_words(func):
+    """The services' errors say what to fix: they fail the task as they are."""
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (GateError, ReviewError, SuperviseError, DaemonError, ProxyError) as err:
+            raise BottleError(str(err)) from None
+    return run
+
+
+class Serving:
+    """The service answers its health check, and the proxy routes the service's name to it."""
+
+    def __init__(self, project: Project, name: str, service: Service, what: str):
+        self.project, self.name, self.service, self.what = project, name, service, what
+
+    def __call__(self, task, values):
+        try:
+            return self.service.healthy() and egress.proxy(self.project).service_route(self.name) == route(self.service)
+        except Exception:       # whatever the reason, the action meets it again and says it
+            return False
+
+    def __repr__(self):
+        return f'{self.what} answers and the egress proxy routes the bottles to it'
+
+
+class Stopped:
+    def __init__(self, service: Service, what: str):
+        self.service, self.what = service, what
+
+    def __call__(self, task, values):
+        return self.service.daemon().pid() is None
+
+    def __repr__(self):
+        return f'{self.what} does not run'
+
+
+def task(project: Project, name: str, service: Service, served: dict, what: str, unused: str) -> dict:
+    """`served`: the service's bottles file; empty, the service is stopped (`unused` says why)."""
+    if not served:
+        return {
+            'doc': f'stop {what}: {unused}',
+            'actions': [(close, [project, name, service])],
+            'uptodate': [Stopped(service, what)],
+        }
+    return {
+        'doc': f'run {what} for {", ".join(sorted(served))} and route the bottles to it',
+        'actions': [(open_, [project, name, service, served])],
+        'uptodate': [config_changed(served), Serving(project, name, service, what)],
+        'clean': [(close, [project, name, service])],
+    }
+
+
+def route(service: Service) -> dict:
+    return {'port': service.port(), 'key_file': str(service.key_file)}
+
+
+@action
+@in_words
+def open_(project: Project, name: str, service: Service, served: dict):
+    service.write_bottles(served)
+    service.ensure_running()
+    egress.proxy(project).route_service(name, service.port(), service.key_file)
+
+
+@action
+@in_words
+def close(project: Project, name: str, service: Service):
+    service.stop()
+    egress_proxy = egress.proxy(project)
+    if egress_proxy.doors_file.exists():
+        egress_proxy.route_service(name, None, None)
