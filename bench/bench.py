@@ -242,8 +242,8 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
               f'baseline guest has {expected_files} skill files')
         # probe, create, start, the CA with its trust script and the agent's curlrc (provision_ca, counted
         # as cp: they write files), the prompt's cp, one exec for the git gate's gitconfig (provision_git),
-        # one exec per skill, one exec to prune
-        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 3, 'exec': shape.skills + 2})
+        # one for the supervisor's registration (provision_supervise), one exec per skill, one exec to prune
+        expected = Counter({'probe': 1, 'create': 1, 'start': 1, 'cp': 3, 'exec': shape.skills + 3})
         if cb.kinds != expected:
             oddities.append(f'cold launch made {kinds_text(cb.kinds)} (expected {kinds_text(expected)}): '
                             f'{[a[:5] for a in cb.argvs]}')
@@ -295,7 +295,7 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
         for data in standins:
             harness.stop_all(data)
         for project in (single, fleet):
-            project.stop_egress()
+            project.stop_daemons()
     return rows, facts, oddities
 
 

@@ -15,6 +15,7 @@ at start, say) is not healthy, so `ensure_running` restarts it with the current 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -26,6 +27,15 @@ from pathlib import Path
 from tasks.atomic import write_atomic
 
 POLL_SECONDS = 0.05
+
+
+def code_digest(package: Path) -> str:
+    """A digest of the Python code of a daemon's package, for its `config`: a daemon still running the
+    code of an earlier claude-bottle is restarted with the current one."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(package).glob('*.py')):
+        digest.update(f'{source.name}\0'.encode() + source.read_bytes() + b'\0')
+    return digest.hexdigest()
 
 
 class DaemonError(Exception):

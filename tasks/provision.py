@@ -144,7 +144,7 @@ git config --system --get-all include.path | grep -qxF "$dest" || git config --s
 # As the agent: Claude Code's user-scope registration of an MCP server replaced (`add-json` refuses a
 # name that exists), or removed when the configuration is empty. Arguments: home, name, JSON or "".
 REGISTER_MCP = r'''set -eu
-export HOME="$1"
+export HOME="$1" CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1    # no telemetry for the proxy to refuse
 claude mcp remove -s user "$2" > /dev/null 2>&1 || :
 [ -z "$3" ] || claude mcp add-json -s user "$2" "$3" > /dev/null
 '''

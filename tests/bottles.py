@@ -127,11 +127,11 @@ class Bottles:
         defaults['image'] = {**defaults.get('image', {}), 'claude_code': real_claude_version()}
         self.write(defaults_file, yaml.safe_dump(defaults))
 
-    def stop_egress(self):
-        self.stop_egress_of(self.root)
+    def stop_daemons(self):
+        self.stop_daemons_of(self.root)
 
     @staticmethod
-    def stop_egress_of(root: Path):
+    def stop_daemons_of(root: Path):
         """Stop the project's daemons at `root` that it ever started: the supervisor, the git gate, the egress
         proxy and its door relays."""
         from daemons.gate.engine import GitGate

@@ -24,7 +24,7 @@ def no_daemon_outlives_the_session(tmp_path_factory):
     of a project no fixture made (a test's own clone) or one whose test was interrupted."""
     yield
     for state in tmp_path_factory.getbasetemp().glob('*/*/.bottle'):
-        Bottles.stop_egress_of(state.parent)
+        Bottles.stop_daemons_of(state.parent)
 
 
 @pytest.fixture(scope='session')
@@ -96,7 +96,7 @@ def _project(backend, tmp_path):
         yield project
     finally:
         backend.close(Project(project.root).label)
-        project.stop_egress()
+        project.stop_daemons()
         shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)   # large artifacts
 
 
@@ -126,4 +126,4 @@ def standin(request, tmp_path, claude_cache):
         yield project
     finally:
         backend.close(None)
-        project.stop_egress()
+        project.stop_daemons()

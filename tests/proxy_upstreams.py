@@ -24,13 +24,13 @@ def random_loopback_address() -> str:
     return f'127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}'
 
 
-def make_upstream_ca(directory: Path, address: str) -> tuple[Path, Path, Path]:
-    """A test CA (the proxy is told to trust it) and a server certificate for `address` and
-    localhost, made with the openssl CLI; returns (ca cert, server cert, server key)."""
+def make_upstream_ca(directory: Path, address: str, *more_addresses: str) -> tuple[Path, Path, Path]:
+    """A test CA (the proxy is told to trust it) and a server certificate for `address`, any
+    `more_addresses` and localhost, made with the openssl CLI; returns (ca cert, server cert, server key)."""
     ca_key, ca_cert = directory / 'upstream-ca.key', directory / 'upstream-ca.pem'
     key, csr, cert = directory / 'upstream.key', directory / 'upstream.csr', directory / 'upstream.pem'
     ext = directory / 'upstream.ext'
-    ext.write_text(f'subjectAltName=IP:{address},DNS:localhost\n')
+    ext.write_text(f'subjectAltName={"".join(f"IP:{a}," for a in (address, *more_addresses))}DNS:localhost\n')
     for argv in (
         ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
          '-keyout', ca_key, '-out', ca_cert, '-days', '2', '-subj', '/CN=egress test upstream CA'],
@@ -49,8 +49,11 @@ class Upstream:
     GET or POST any path: 200 and "upstream saw METHOD PATH". GET /events: three server-sent
     events one second apart; `last_event_sent` is set (and `last_event_at`, the time.time() of it)
     just before the third is written.
-    POST /v1/messages: a mock Anthropic Messages API answering `reply_text` (streamed when the
-    request asks for it); each request's JSON body is appended to `messages`.
+    POST /v1/messages: a mock Anthropic Messages API (streamed when the request asks for it); each
+    request's JSON body is appended to `messages`. It answers `reply_text`; or, when `tool_call` is
+    set to (tool name, input) and the request offers that tool, a call of it (stop reason tool_use);
+    a request whose last message carries tool results is answered "the tool returned: <their text>",
+    that text also appended to `tool_results`.
     /git/<path>, when `git_root` is given: git smart HTTP by the real `git http-backend` over
     the repositories under `git_root` (clone and fetch). With `git_credentials` (user, password),
     /git/ asks for them by Basic auth (401 without them, 403 with wrong ones) and takes pushes too;
@@ -61,10 +64,13 @@ class Upstream:
         upstream = self
         expected = 'Basic ' + base64.b64encode(':'.join(git_credentials).encode()).decode() \
             if git_credentials else None
+        self.address = address
         self.connections = 0
         self.requests: list[tuple[str, str, str]] = []   # (method, path, Host header)
         self.messages: list[dict] = []                   # bodies of POST /v1/messages
         self.reply_text = 'pong from the mock API'
+        self.tool_call: tuple[str, dict] | None = None
+        self.tool_results: list[str] = []
         self.git_root = git_root
         self.last_event_sent = threading.Event()
         self.last_event_at = 0.0
@@ -185,13 +191,13 @@ class Upstream:
             def _messages(self, request: dict):
                 with upstream.lock:
                     upstream.messages.append(request)
-                text, model = upstream.reply_text, request.get('model', 'mock-model')
-                usage = {'input_tokens': 10, 'output_tokens': len(text.split())}
-                message = {'id': 'msg_mock', 'type': 'message', 'role': 'assistant', 'model': model,
-                           'content': [], 'stop_reason': None, 'stop_sequence': None, 'usage': usage}
+                content, stop_reason = upstream.reply(request)
+                usage = {'input_tokens': 10, 'output_tokens': 10}
+                message = {'id': 'msg_mock', 'type': 'message', 'role': 'assistant',
+                           'model': request.get('model', 'mock-model'), 'content': [], 'stop_reason': None,
+                           'stop_sequence': None, 'usage': usage}
                 if not request.get('stream'):
-                    body = json.dumps({**message, 'content': [{'type': 'text', 'text': text}],
-                                       'stop_reason': 'end_turn'}).encode()
+                    body = json.dumps({**message, 'content': content, 'stop_reason': stop_reason}).encode()
                     self.send_response(200)
                     self.send_header('Content-Type', 'application/json')
                     self.send_header('Content-Length', str(len(body)))
@@ -203,15 +209,20 @@ class Upstream:
                 self.send_header('Cache-Control', 'no-cache')
                 self.send_header('Connection', 'close')
                 self.end_headers()
-                for name, data in (
-                    ('message_start', {'message': message}),
-                    ('content_block_start', {'index': 0, 'content_block': {'type': 'text', 'text': ''}}),
-                    ('content_block_delta', {'index': 0, 'delta': {'type': 'text_delta', 'text': text}}),
-                    ('content_block_stop', {'index': 0}),
-                    ('message_delta', {'delta': {'stop_reason': 'end_turn', 'stop_sequence': None},
-                                       'usage': {'output_tokens': usage['output_tokens']}}),
-                    ('message_stop', {}),
-                ):
+                events = [('message_start', {'message': message})]
+                for index, block in enumerate(content):
+                    if block['type'] == 'text':
+                        start, delta = {**block, 'text': ''}, {'type': 'text_delta', 'text': block['text']}
+                    else:
+                        start = {**block, 'input': {}}
+                        delta = {'type': 'input_json_delta', 'partial_json': json.dumps(block['input'])}
+                    events += [('content_block_start', {'index': index, 'content_block': start}),
+                               ('content_block_delta', {'index': index, 'delta': delta}),
+                               ('content_block_stop', {'index': index})]
+                events += [('message_delta', {'delta': {'stop_reason': stop_reason, 'stop_sequence': None},
+                                              'usage': {'output_tokens': usage['output_tokens']}}),
+                           ('message_stop', {})]
+                for name, data in events:
                     self.wfile.write(f'event: {name}\ndata: {json.dumps({"type": name, **data})}\n\n'.encode())
                     self.wfile.flush()
                 self.close_connection = True
@@ -232,9 +243,33 @@ class Upstream:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def reply(self, request: dict) -> tuple[list[dict], str]:
+        """The mock API's answer to a Messages request: its content blocks and stop reason."""
+        last = request['messages'][-1]['content'] if request.get('messages') else ''
+        results = [block for block in last if block.get('type') == 'tool_result'] if isinstance(last, list) else []
+        if results:
+            said = '\n'.join(tool_result_text(block) for block in results)
+            with self.lock:
+                self.tool_results.append(said)
+            return [{'type': 'text', 'text': f'the tool returned: {said}'}], 'end_turn'
+        offered = {tool.get('name') for tool in request.get('tools', [])}
+        if self.tool_call and self.tool_call[0] in offered:
+            name, arguments = self.tool_call
+            return [{'type': 'tool_use', 'id': f'toolu_mock{len(self.messages)}', 'name': name,
+                     'input': arguments}], 'tool_use'
+        return [{'type': 'text', 'text': self.reply_text}], 'end_turn'
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def tool_result_text(block: dict) -> str:
+    """A tool_result block's text: its content is a string or a list of content blocks."""
+    content = block.get('content', '')
+    if isinstance(content, str):
+        return content
+    return '\n'.join(part.get('text', '') for part in content if part.get('type') == 'text')
 
 
 class GuestRelay:

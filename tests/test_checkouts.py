@@ -28,7 +28,7 @@ def checkouts(request, tmp_path, claude_cache):
     finally:
         for bottles in pair:
             backend.close(Project(bottles.root).label)
-            bottles.stop_egress()
+            bottles.stop_daemons()
             shutil.rmtree(bottles.root / '.bottle' / 'images', ignore_errors=True)
 
 

@@ -113,4 +113,4 @@ def test_demo_from_a_fresh_clone_prints_a_command_that_attaches_from_a_new_shell
             kill_claude(machine)
     finally:
         remove_podman_containers(Project(clone).label)
-        Bottles.stop_egress_of(clone)
+        Bottles.stop_daemons_of(clone)

@@ -3,11 +3,12 @@ project's egress proxy, and only what its manifest allows gets through.
 
 Letters refer to the acceptance points of the egress issue. One project per backend serves the
 whole module (building and provisioning bottles is the slow part); the tests run in file order
-and the ones that change the project come last. Real clients in the guest (curl, git, node and,
-on every backend, the real Claude Code) talk to a real TLS upstream on a loopback address of the
+and the ones that change the project come last (the supervisor's, i: the real Claude Code asks
+for a host, the human approves it on the page). Real clients in the guest (curl, git, node and,
+on every backend, the real Claude Code) talk to real TLS upstreams on loopback addresses of the
 host (tests/proxy_upstreams.py), whose certificate the proxy verifies against the test CA named by
 BOTTLE_UPSTREAM_CA. Nothing leaves the machine: the only addresses a guest is pointed at are the
-upstream's and TEST-NET-1 (192.0.2.0/24, never routed), which a bottle cannot reach anyway.
+upstreams' and TEST-NET-1 (192.0.2.0/24, never routed), which a bottle cannot reach anyway.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import re
 import shlex
 import signal
+import shutil
 import subprocess
 import tarfile
 import time
@@ -25,8 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from daemons.supervise import requests
+from daemons.supervise.engine import Supervisor
 from tasks.project import Project
 from tests.bottles import REPO, Bottles
+from tests.browser import POLL_LIMIT, POLL_SECONDS, Browser
 from tests.conftest import BACKENDS, CACHE_ENV
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
@@ -43,6 +48,7 @@ class Fence:
     address: str
     ca: Path
     repo: Path           # the bare repository the upstream serves at /git/repo.git
+    unlisted: Upstream   # on a second address, which `open` may reach only once the human approves it
 
     @property
     def url(self) -> str:
@@ -72,6 +78,15 @@ class Fence:
     def proxy_pid(self) -> int:
         return json.loads((self.bottles.root / '.bottle' / 'egress' / 'proxy.pid').read_text())['pid']
 
+    def supervisor_pid(self) -> int:
+        return json.loads((self.bottles.root / '.bottle' / 'supervise' / 'supervise.pid').read_text())['pid']
+
+    def claude(self, arguments: str, env: str = '') -> str:
+        """The script that runs the real Claude Code in a bottle as the agent, against the mock API,
+        with `env` (NAME=value ...) besides."""
+        return (f'{AS_AGENT} ANTHROPIC_BASE_URL={self.url} ANTHROPIC_API_KEY=test-key '
+                f'CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 {env} timeout 300 claude {arguments} < /dev/null')
+
     def listener_ports(self) -> dict[str, int]:
         doors = json.loads((self.bottles.root / '.bottle' / 'egress' / 'doors.json').read_text())['bottles']
         return {bottle: entry['port'] for bottle, entry in doors.items()}
@@ -100,15 +115,18 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     tmp = tmp_path_factory.mktemp(f'fence-{request.param}')
     backend = BACKENDS[request.param](request, tmp, claude_cache)
     address = random_loopback_address()
-    ca, cert, key = make_upstream_ca(tmp, address)
+    prefix, last = address.rsplit('.', 1)
+    unlisted_address = f'{prefix}.{int(last) % 254 + 1}'        # another one, never the same
+    ca, cert, key = make_upstream_ca(tmp, address, unlisted_address)
     repo = make_repository(tmp / 'git')
     upstream = Upstream(address, cert, key, git_root=tmp / 'git')
+    unlisted = Upstream(unlisted_address, cert, key)
     bottles = Bottles(tmp / 'project', backend)
     bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)
     bottles.use_real_claude()
     private = [f'{address}/32']
-    bottles.agent('open', prompt='Work.', network={
-        'allow_hosts': [address, 'localhost'], 'allow_private': private})
+    bottles.agent('open', prompt='Work.', network={        # the unlisted address: once approved
+        'allow_hosts': [address, 'localhost'], 'allow_private': [*private, f'{unlisted_address}/32']})
     bottles.agent('narrow', prompt='Read.', network={
         'allow_hosts': [{'host': address, 'methods': ['GET'], 'paths': ['/public/']}],
         'allow_private': private, 'claude_code_hosts': []})
@@ -117,11 +135,12 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
         bottles.doit('provision')
         for agent in ('open', 'narrow', 'shut'):
             bottles.put(agent, node_binary, GUEST_NODE)
-        yield Fence(bottles, upstream, address, ca, repo)
+        yield Fence(bottles, upstream, address, ca, repo, unlisted)
     finally:
         backend.close(Project(bottles.root).label)
-        bottles.stop_egress()
+        bottles.stop_daemons()
         upstream.close()
+        unlisted.close()
 
 
 def make_repository(root: Path) -> Path:
@@ -180,9 +199,7 @@ def test_a_node_fetch_goes_through_the_door(fence):
 
 def test_a_the_real_claude_answers_through_the_door(fence):
     before = len(fence.upstream.requests)
-    out = fence.bottles.guest('open', f'{AS_AGENT} ANTHROPIC_BASE_URL={fence.url} ANTHROPIC_API_KEY=test-key '
-                                      'CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 timeout 120 claude -p ping '
-                                      '< /dev/null')
+    out = fence.bottles.guest('open', fence.claude('-p ping'))
     assert fence.upstream.reply_text in out
     assert any(method == 'POST' and path.startswith('/v1/messages')
                for method, path, _ in fence.upstream.requests[before:])
@@ -378,3 +395,85 @@ def test_d_an_added_host_costs_the_allowlist_the_prompt_and_nothing_else(fence):
     assert fence.address in bottles_prompt(fence, 'shut')
     assert fence.curl('shut', f'{fence.url}/later') == (200, 'upstream saw GET /later')
     assert fence.proxy_pid() == pid
+
+
+# --- i. the supervisor, from the bottle (approves and revokes a host of `open`: last) -------------
+
+def test_i_claude_mcp_get_reports_the_supervisor_connected(fence):
+    """Claude Code's own check of the registration provision_supervise made. `mcp get` exits 0 even when
+    it cannot connect, so its words count. `shut` allows neither Anthropic's hosts nor the supervisor's
+    name: the proxy routes that name to the project's service whatever the bottle's allowlist says."""
+    for agent in ('open', 'shut'):
+        out = fence.bottles.guest(agent, f'{AS_AGENT} timeout 120 claude mcp get supervise 2>&1; true')
+        assert re.search(r'^\s*Status: ✔ Connected$', out, re.M), f'{agent}:\n{out}'
+        assert 'http://supervise.bottle.invalid/mcp' in out, out
+
+
+def test_i_the_real_claude_asks_for_a_host_the_human_approves_on_the_page_and_it_passes_at_once(fence, tmp_path):
+    """The mock API has the real `claude -p` call request_egress for the unlisted address; the human
+    approves on the page in headless Chromium (screenshots in the test's tmp dir); the call returns
+    "approved" and the next request to that address passes, the proxy and the supervisor still the same
+    processes."""
+    if not shutil.which('chromedriver') or not shutil.which('chromium'):
+        pytest.skip('no headless Chromium: apt-get install chromium chromium-driver')
+    bottles, host = fence.bottles, fence.unlisted.address
+    state_dir = bottles.root / '.bottle' / 'supervise'
+    assert fence.curl('open', f'https://{host}/before-approval')[0] == 403
+    assert fence.unlisted.requests == []
+    pids = fence.proxy_pid(), fence.supervisor_pid()
+
+    fence.upstream.tool_call = ('mcp__supervise__request_egress', {'host': host, 'reason': 'fetch the test page'})
+    claude = bottles.guest_process('open', fence.claude(
+        f'-p "Fetch https://{host}/" --allowedTools mcp__supervise__request_egress 2>&1',
+        'ENABLE_TOOL_SEARCH=false'))        # MCP tools offered up front, not behind a tool search
+    try:
+        request = pending_request(state_dir, 'open', claude)
+        assert (request.kind, request.payload) == ('egress', {'host': host, 'reason': 'fetch the test page'})
+        with Browser(tmp_path) as browser:
+            browser.open(Supervisor(state_dir).page_url())      # the token becomes a cookie
+            approve = browser.wait_for(f'#request-{request.id} button.approve')
+            screenshot = tmp_path / 'supervise-page.png'
+            browser.screenshot(screenshot)
+            print(f'the page with the request of the real claude: {screenshot}')
+            browser.click(approve)
+            out, _ = claude.communicate(timeout=300)
+            browser.wait_for(f'#request-{request.id}:not(.pending)')
+            browser.screenshot(tmp_path / 'supervise-page-approved.png')
+    finally:
+        fence.upstream.tool_call = None
+        if claude.poll() is None:
+            claude.kill()
+            claude.wait()
+    out = out.decode(errors='replace')
+    assert claude.returncode == 0 and out.startswith('the tool returned: '), out
+    returned = fence.upstream.tool_results[-1]      # what the model was given: the tool's plain text
+    assert returned in out, (returned, out)
+    assert returned.startswith(f'approved: {host} is allowed for this bottle from now on (request {request.id}, '
+                               'by page at '), returned
+
+    assert fence.curl('open', f'https://{host}/approved') == (200, 'upstream saw GET /approved')
+    line = fence.logged('open', '/approved')
+    assert (line['host'], line['allowed'], line['status']) == (host, True, 200)
+    assert (fence.proxy_pid(), fence.supervisor_pid()) == pids       # nothing was restarted
+
+
+def pending_request(state_dir: Path, agent: str, asking: subprocess.Popen) -> requests.Request:
+    """The agent's one pending request, once the supervisor has it (while `asking` runs)."""
+    for _ in range(POLL_LIMIT):
+        if waiting := requests.pending(state_dir, agent):
+            assert len(waiting) == 1, waiting
+            return waiting[0]
+        if asking.poll() is not None:
+            raise AssertionError(f'it ended without a request to the supervisor: {asking.communicate()}')
+        time.sleep(POLL_SECONDS)
+    raise AssertionError(f'no request of {agent} reached the supervisor')
+
+
+def test_i_a_revoked_host_is_refused_again(fence):
+    host = fence.unlisted.address
+    run = fence.bottles.doit('revoke', '--agent', 'open', '--host', host)
+    assert f'revoke: {host} is no longer approved for open' in run.output, run.output
+    before = len(fence.unlisted.requests)
+    status, body = fence.curl('open', f'https://{host}/after-revoke')
+    assert status == 403 and f'GET to {host} is not allowed' in body, body
+    assert len(fence.unlisted.requests) == before

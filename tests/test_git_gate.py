@@ -7,7 +7,9 @@ One project per backend serves the module. The upstream is a real TLS server on 
 (tests/proxy_upstreams.py) serving bare repositories through the real `git http-backend`, with
 Basic auth whose password only the host's git knows (a credential store named by the host's global
 gitconfig, GIT_CONFIG_GLOBAL, which the gate inherits from doit). Agents: `fwd` and `fwd2` forward,
-`rev` holds for review, `loc` keeps in the gate; only `fwd` lists the repository `other`.
+`rev` holds for review, `loc` keeps in the gate; only `fwd` lists the repository `other`. `rev` also asks
+the project's supervisor for the review from inside its bottle, and the human decides on the page or
+the command line.
 """
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ import re
 import shlex
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 import pytest
 
+from daemons.supervise.engine import Supervisor
 from tasks.project import Project
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS
@@ -131,10 +136,7 @@ def gated(request, tmp_path_factory, claude_cache):
         yield Gated(bottles, address, git_root)
     finally:
         backend.close(Project(bottles.root).label)
-        bottles.stop_egress()
-        subprocess.run(['python3', '-c', 'import sys; from daemons.gate.engine import GitGate; '
-                        'GitGate(sys.argv[1]).stop()', str(bottles.root / '.bottle' / 'gate')],
-                       env=bottles.env(), check=False)
+        bottles.stop_daemons()          # the gate and the supervisor too
         upstream.close()
 
 
@@ -331,3 +333,120 @@ def test_a_gate_killed_behind_doits_back_is_started_by_the_next_launch(gated):
     assert 'gate' in relaunch.executed, relaunch.output
     assert gated.ok('fwd', f'git ls-remote {gated.url("app")} main').strip()
     assert gated.bottles.doit('launch:fwd').kinds == {'probe': 1}
+
+
+# --- the supervisor's push review, asked for from inside the bottle ------------------------------------
+
+SUPERVISE_MCP = 'http://supervise.bottle.invalid/mcp'
+CALL_SECONDS = 300      # how long the guest's curl waits for the human's answer before giving up
+POLL_SECONDS = 0.2
+POLL_LIMIT = 300        # polls of the page before a test gives up on seeing a request (about a minute)
+
+
+def review_held(gated: Gated, branch: str, text: str) -> tuple[str, str]:
+    """A fresh commit of `rev` pushed to `branch` and held by the gate: (its SHA, the review id)."""
+    directory = gated.clone('rev')
+    sha = gated.commit('rev', directory, text)
+    out = gated.ok('rev', f'cd {directory} && git push origin HEAD:{branch}')
+    found = re.search(r'held for review as (\S+):', out)
+    assert found, out
+    assert gated.upstream_ref('app', f'refs/heads/{branch}') is None
+    return sha, found.group(1)
+
+
+def ask_for_review(gated: Gated, review_id: str) -> subprocess.Popen:
+    """`rev` asks the supervisor to review the push, as a bottle does: JSON-RPC posts to the supervisor's
+    name, through the bottle's proxy (HTTP_PROXY), by curl as the agent user. The call waits for the human,
+    so it runs on while the test decides; its stdout is the two answers' event streams."""
+    def post(message: dict) -> str:
+        return (f'curl -sS -N --max-time {CALL_SECONDS} -H "Content-Type: application/json" '
+                f'-H "Accept: application/json, text/event-stream" --data {shlex.quote(json.dumps(message))} '
+                f'{SUPERVISE_MCP}')
+    initialize = {'jsonrpc': '2.0', 'id': 1, 'method': 'initialize', 'params': {
+        'protocolVersion': '2025-06-18', 'capabilities': {}, 'clientInfo': {'name': 'curl', 'version': '0'}}}
+    call = {'jsonrpc': '2.0', 'id': 2, 'method': 'tools/call',
+            'params': {'name': 'request_push_review', 'arguments': {'review_id': review_id}}}
+    script = f'{post(initialize)}; echo; {post(call)}'
+    return gated.bottles.guest_process('rev', f'cd /home/agent && {AS_AGENT} sh -c {shlex.quote(script)}')
+
+
+def tool_answer(asking: subprocess.Popen) -> str:
+    """The text the waiting tool call returned, once it returns."""
+    out, err = asking.communicate(timeout=CALL_SECONDS + 60)
+    messages = {}
+    for line in out.decode().splitlines():
+        if line.startswith('data:'):
+            message = json.loads(line.removeprefix('data:'))
+            messages[message.get('id')] = message
+    assert messages.get(1, {}).get('result', {}).get('serverInfo', {}).get('name') == 'supervise', (out, err)
+    result = messages.get(2, {}).get('result')
+    assert result and not result.get('isError'), (out, err)
+    return result['content'][0]['text']
+
+
+def page(gated: Gated) -> httpx2.Client:
+    """The human's page's JSON API, with the user's token."""
+    supervisor = Supervisor(gated.bottles.root / '.bottle' / 'supervise')
+    return httpx2.Client(base_url=f'http://127.0.0.1:{supervisor.page_port()}', timeout=30,
+                         headers={'Authorization': f'Bearer {supervisor.token_file.read_text().strip()}'})
+
+
+def pending_review(gated: Gated, review_id: str, asking: subprocess.Popen) -> dict:
+    """The pending request about the held push, once the page lists it."""
+    with page(gated) as api:
+        for _ in range(POLL_LIMIT):
+            state = api.get('/api/state')
+            assert state.status_code == 200, state.text
+            found = [r for r in state.json()['requests'] if r['kind'] == 'push' and r['review_id'] == review_id]
+            if found:
+                assert (found[0]['bottle'], found[0]['state']) == ('rev', 'pending'), found
+                return found[0]
+            if asking.poll() is not None:
+                out, err = asking.communicate()
+                raise AssertionError(f'the call ended before its request showed: {out.decode()}{err.decode()}')
+            time.sleep(POLL_SECONDS)
+    asking.kill()
+    raise AssertionError(f'no request about held push {review_id} appeared on the page')
+
+
+def test_a_push_held_for_review_is_approved_from_the_page_and_lands_upstream_at_that_sha(gated):
+    sha, review_id = review_held(gated, 'agent/rev/page', 'approved on the page')
+    asking = ask_for_review(gated, review_id)
+    request = pending_review(gated, review_id, asking)
+    assert (request['new'], request['ref']) == (sha, 'refs/heads/agent/rev/page')
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/page') is None       # nothing before the human
+    with page(gated) as api:
+        approved = api.post(f'/api/requests/{request["id"]}/approve', json={})
+    assert approved.status_code == 200, approved.text
+    answer = tool_answer(asking)
+    assert answer.startswith(f'approved: refs/heads/agent/rev/page at {sha} was pushed to'), answer
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/page') == sha
+    assert review_id not in gated.bottles.doit('held').stdout
+
+
+def test_doit_approve_by_the_review_id_decides_the_agents_request(gated):
+    sha, review_id = review_held(gated, 'agent/rev/cli', 'approved on the command line')
+    asking = ask_for_review(gated, review_id)
+    request = pending_review(gated, review_id, asking)
+    listed = gated.bottles.doit('supervise').stdout
+    assert f'{request["id"]}: rev asks' in listed and f'review push {review_id}' in listed, listed
+    approved = gated.bottles.doit('approve', '--id', review_id)
+    assert f'approve: request {request["id"]} of rev approved' in approved.stdout, approved.output
+    answer = tool_answer(asking)
+    assert answer.startswith(f'approved: refs/heads/agent/rev/cli at {sha} was pushed to'), answer
+    assert '(command line)' in answer, answer
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/cli') == sha
+    assert request['id'] not in gated.bottles.doit('supervise').stdout
+
+
+def test_doit_reject_tells_the_agent_why_and_nothing_goes_upstream(gated):
+    _, review_id = review_held(gated, 'agent/rev/rejected', 'not wanted now')
+    asking = ask_for_review(gated, review_id)
+    request = pending_review(gated, review_id, asking)
+    assert review_id in gated.bottles.doit('held').stdout
+    rejected = gated.bottles.doit('reject', '--id', request['id'], '--reason', 'not now')
+    assert f'reject: request {request["id"]} of rev denied; nothing went upstream' in rejected.stdout
+    answer = tool_answer(asking)
+    assert answer.startswith('denied (') and answer.endswith('): not now'), answer
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/rejected') is None
+    assert review_id not in gated.bottles.doit('held').stdout

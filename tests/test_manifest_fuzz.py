@@ -73,6 +73,8 @@ GOOD = {
     'git': [[], [{'url': 'https://github.com/acme/app.git'}],
             [{'url': 'git@github.com:acme/app.git', 'push': ['agent/x/*', 'refs/tags/v*'], 'mode': 'forward',
               'max_push_mb': 10}, {'url': 'ssh://git@h.example:2222/a/b', 'mode': 'local'}]],
+    'supervise': [True, False],
+    'supervise_wait': [0, 600, 3600],
 }
 BAD = {
     'prompt': [None, ['x']],
@@ -105,6 +107,8 @@ BAD = {
             [{'url': 'https://h.example/a', 'push': ['a..b']}], [{'url': 'https://h.example/a', 'max_push_mb': 0}],
             [{'url': 'https://h.example/a'}, {'url': 'https://h.example/a.git'}],
             [{'url': 'https://h.example/a', 'pusj': ['x']}]],
+    'supervise': ['yes', 1, None, 'true'],
+    'supervise_wait': [-1, 3601, True, '600', 1.5],
 }
 
 ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + ''.join(

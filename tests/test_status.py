@@ -19,6 +19,7 @@ def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):
     out = run.stdout
     fresh, stale = out.split('\nfresh: ')[1].split('\nstale: ')
     assert fresh.startswith(f'{standin.machine("fresh")} on smolvm, running; image ') and 'egress door open' in fresh
+    assert 'supervisor answering, 0 request(s) waiting (doit supervise)' in fresh
     assert 'next launch: nothing to do but attach' in fresh
     assert 'next launch runs:' in stale
     assert '    prompt:stale: config_changed(' in stale          # doit's own reason

@@ -131,8 +131,9 @@ def post_receive(push: Push) -> None:
         if push.repo.mode == 'review':
             item = hold(push, update)
             say(f'{update.ref} is held for review as {item.id}: nothing went upstream yet. A person approves it '
-                f'on the host with `doit approve --id {item.id}`. A new push to {update.ref} is held as a new '
-                'review; this one then can no longer be approved.')
+                f'on the host (`doit approve --id {item.id}`); with the supervisor, ask for it with '
+                f'request_push_review("{item.id}"). A new push to {update.ref} is held as a new review; this one '
+                'then can no longer be approved.')
             push.receipt(update, 'held', id=item.id)
 
 

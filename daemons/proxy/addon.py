@@ -15,7 +15,8 @@ changing the `mode` option live so adding or removing a bottle never restarts th
 
 For every request, in this order:
 - `health.bottle.invalid` (a reserved name that can never resolve) is answered here with
-  {"bottle": <name>}: the health check through a door, with no upstream;
+  {"bottle": <name>, "services": {<service>: <port>}}: the health check through a door, with no
+  upstream, which also tells which services the addon routes now;
 - `http://git.bottle.invalid/...` goes to the project's git gate, and `http://supervise.bottle.invalid/...`
   to its supervisor, with the bottle's name and that service's key in headers the guest cannot set
   (a service refuses a request without its key);
@@ -229,7 +230,8 @@ class EgressFence:
     async def requestheaders(self, flow: http.HTTPFlow):
         bottle = self.bottle_of(flow)
         if bottle is not None and normal_host(flow.request.host) == HEALTH_HOST:
-            flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name}),
+            routes = {service.name: service.port for service in self.services.values()}
+            flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name, 'services': routes}),
                                                {'Content-Type': 'application/json'})
             return
         if bottle is not None and normal_host(flow.request.host) in SERVICE_NAMES:

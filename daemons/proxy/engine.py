@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.lifecycle import Daemon
+from daemons.lifecycle import Daemon, code_digest
 from daemons.proxy.rules import HEALTH_HOST, Rules
 from tasks.atomic import write_atomic
 
@@ -208,12 +208,18 @@ class EgressProxy:
     def route_service(self, name: str, port: int | None, key_file: Path | None) -> None:
         """Send the bottles' requests for the service's name (rules.SERVICES: 'gate', 'supervise') to the
         project's service at this port, with the key in `key_file`; None: it does not run. The addon
-        applies it live."""
+        applies it live; a running proxy has applied it when this returns."""
         with self._locked():
             services = {**self._file().get('services', {}), name: {'port': port, 'key_file': str(key_file)}}
             if not port:
                 del services[name]
-            self._write_doors(self._doors(), services=services or None)
+            doors = self._doors()
+            self._write_doors(doors, services=services or None)
+            listener = next(((bottle, entry['port']) for bottle, entry in doors.items()), None)
+            if listener and self.daemon().pid() is not None and not _wait(
+                    lambda: _routes(*listener).get(name) == port, LISTENER_WAIT_SECONDS):
+                raise ProxyError(f'the egress proxy of {self.state_dir} did not take the route to the {name} service '
+                                 f'within {LISTENER_WAIT_SECONDS} s; see {self.daemon().log_file}')
 
     def service_route(self, name: str) -> dict | None:
         """Where the addon sends requests for the service: {"port", "key_file"}, or None. Never raises."""
@@ -233,8 +239,8 @@ class EgressProxy:
         return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer, config=self._config())
 
     def _config(self) -> str:
-        """What the proxy reads only at start: a changed CA or upstream CA file restarts it."""
-        digest = hashlib.sha256(MITMPROXY_VERSION.encode())
+        """What the proxy reads only at start: a changed CA or upstream CA file, or addon, restarts it."""
+        digest = hashlib.sha256(f'{MITMPROXY_VERSION}\0{code_digest(Path(__file__).parent)}'.encode())
         for path in (self.ca_cert, self.upstream_ca):
             digest.update(f'\0{path}\0'.encode())
             try:
@@ -337,12 +343,24 @@ def _listener_answers(port: int, bottle: str) -> bool:
 
 
 def _answers(connection: http.client.HTTPConnection, bottle: str) -> bool:
+    return _health(connection, bottle) is not None
+
+
+def _routes(bottle: str, port: int) -> dict:
+    """The services the addon routes now, as its health answer on the bottle's listener says."""
+    return (_health(http.client.HTTPConnection(LISTEN_HOST, port, timeout=PROBE_SECONDS), bottle) or {}).get(
+        'services', {})
+
+
+def _health(connection: http.client.HTTPConnection, bottle: str) -> dict | None:
+    """The proxy's health answer for the bottle, or None when it gives none."""
     try:
         connection.request('GET', f'http://{HEALTH_HOST}/')
         response = connection.getresponse()
-        return response.status == 200 and json.loads(response.read()).get('bottle') == bottle
+        answer = json.loads(response.read()) if response.status == 200 else None
+        return answer if isinstance(answer, dict) and answer.get('bottle') == bottle else None
     except (OSError, ValueError, http.client.HTTPException):
-        return False
+        return None
     finally:
         connection.close()
 

@@ -49,8 +49,10 @@ for review. A human on the host answers through these tools.
 
 def mcp_server(state_dir: Path) -> MCPServer:
     server = MCPServer('supervise', instructions=INSTRUCTIONS, log_level='WARNING')
+    # The answers are sentences for the model: as plain text, not wrapped in a {"result": ...} structure.
+    tool = server.tool(structured_output=False)
 
-    @server.tool()
+    @tool
     async def request_egress(host: str, reason: str, ctx: Context) -> str:
         """Ask the human to allow this bottle to reach `host` (a name such as pypi.org; no scheme, port or
         path), saying why. Waits for the answer; "approved" means the host is reachable now."""
@@ -58,7 +60,7 @@ def mcp_server(state_dir: Path) -> MCPServer:
             request = await asyncio.to_thread(requests.ask_egress, state_dir, bottle_of(ctx), host, reason)
             return await wait(ctx, state_dir, request)
 
-    @server.tool()
+    @tool
     async def request_push_review(review_id: str, ctx: Context) -> str:
         """Ask the human to review a push the git gate holds (the id `git push` printed). Waits for the
         answer; "approved" means that exact commit was pushed upstream."""
@@ -66,21 +68,21 @@ def mcp_server(state_dir: Path) -> MCPServer:
             request = await asyncio.to_thread(requests.ask_push, state_dir, bottle_of(ctx), review_id)
             return await wait(ctx, state_dir, request)
 
-    @server.tool()
+    @tool
     async def ask_human(question: str, ctx: Context, choices: list[str] | None = None) -> str:
         """Ask the human a question; with `choices`, the answer is one of them. Waits for the answer."""
         with told_to_agent():
             request = await asyncio.to_thread(requests.ask_question, state_dir, bottle_of(ctx), question, choices)
             return await wait(ctx, state_dir, request)
 
-    @server.tool()
+    @tool
     async def report_status(text: str, ctx: Context) -> str:
         """Tell the human what you are doing; shown on their page. Returns at once."""
         with told_to_agent():
             await asyncio.to_thread(requests.report_status, state_dir, bottle_of(ctx), text)
             return 'recorded'
 
-    @server.tool()
+    @tool
     async def check_request(request_id: str, ctx: Context) -> str:
         """The state of one of your requests now (and its answer, once there is one). Returns at once."""
         with told_to_agent():
