@@ -109,6 +109,7 @@ def skill_files(name: str) -> dict[str, str]:
 
 def make_project(root: Path, backend: StandinSmolvm, agents: dict[str, list[str]]) -> Bottles:
     bottles = Bottles(root, backend)
+    bottles.supervise()                 # as a user's agents are by default
     for skill in sorted({s for skills in agents.values() for s in skills}):
         bottles.skill(skill, skill_files(skill))
     for name, skills in agents.items():

@@ -3,8 +3,8 @@
 - image directories in .bottle/images/ whose key no current agent's recipe has, and the engine's
   tag of each (docker/podman; another checkout that still needs that image loads it again from
   its own archive);
-- the state of agents whose manifest is gone: their machine (only one this project made), door
-  and state directory;
+- the state of agents whose manifest is gone: their machine (only one this project made), door,
+  state directory and the hosts approved for them through the supervisor;
 - debootstrap bases in the user cache that this version of claude-bottle can no longer use (made
   with other debootstrap options, or named the old way). Bases of other suites, still current for
   other projects, stay.
@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tasks import egress
+from tasks import egress, supervise
 from tasks.backends import PROJECT_LABEL, BackendError, BackendMissing, backend
 from tasks.base import debootstrap_name
 from tasks.image import image_of
@@ -99,6 +99,12 @@ def _gone_agents(project: Project) -> list[tuple[str, int]]:
         size = _bytes(state)
         shutil.rmtree(state)
         removed.append((f'state of agent {state.name} ({state})', size))
+    approved = supervise.approved_dir(project)
+    for hosts in sorted(approved.glob('*.json')) if approved.is_dir() else []:
+        if hosts.stem not in project.agents:
+            size = hosts.stat().st_size
+            hosts.unlink()
+            removed.append((f'hosts approved for agent {hosts.stem} ({hosts})', size))
     return removed
 
 

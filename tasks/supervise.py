@@ -32,8 +32,12 @@ def supervisor(project: Project) -> Supervisor:
     return Supervisor(project.state_dir / 'supervise', gate.gate(project).state_dir, os.environ)
 
 
+def approved_dir(project: Project) -> Path:
+    return project.state_dir / 'supervise' / 'approved'
+
+
 def approved_file(project: Project, agent_name: str) -> Path:
-    return project.state_dir / 'supervise' / 'approved' / f'{agent_name}.json'
+    return approved_dir(project) / f'{agent_name}.json'
 
 
 def approved_text(project: Project, agent: Agent) -> str | None:

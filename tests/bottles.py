@@ -116,16 +116,28 @@ class Bottles:
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / 'dodo.py', root / 'dodo.py')
         (root / 'agents' / 'skills').mkdir(parents=True, exist_ok=True)
-        defaults = backend.manifest_defaults()
-        if defaults:
-            self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump(defaults))
+        # Unsupervised unless a test is about the supervisor: its health check, a real MCP session, imports
+        # the MCP client (about 1.5 s) in every doit run that reaches it, hundreds of runs in the suite.
+        self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump({**backend.manifest_defaults(),
+                                                                        'supervise': False}))
 
     def use_real_claude(self):
         """Images with the real Claude Code, for tests that run it (the test images have a script)."""
+        self._defaults(image={**self._defaults().get('image', {}), 'claude_code': real_claude_version()})
+
+    def supervise(self):
+        """Agents supervised, as by default outside the tests (a manifest may still say otherwise)."""
+        defaults = self._defaults()
+        defaults.pop('supervise', None)
+        self.write(self.root / 'agents' / '_defaults.yaml', yaml.safe_dump(defaults))
+
+    def _defaults(self, **changes) -> dict:
+        """agents/_defaults.yaml, with `changes` written into it first."""
         defaults_file = self.root / 'agents' / '_defaults.yaml'
-        defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.exists() else {}
-        defaults['image'] = {**defaults.get('image', {}), 'claude_code': real_claude_version()}
-        self.write(defaults_file, yaml.safe_dump(defaults))
+        defaults = {**(yaml.safe_load(defaults_file.read_text()) or {}), **changes}
+        if changes:
+            self.write(defaults_file, yaml.safe_dump(defaults))
+        return defaults
 
     def stop_daemons(self):
         self.stop_daemons_of(self.root)

@@ -72,6 +72,7 @@ def test_a_machine_named_the_old_way_is_taken_down_on_the_next_launch(checkouts,
     old_code = tmp_path / 'old-code'
     old_code.mkdir()
     subprocess.run(['tar', '-x', '-C', str(old_code)], input=archive.stdout, check=True)
+    bottles.supervise()     # the old code knows no `supervise:`; the new one then also starts the supervisor
     setup_agent(bottles)
     shutil.copy(old_code / 'dodo.py', bottles.root / 'dodo.py')
     old = subprocess.run([sys.executable, '-m', 'doit', 'provision'], cwd=bottles.root,

@@ -124,6 +124,7 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     bottles = Bottles(tmp / 'project', backend)
     bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)
     bottles.use_real_claude()
+    bottles.supervise()
     private = [f'{address}/32']
     bottles.agent('open', prompt='Work.', network={        # the unlisted address: once approved
         'allow_hosts': [address, 'localhost'], 'allow_private': [*private, f'{unlisted_address}/32']})

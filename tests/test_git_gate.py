@@ -121,6 +121,7 @@ def gated(request, tmp_path_factory, claude_cache):
         make_repository(git_root, name)
     upstream = Upstream(address, cert, key, git_root=git_root, git_credentials=('gate-user', PASSWORD))
     bottles = Bottles(tmp / 'project', backend)
+    bottles.supervise()
     bottles.extra_env['GIT_CONFIG_GLOBAL'] = str(host_git_config(tmp, address, ca))
     bottles.extra_env['GIT_SSL_CAINFO'] = str(ca)     # an environment's CA bundle wins over the gitconfig's
     app = f'https://{address}/git/app.git'

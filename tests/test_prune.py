@@ -27,12 +27,18 @@ def test_prune_removes_the_old_image_and_forgotten_agents_keeps_the_rest_and_the
     bottles.doit('provision')
     current, = image_keys(bottles) - {old}
     gone_state = bottles.root / '.bottle/agents/gone'
+    approved = bottles.root / '.bottle/supervise/approved'
+    approved.mkdir(parents=True, exist_ok=True)
+    for agent in ('a', 'gone'):         # as the supervisor writes them when the human approves
+        (approved / f'{agent}.json').write_text('["docs.example.org"]\n')
     assert gone_state.is_dir() and bottles.backend.machine_state(bottles.machine('gone')) == 'running'
 
     run = bottles.doit('prune')
     assert f'prune: removed image {old} (' in run.stdout, run.stdout
     assert f'prune: removed machine {bottles.machine("gone")} on ' in run.stdout
     assert 'prune: removed state of agent gone' in run.stdout and ' freed' in run.stdout
+    assert f'prune: removed hosts approved for agent gone ({approved / "gone.json"})' in run.stdout
+    assert not (approved / 'gone.json').exists() and (approved / 'a.json').exists()
     assert image_keys(bottles) == {current}
     assert bottles.backend.machine_state(bottles.machine('gone')) is None and not gone_state.exists()
     assert 'gone' not in (bottles.root / '.bottle/egress/doors.json').read_text()

@@ -5,6 +5,7 @@ from tests.test_scenarios import setup_agent
 
 
 def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):
+    standin.supervise()
     setup_agent(standin, 'fresh')
     setup_agent(standin, 'stale')
     standin.doit('provision')

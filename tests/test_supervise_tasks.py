@@ -68,6 +68,7 @@ def registration(bottles, agent: str) -> dict | None:
 
 
 def test_the_supervisor_is_registered_without_a_secret_and_restarted_when_killed(supervised):
+    supervised.supervise()
     setup_agent(supervised, 'a')
     setup_agent(supervised, 'b', supervise=False)
     supervised.doit('provision')
@@ -100,6 +101,7 @@ def test_the_supervisor_is_registered_without_a_secret_and_restarted_when_killed
 
 
 def test_an_approval_outlives_relaunches_and_teardowns_until_revoked(standin):
+    standin.supervise()
     setup_agent(standin, 'a', supervise_wait=1)
     standin.doit('provision')
     waited = ask(standin, 'a', 'request_egress', {'host': 'docs.example.org', 'reason': 'the manual'})
@@ -132,6 +134,7 @@ def test_an_approval_outlives_relaunches_and_teardowns_until_revoked(standin):
 
 
 def test_the_human_answers_and_denies_from_the_command_line(standin):
+    standin.supervise()
     setup_agent(standin, 'a', supervise_wait=1)
     standin.doit('provision')
     question = pending_id(ask(standin, 'a', 'ask_human', {'question': 'Ship it?', 'choices': ['yes', 'no']}))
