@@ -29,6 +29,15 @@ from tasks.atomic import write_atomic
 POLL_SECONDS = 0.05
 
 
+@contextmanager
+def locked(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (made, with its directory, if missing): between processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def code_digest(package: Path) -> str:
     """A digest of the Python code of a daemon's package, for its `config`: a daemon still running the
     code of an earlier claude-bottle is restarted with the current one."""
@@ -110,12 +119,8 @@ class Daemon:
         except OSError:
             return '(no log)'
 
-    @contextmanager
     def _locked(self):
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, 'a') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return locked(self.lock_file)
 
     def _record(self) -> dict | None:
         try:

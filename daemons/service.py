@@ -8,17 +8,15 @@ credential variables or other code is restarted (the pid file holds a digest of 
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import sys
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest
+from daemons.lifecycle import Daemon, code_digest, locked
 from tasks.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +102,5 @@ class KeyedService:
             digest.update(f'\0{name}={self.env.get(name, "")}'.encode())
         return digest.hexdigest()
 
-    @contextmanager
     def _locked(self):
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / 'key.lock', 'a') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return locked(self.state_dir / 'key.lock')

@@ -85,11 +85,6 @@ def _is_held(project: Project, decided_id: str) -> bool:
     return any(item.id == decided_id for item in review.held(gate.gate(project).state_dir))
 
 
-def _unknown(decided_id: str) -> BottleError:
-    return BottleError(f'no request or held push has the id {decided_id!r}; `doit supervise` lists the requests, '
-                       '`doit held` the held pushes')
-
-
 @action
 @services.in_words
 def show_requests(project: Project):
@@ -139,32 +134,44 @@ def show_held(project: Project):
 @action
 @services.in_words
 def approve(project: Project, decided_id: str):
-    _required(decided_id, '--id', 'approve')
-    if request_id := _request_for(project, decided_id):
+    def through_request(request_id: str):
         decided = requests.approve(_state(project), request_id, _by())
         print(f'approve: request {request_id} of {decided.bottle} approved')
         if decided.kind == 'push' and decided.answer and decided.answer.strip():
             print(decided.answer.rstrip())
-    elif _is_held(project, decided_id):
-        output = review.approve(gate.gate(project).state_dir, decided_id)
+
+    def held_push(state_dir):
+        output = review.approve(state_dir, decided_id)
         print(f'approve: {decided_id} forwarded upstream' + (f'\n{output.rstrip()}' if output.strip() else ''))
-    else:
-        raise _unknown(decided_id)
+
+    _decide(project, decided_id, 'approve', through_request, held_push)
 
 
 @action
 @services.in_words
 def reject(project: Project, decided_id: str, reason: str):
-    _required(decided_id, '--id', 'reject')
-    if request_id := _request_for(project, decided_id):
+    def through_request(request_id: str):
         decided = requests.deny(_state(project), request_id, _by(), reason)
         print(f'reject: request {request_id} of {decided.bottle} denied'
               + ('; nothing went upstream' if decided.kind == 'push' else ''))
-    elif _is_held(project, decided_id):
-        review.reject(gate.gate(project).state_dir, decided_id)
+
+    def held_push(state_dir):
+        review.reject(state_dir, decided_id)
         print(f'reject: {decided_id} dropped; nothing went upstream')
+
+    _decide(project, decided_id, 'reject', through_request, held_push)
+
+
+def _decide(project: Project, decided_id: str, command: str, through_request, held_push):
+    """A request by its id, or the one about a held push; else the held push itself."""
+    _required(decided_id, '--id', command)
+    if request_id := _request_for(project, decided_id):
+        through_request(request_id)
+    elif _is_held(project, decided_id):
+        held_push(gate.gate(project).state_dir)
     else:
-        raise _unknown(decided_id)
+        raise BottleError(f'no request or held push has the id {decided_id!r}; `doit supervise` lists the '
+                          'requests, `doit held` the held pushes')
 
 
 @action

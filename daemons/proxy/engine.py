@@ -23,7 +23,6 @@ Python; this module runs with the project's.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import json
@@ -36,11 +35,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest
+from daemons.lifecycle import Daemon, code_digest, locked
 from daemons.proxy.rules import HEALTH_HOST, Rules
 from tasks.atomic import write_atomic
 
@@ -327,12 +325,8 @@ class EgressProxy:
         write_atomic(self.doors_file, json.dumps({k: v for k, v in data.items() if v is not None},
                                                  indent=2, sort_keys=True) + '\n')
 
-    @contextmanager
     def _locked(self):
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / 'doors.lock', 'a') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return locked(self.state_dir / 'doors.lock')
 
 
 def door_answers(door_socket: Path, bottle: str) -> bool:
