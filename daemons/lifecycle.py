@@ -2,23 +2,33 @@
 
 A daemon has a name and a state directory, where it keeps:
 
-    <name>.pid    JSON {"pid", "start_time", "argv", "config"}, replaced atomically
+    <name>.pid    JSON {"pid", "start_time", "argv", "state_dir", "config"}, replaced atomically
     <name>.log    its stdout and stderr, appended across restarts, with a line per start
     <name>.lock   serialises starting and stopping between processes (parallel doit runs)
 
-The pid file records the process's start time (field 22 of /proc/<pid>/stat, fixed at fork), so a
-pid that the kernel reused after a crash is never taken for the daemon, and never signalled.
-`healthy()` makes no backend call and never raises: it can serve as a doit `uptodate` check.
+A process is this daemon only when it is exactly what this state directory started: the pid file's
+pid, with the start time recorded (field 22 of /proc/<pid>/stat, fixed at fork), running the recorded
+command line (/proc/<pid>/cmdline), and the pid file names this very state directory. So a pid the
+kernel reused after a crash, or the daemon of the project this one was copied from (`cp -a` with its
+`.bottle/`), is never adopted and never signalled: the copy starts its own.
+
+Two checks, neither of which makes a backend call or raises:
+  running()  ours, started with the current `config`, and `connect` reaches it (a connect to its port or
+             socket): cheap, for doit's up-to-date checks, so a no-op run imports nothing heavy;
+  healthy()  ours, current, and `probe` passes (a real request of its protocol): at its start, which
+             is not complete until it answers, and for `doit status`.
 A daemon started with another `config` (a fingerprint of what it was started with: files it read
-at start, say) is not healthy, so `ensure_running` restarts it with the current one.
+at start, say) is neither, so `ensure_running` restarts it with the current one.
 """
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,6 +37,7 @@ from pathlib import Path
 from tasks.atomic import write_atomic
 
 POLL_SECONDS = 0.05
+CONNECT_SECONDS = 2.0
 
 
 @contextmanager
@@ -38,6 +49,7 @@ def locked(lock_file: Path):
         yield
 
 
+@functools.cache
 def code_digest(package: Path) -> str:
     """A digest of the Python code of a daemon's package, for its `config`: a daemon still running the
     code of an earlier claude-bottle is restarted with the current one."""
@@ -53,14 +65,17 @@ class DaemonError(Exception):
 
 class Daemon:
     def __init__(self, name: str, state_dir: Path, argv: Sequence[str],
-                 probe: Callable[[], bool] = lambda: True, *, env: Mapping[str, str] | None = None,
-                 config: str = '', start_timeout: float = 20.0, stop_timeout: float = 5.0):
-        """`probe` says whether the running daemon does its job (answers on its socket...); it must
+                 probe: Callable[[], bool] = lambda: True, *, connect: Callable[[], bool] = lambda: True,
+                 env: Mapping[str, str] | None = None, config: str = '', start_timeout: float = 20.0,
+                 stop_timeout: float = 5.0):
+        """`probe` says whether the running daemon does its job (a request of its protocol); `connect`,
+        cheaply, whether it is there to be spoken to (a connect to its port: see `connects`). Both must
         return within a few seconds. `start_timeout` bounds the wait for the first good probe."""
         self.name = name
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(os.path.realpath(state_dir))
         self.argv = [str(a) for a in argv]
         self.probe = probe
+        self.connect = connect
         self.env = dict(os.environ if env is None else env)
         self.config = config
         self.start_timeout = start_timeout
@@ -71,26 +86,22 @@ class Daemon:
 
     def pid(self) -> int | None:
         """The pid of the running daemon, or None: no pid file, or its process is gone (a crash),
-        or the pid now belongs to another process."""
+        or the pid now belongs to another process, or the pid file is not this state directory's."""
         record = self._record()
-        if record and _alive(record['pid'], record['start_time']):
-            return record['pid']
-        return None
+        return record['pid'] if record and self._ours(record) else None
 
     def current(self) -> bool:
-        """Alive and started with the current config; no probe. Never raises."""
+        """Ours, alive and started with the current config; no probe. Never raises."""
         record = self._record()
-        return self.pid() is not None and record is not None and record['config'] == self.config
+        return record is not None and record['config'] == self.config and self._ours(record)
+
+    def running(self) -> bool:
+        """Current, and `connect` reaches it: the cheap check for doit's up-to-date. Never raises."""
+        return self.current() and _passes(self.connect)
 
     def healthy(self) -> bool:
-        """Alive (by pid and start time), started with the current config, and the probe passes.
-        Never raises."""
-        if not self.current():
-            return False
-        try:
-            return bool(self.probe())
-        except Exception:        # the caller's probe: any failure of it means not healthy
-            return False
+        """Current, and the probe passes. Never raises."""
+        return self.current() and _passes(self.probe)
 
     def ensure_running(self) -> bool:
         """Start the daemon unless it is healthy; a crashed or hung one is stopped first.
@@ -125,10 +136,21 @@ class Daemon:
     def _record(self) -> dict | None:
         try:
             record = json.loads(self.pid_file.read_text())
-            return {'pid': int(record['pid']), 'start_time': int(record['start_time']),
+            argv = record['argv']
+            if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+                return None
+            state_dir = record.get('state_dir')      # None: written by a version that did not record it
+            return {'pid': int(record['pid']), 'start_time': int(record['start_time']), 'argv': argv,
+                    'state_dir': None if state_dir is None else str(state_dir),
                     'config': str(record.get('config', ''))}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def _ours(self, record: dict) -> bool:
+        """The recorded process is alive and is exactly what this state directory started."""
+        if record['state_dir'] is not None and record['state_dir'] != str(self.state_dir):
+            return False            # the pid file came with a copy of another project's state
+        return _alive(record['pid'], record['start_time']) and _cmdline(record['pid']) == record['argv']
 
     def _start(self) -> int:
         with open(self.log_file, 'a') as log:
@@ -146,7 +168,7 @@ class Daemon:
             os.close(log_fd)
         start_time = _start_time(pid)
         write_atomic(self.pid_file, json.dumps({'pid': pid, 'start_time': start_time, 'argv': self.argv,
-                                                'config': self.config}))
+                                                'state_dir': str(self.state_dir), 'config': self.config}))
         deadline = time.monotonic() + self.start_timeout
         while True:
             if not _alive(pid, start_time):
@@ -164,7 +186,7 @@ class Daemon:
 
     def _stop(self) -> None:
         record = self._record()
-        if record and _alive(record['pid'], record['start_time']):
+        if record and self._ours(record):
             pid, start_time = record['pid'], record['start_time']
             for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
                 try:
@@ -176,6 +198,33 @@ class Daemon:
             else:
                 raise DaemonError(f'{self.name} (pid {pid}) survived SIGKILL; see {self.log_file}')
         self.pid_file.unlink(missing_ok=True)
+
+
+def connects(address: tuple[str, int] | str, seconds: float = CONNECT_SECONDS) -> bool:
+    """A TCP (host, port) or Unix socket path accepts a connection: the cheap `connect` of a daemon."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(seconds)
+            sock.connect(address)
+        return True
+    except OSError:
+        return False
+
+
+def _passes(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:        # the caller's check: any failure of it means no
+        return False
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as cmdline:
+            return [arg.decode(errors='surrogateescape') for arg in cmdline.read().split(b'\0')[:-1]]
+    except OSError:
+        return None
 
 
 def _start_time(pid: int) -> int:

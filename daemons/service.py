@@ -16,10 +16,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest, locked
+from daemons.lifecycle import Daemon, code_digest, connects, locked
 from tasks.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
+LISTEN_HOST = '127.0.0.1'       # where the services listen: the proxy alone speaks to them
 # The variables that say how the host reaches upstreams: when one changes (a new ssh agent after a
 # login), the running service is restarted to use it.
 CREDENTIAL_VARIABLES = ('HOME', 'XDG_CONFIG_HOME', 'SSH_AUTH_SOCK', 'GIT_ASKPASS', 'SSH_ASKPASS', 'GIT_SSH',
@@ -54,9 +55,14 @@ class KeyedService:
                     write_atomic(self.state_dir / name, secrets.token_urlsafe(32), mode=0o600)
             return self.daemon().ensure_running()
 
+    def running(self) -> bool:
+        """Ours, started with the current secrets, credential settings and code, and its recorded port takes a
+        connection: doit's up-to-date check, which imports nothing heavy. Never raises."""
+        return self.daemon().running()
+
     def healthy(self) -> bool:
-        """Alive, started with the current secrets, credential settings and code, and its probe passes.
-        Never raises."""
+        """Ours, started with the current secrets, credential settings and code, and its probe passes (a
+        request of its protocol). Never raises."""
         return self.daemon().healthy()
 
     def port(self) -> int:
@@ -69,7 +75,13 @@ class KeyedService:
     def daemon(self) -> Daemon:
         python_path = os.pathsep.join(p for p in (str(ROOT), self.env.get('PYTHONPATH')) if p)
         return Daemon(self.name, self.state_dir, [sys.executable, '-P', '-m', self.module, self.state_dir],
-                      self.probe, env={**self.env, 'PYTHONPATH': python_path}, config=self._config())
+                      self.probe, connect=self._connects, env={**self.env, 'PYTHONPATH': python_path},
+                      config=self._config())
+
+    def _connects(self) -> bool:
+        """The port the running daemon recorded (the process the pid file names) takes a connection."""
+        record = self.recorded()
+        return bool(record) and record['pid'] == self.daemon().pid() and connects((LISTEN_HOST, record['port']))
 
     def probe(self) -> bool:
         """Does the running daemon do its job? Asked by `healthy()` and while starting."""

@@ -70,16 +70,16 @@ def door_socket(project: Project, agent_name: str) -> Path:
 
 
 class DoorOpen:
-    """The bottle's relay is alive and the proxy answers a health request through its door."""
+    """The bottle's relay and the project's proxy run (ours, current) and take connections."""
 
     def __init__(self, project: Project, agent: Agent):
         self.project, self.agent = project, agent
 
     def __call__(self, task, values):
-        return proxy(self.project).door_healthy(self.agent.name)     # never raises
+        return proxy(self.project).door_open(self.agent.name)     # never raises
 
     def __repr__(self):
-        return f'the egress door of {self.agent.name} answers through the project\'s proxy'
+        return f'the egress door of {self.agent.name} and the project\'s proxy behind it take connections'
 
 
 def env_tasks(project: Project):

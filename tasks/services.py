@@ -25,6 +25,7 @@ class Service(Protocol):
 
     def write_bottles(self, bottles: dict) -> None: ...
     def ensure_running(self) -> bool: ...
+    def running(self) -> bool: ...
     def healthy(self) -> bool: ...
     def port(self) -> int: ...
     def stop(self) -> None: ...
@@ -43,19 +44,20 @@ def in_words(func):
 
 
 class Serving:
-    """The service answers its health check, and the proxy routes the service's name to it."""
+    """The service runs (ours, current, its port takes a connection), and the proxy routes the service's name
+    to it. Cheap: its protocol is spoken at its start and by `doit status`."""
 
     def __init__(self, project: Project, name: str, service: Service, what: str):
         self.project, self.name, self.service, self.what = project, name, service, what
 
     def __call__(self, task, values):
         try:
-            return self.service.healthy() and egress.proxy(self.project).service_route(self.name) == route(self.service)
+            return self.service.running() and egress.proxy(self.project).service_route(self.name) == route(self.service)
         except Exception:       # whatever the reason, the action meets it again and says it
             return False
 
     def __repr__(self):
-        return f'{self.what} answers and the egress proxy routes the bottles to it'
+        return f'{self.what} runs and the egress proxy routes the bottles to it'
 
 
 class Stopped:

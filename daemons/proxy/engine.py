@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest, locked
+from daemons.lifecycle import Daemon, code_digest, connects, locked
 from daemons.proxy.rules import HEALTH_HOST, Rules
 from tasks.atomic import write_atomic
 
@@ -155,7 +155,11 @@ class EgressProxy:
         _check_socket_path(door.socket)
         with self._locked():
             doors = self._doors()
-            entry = {'port': doors.get(bottle, {}).get('port') or _free_port(), 'door': str(door.directory),
+            known = doors.get(bottle, {})
+            # A listener port is kept for the same bottle; a doors file copied with another project's state
+            # names that project's ports, which its own proxy holds.
+            port = known.get('port') if known.get('dir') == str(door.bottle_dir) else None
+            entry = {'port': port or _free_port(), 'door': str(door.directory),
                      'dir': str(door.bottle_dir), 'rules': str(door.rules), 'log': str(door.log)}
             if doors.get(bottle) != entry:
                 doors[bottle] = entry
@@ -190,12 +194,23 @@ class EgressProxy:
             return self._ensure_running(self._doors())
 
     def healthy(self) -> bool:
-        """The proxy is alive and every door's listener answers for its bottle. Never raises."""
+        """The proxy is ours, current, and every door's listener answers for its bottle. Never raises."""
         return self.daemon().healthy()
 
+    def door_open(self, bottle: str) -> bool:
+        """The bottle's relay and the proxy are ours and current, and the door and the proxy's listener for it
+        take a connection: the up-to-date check of a bottle's door, cheap and with no backend call. Never
+        raises."""
+        try:
+            entry = self._doors().get(bottle)
+            return (bool(entry) and self.daemon().current() and connects((LISTEN_HOST, entry['port']))
+                    and self._relay(Door.of(bottle, entry), entry['port']).running())
+        except (ProxyError, OSError):
+            return False
+
     def door_healthy(self, bottle: str) -> bool:
-        """The bottle's relay is alive and a health request through its door is answered for it:
-        the up-to-date check of a bottle's door. No backend call; never raises."""
+        """The bottle's relay is ours and a health request through its door is answered for it, by a
+        current proxy (for `doit status`). No backend call; never raises."""
         try:
             entry = self._doors().get(bottle)
             return (bool(entry) and self.daemon().current()
@@ -236,7 +251,8 @@ class EgressProxy:
             self.daemon().stop()
 
     def daemon(self) -> Daemon:
-        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer, config=self._config())
+        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer, config=self._config(),
+                      connect=lambda: all(connects((LISTEN_HOST, e['port'])) for e in self._doors_or_none().values()))
 
     def _config(self) -> str:
         """What the proxy reads only at start: a changed CA or upstream CA file, or addon, restarts it."""
@@ -283,7 +299,8 @@ class EgressProxy:
         argv = [socat, f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
                 f'TCP:{LISTEN_HOST}:{port},nodelay']     # without nodelay, about 40 ms per request
         _private_dir(door.directory)
-        return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle))
+        return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle),
+                      connect=lambda: connects(str(door.socket)))
 
     def _listeners_answer(self) -> bool:
         doors = self._doors_or_none()
