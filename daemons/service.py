@@ -32,6 +32,7 @@ class KeyedService:
     module = ''                         # what `python -m` runs
     secret_names: tuple[str, ...] = ('key',)
     error: type[Exception] = Exception  # what `record()` raises when the service is not running
+    start_timeout = 20.0                # seconds its start may take until its probe passes
 
     def __init__(self, state_dir: Path, env: Mapping[str, str] | None = None):
         """`env`: the daemon's environment; default os.environ."""
@@ -74,9 +75,14 @@ class KeyedService:
 
     def daemon(self) -> Daemon:
         python_path = os.pathsep.join(p for p in (str(ROOT), self.env.get('PYTHONPATH')) if p)
-        return Daemon(self.name, self.state_dir, [sys.executable, '-P', '-m', self.module, self.state_dir],
+        return Daemon(self.name, self.state_dir, [sys.executable, '-P', '-m', self.module, self.state_dir,
+                                                  *self.arguments()],
                       self.probe, connect=self._connects, env={**self.env, 'PYTHONPATH': python_path},
-                      config=self._config())
+                      config=self._config(), start_timeout=self.start_timeout)
+
+    def arguments(self) -> list[str]:
+        """What the daemon's command line has after its state directory."""
+        return []
 
     def _connects(self) -> bool:
         """The port the running daemon recorded (the process the pid file names) takes a connection."""

@@ -14,7 +14,7 @@ never reused, and the keys of the images built on it change with it.
 from __future__ import annotations
 
 import hashlib
-import platform
+import os
 import shutil
 import subprocess
 import tempfile
@@ -46,7 +46,7 @@ def debootstrap_name(suite: str) -> str:
 
 
 def debootstrap_tarball(suite: str) -> Path:
-    return cache_dir() / 'bases' / f'{debootstrap_name(suite)}-{platform.machine()}.tar'
+    return cache_dir() / 'bases' / f'{debootstrap_name(suite)}-{os.uname().machine}.tar'
 
 
 def resolve(recipe: Recipe) -> Base:

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ NPM_PLATFORMS = {'x86_64': 'linux-x64', 'amd64': 'linux-x64', 'aarch64': 'linux-
 
 
 def npm_platform() -> str:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     if machine not in NPM_PLATFORMS:
         raise BottleError(f'Claude Code has no Linux build for this host architecture ({machine})')
     return NPM_PLATFORMS[machine]
@@ -78,7 +77,7 @@ def setup_values(recipe: Recipe, key: str) -> dict:
 def image_of(project: Project, recipe: Recipe) -> Image:
     # The key covers the rendered setup (with the key itself left blank), the base (for a built
     # one, what goes into it) and the backend.
-    setup = project.render(recipe.setup, **setup_values(recipe, key=''))
+    setup = project.rendered(recipe.setup, **setup_values(recipe, key=''))
     ingredients = {'backend': recipe.backend, 'base': base.resolve(recipe).identity, 'setup': setup,
                    'platform': npm_platform()}
     key = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]

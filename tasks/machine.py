@@ -109,7 +109,12 @@ def _delete_everywhere(project: Project, agent: Agent):
         previous = None
     if previous and previous != (agent.backend, agent.machine):
         try:
-            _delete(project, *previous)
+            machine = backend(previous[0]).machine(previous[1])
+            if machine is not None and machine.labels.get(PROJECT_LABEL) != project.label:
+                # a record that came with a copy of another checkout's .bottle/: that machine is not ours
+                print(f'note: {previous[1]} on {previous[0]} belongs to another checkout; left alone')
+            elif machine is not None:
+                backend(previous[0]).delete(previous[1])
         except BackendMissing:
             print(f'note: {previous[1]} may still exist on {previous[0]}, whose CLI is gone')
     _delete(project, agent.backend, agent.machine)

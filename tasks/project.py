@@ -1,7 +1,14 @@
 """The project: where manifests, templates, state and caches live, and the
-pieces every task family shares (action wrapper, atomic writes)."""
+pieces every task family shares (action wrapper, atomic writes).
+
+Templates are rendered with jinja2 in actions. What the graph itself needs of them (an image key, the
+trust script a config check compares) comes from `rendered()`, which remembers each rendering in
+.bottle/renders.json under a digest of every template file, the template's name and the values: a run
+where nothing changed imports no jinja2.
+"""
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -9,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import jinja2
-import jinja2.meta
 from doit.exceptions import InvalidDodoFile, TaskFailed
 
 from tasks.atomic import write_atomic
@@ -20,6 +25,7 @@ from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, l
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / 'templates'
 STATE_DIR = '.bottle'
+RENDERS_KEPT = 512          # renderings remembered in renders.json, the newest
 
 
 class Project:
@@ -27,11 +33,16 @@ class Project:
         self.root = Path(root).resolve()
         self.agents_dir = self.root / 'agents'
         self.state_dir = self.root / STATE_DIR
-        search = [self.root / 'templates']
-        if BUILTIN_TEMPLATES != search[0]:
-            search.append(BUILTIN_TEMPLATES)
-        self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader([str(p) for p in search]),
+        self.template_dirs = [self.root / 'templates']
+        if BUILTIN_TEMPLATES != self.template_dirs[0]:
+            self.template_dirs.append(BUILTIN_TEMPLATES)
+        self._unsaved = False
+
+    @functools.cached_property
+    def templates(self):
+        import jinja2          # only where a template is really rendered or checked
+        return jinja2.Environment(
+            loader=jinja2.FileSystemLoader([str(p) for p in self.template_dirs]),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
     @functools.cached_property
@@ -45,7 +56,17 @@ class Project:
     def setup_template_problem(self, recipe: Recipe) -> str | None:
         """Why the recipe's setup template cannot be rendered, or None: it is missing, does not parse,
         uses a variable the setup does not provide (in any branch, or in a template it includes), or
-        fails to render with this recipe's values."""
+        fails to render with this recipe's values. Remembered like `rendered()`."""
+        from tasks.image import SETUP_VARIABLES, setup_values    # tasks.image imports this module
+        key = self._render_key('problem', recipe.setup, {**setup_values(recipe, key=''),
+                                                          '(provided)': sorted(SETUP_VARIABLES)})
+        if key not in self._renders:
+            self._remember(key, {'problem': self._setup_template_problem(recipe)})
+        return self._renders[key]['problem']
+
+    def _setup_template_problem(self, recipe: Recipe) -> str | None:
+        import jinja2
+        import jinja2.meta
         from tasks.image import SETUP_VARIABLES, setup_values    # tasks.image imports this module
         known = SETUP_VARIABLES | set(self.templates.globals)
         pending, seen = [recipe.setup], set()
@@ -101,14 +122,61 @@ class Project:
         return self.state_dir / 'images' / key
 
     def template_file(self, name: str) -> Path:
-        try:
-            return Path(self.templates.get_template(name).filename)
-        except jinja2.TemplateNotFound:
-            raise InvalidDodoFile(f'template {name!r} not found in {self.root / "templates"} '
-                                  f'or {BUILTIN_TEMPLATES}') from None
+        """Where the template is: the project's templates/ first, then the built-in ones."""
+        if '..' not in name.split('/'):
+            for directory in self.template_dirs:
+                if (directory / name).is_file():
+                    return directory / name
+        raise InvalidDodoFile(f'template {name!r} not found in {self.root / "templates"} '
+                              f'or {BUILTIN_TEMPLATES}')
 
     def render(self, name: str, **values) -> str:
         return self.templates.get_template(name).render(**values)
+
+    def rendered(self, name: str, **values) -> str:
+        """`render(name, **values)`, remembered: for what the graph computes on every run. Values are told
+        apart by their JSON, or else their repr (a frozen dataclass's names all its fields)."""
+        key = self._render_key('text', name, values)
+        if key not in self._renders:
+            self._remember(key, {'text': self.render(name, **values)})
+        return self._renders[key]['text']
+
+    @functools.cached_property
+    def _templates_digest(self) -> str:
+        """Every template file's name and content: a changed or added template is a new rendering."""
+        digest = hashlib.sha256()
+        for directory in self.template_dirs:
+            for path in sorted(directory.rglob('*')) if directory.is_dir() else ():
+                if path.is_file():
+                    digest.update(f'{path.relative_to(directory)}\0'.encode() + path.read_bytes() + b'\0')
+            digest.update(b'\1')
+        return digest.hexdigest()
+
+    def _render_key(self, kind: str, name: str, values: dict) -> str:
+        text = json.dumps([kind, name, values], sort_keys=True, default=repr)
+        return hashlib.sha256(f'{self._templates_digest}\0{text}'.encode()).hexdigest()
+
+    @functools.cached_property
+    def _renders(self) -> dict:
+        try:
+            renders = json.loads((self.state_dir / 'renders.json').read_text())
+            return renders if isinstance(renders, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, key: str, entry: dict):
+        """Kept in memory now, written once when this process ends (0600: prompts pass through here)."""
+        if not self._unsaved:
+            self._unsaved = True
+            atexit.register(self._save_renders)
+        self._renders[key] = entry
+
+    def _save_renders(self):
+        kept = dict(list(self._renders.items())[-RENDERS_KEPT:])
+        try:
+            write_atomic(self.state_dir / 'renders.json', json.dumps(kept), mode=0o600)
+        except OSError:
+            pass        # a memo only: the next run renders again
 
 
 def cache_dir() -> Path:

@@ -20,8 +20,6 @@ or behind its back gets everything again. An agent's steps run one after another
 """
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -202,8 +200,8 @@ def _owner(agent: Agent) -> dict:
 
 def _ca_step(project: Project, agent: Agent) -> dict:
     cert = egress.proxy(project).ca_cert
-    script = project.render(TRUST_TEMPLATE, ca_cert=guest.CA_CERT, ca_bundle=guest.CA_BUNDLE, proxy=guest.PROXY_URL,
-                            no_proxy=guest.NO_PROXY, env=guest.EGRESS_ENV)
+    script = project.rendered(TRUST_TEMPLATE, ca_cert=guest.CA_CERT, ca_bundle=guest.CA_BUNDLE, proxy=guest.PROXY_URL,
+                              no_proxy=guest.NO_PROXY, env=guest.EGRESS_ENV)
     return {
         'basename': 'provision_ca', 'name': agent.name,
         'doc': f'make {agent.machine} trust the egress CA ({guest.CA_CERT}) and know its door',
@@ -214,8 +212,8 @@ def _ca_step(project: Project, agent: Agent) -> dict:
 
 
 def _git_step(project: Project, agent: Agent) -> dict:
-    gitconfig = project.render(GITCONFIG_TEMPLATE, agent=agent.name, project=agent.project, repos=agent.git,
-                               gate=guest.GATE_URL)
+    gitconfig = project.rendered(GITCONFIG_TEMPLATE, agent=agent.name, project=agent.project, repos=agent.git,
+                                 gate=guest.GATE_URL)
     return {
         'basename': 'provision_git', 'name': agent.name,
         'doc': f'point git in {agent.machine} at the git gate for {len(agent.git)} repositories',
@@ -321,6 +319,8 @@ def copy_prompt(agent: Agent, source: Path):
 
 @action
 def copy_skill(agent: Agent, skill: str):
+    import io
+    import tarfile          # here: a run with nothing to copy does not import it
     identity = _current_identity(agent)
     stream = io.BytesIO()
     with tarfile.open(fileobj=stream, mode='w') as tar:

@@ -15,7 +15,7 @@ a second run finds nothing.
 from __future__ import annotations
 
 import json
-import platform
+import os
 import re
 import shutil
 from pathlib import Path
@@ -113,7 +113,7 @@ def _superseded_bases() -> list[tuple[str, int]]:
     bases = cache_dir() / 'bases'
     for tarball in sorted(bases.glob('debootstrap-*.tar')) if bases.is_dir() else []:
         match = BASE_FILE.fullmatch(tarball.name)
-        if not match or match['arch'] != platform.machine():
+        if not match or match['arch'] != os.uname().machine:
             continue
         if f'{debootstrap_name(match["suite"])}-{match["arch"]}.tar' == tarball.name:
             continue                # what this version builds for that suite

@@ -40,10 +40,10 @@ def status(project: Project, dodo: dict):
     producers = {target: t.name for t in tasks.values() for target in t.targets}
     proxy = egress.proxy(project)
     git_gate = gate.gate(project)
-    gate_state = 'answering' if git_gate.healthy() else 'not running'
+    gate_state = _answering(git_gate)
     held = [push.bottle for push in review.held(git_gate.state_dir)]
     supervisor = supervise.supervisor(project)
-    supervisor_state = 'answering' if supervisor.healthy() else 'not running'
+    supervisor_state = _answering(supervisor)
     waiting = [request.bottle for request in requests.pending(supervisor.state_dir)] \
         if supervisor.db_file.exists() else []
     for agent in project.agents.values():
@@ -65,6 +65,13 @@ def status(project: Project, dodo: dict):
             print('  next launch: nothing to do but attach')
         for line in _blocked(egress.door(project, agent.name).log):
             print(f'  blocked: {line}')
+
+
+def _answering(service) -> str:
+    """A service's state in words, from a real request of its protocol (not the up-to-date check's connect)."""
+    if service.healthy():
+        return 'answering'
+    return 'not answering (it runs: see its log)' if service.running() else 'not running'
 
 
 def _would_run(root: str, tasks: dict, producers: dict):

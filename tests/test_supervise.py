@@ -19,6 +19,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from daemons.gate.review import held
+from daemons.lifecycle import DaemonError
 from daemons.proxy import rules
 from daemons.proxy.engine import EgressProxy, ensure_venv, write_rules
 from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_HOST, SUPERVISE_KEY_HEADER
@@ -328,6 +329,24 @@ def test_a_killed_supervisor_is_not_healthy_and_is_restarted(s):
     assert not s.sup.healthy()
     assert s.sup.ensure_running()
     assert s.sup.healthy() and s.sup.daemon().pid() != pid
+
+
+class MuteSupervisor(Supervisor):
+    """A supervisor whose process takes connections on the port it records and never speaks MCP."""
+    module = 'tests.mute_service'
+    start_timeout = 3.0
+
+    def arguments(self) -> list[str]:
+        return [self.name]
+
+
+def test_a_supervisor_that_takes_connections_but_speaks_no_mcp_fails_its_start(tmp_path):
+    mute = MuteSupervisor(tmp_path / 'mute')
+    with pytest.raises(DaemonError) as failed:
+        mute.ensure_running()
+    assert 'did not pass its health check within 3 s and was stopped' in str(failed.value)
+    assert str(mute.daemon().log_file) in str(failed.value)
+    assert mute.daemon().pid() is None and not mute.running()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 
 import httpx2
 import pytest
@@ -20,6 +21,7 @@ from daemons.proxy.rules import SUPERVISE_HOST
 from daemons.supervise.engine import Supervisor
 from tasks import egress
 from tasks.project import Project
+from tests.bottles import Bottles
 from tests.conftest import BACKENDS, _project
 from tests.proxy_upstreams import GuestRelay
 from tests.test_scenarios import setup_agent
@@ -157,3 +159,56 @@ def test_the_human_answers_and_denies_from_the_command_line(standin):
                        (('revoke', '--agent', 'a', '--host', 'example.net'), "'example.net' is not an approved host")):
         refused = standin.doit(*args, check=False)
         assert refused.returncode == 1 and said in refused.output and 'Traceback' not in refused.output, refused.output
+
+
+def daemon_pids(bottles) -> dict[str, int]:
+    """The pids the project's pid files name: the proxy, the supervisor and a's door relay."""
+    state = bottles.root / '.bottle'
+    files = {'proxy': state / 'egress' / 'proxy.pid', 'supervisor': state / 'supervise' / 'supervise.pid',
+             'relay': state / 'agents' / 'a' / 'door-relay.pid'}
+    return {name: json.loads(path.read_text())['pid'] for name, path in files.items()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_a_copied_project_starts_its_own_daemons_and_never_touches_the_originals(standin, tmp_path):
+    standin.supervise()
+    setup_agent(standin, 'a')
+    standin.doit('provision')
+    original = daemon_pids(standin)
+
+    copy_root = tmp_path / 'copy'
+    subprocess.run(['cp', '-a', str(standin.root), str(copy_root)], check=True)    # .bottle/ and its pid files
+    copy = Bottles(copy_root, standin.backend)
+    copy.supervise()
+    copy.doit('provision')
+    copied = daemon_pids(copy)
+    assert not set(copied.values()) & set(original.values()), (original, copied)
+    assert all(alive(pid) for pid in original.values())
+    assert Supervisor(copy_root / '.bottle' / 'supervise').healthy()
+
+    copy.doit('teardown:a')         # its door closes and its proxy stops with it; the original's stay
+    copy.stop_daemons()
+    assert all(alive(pid) for pid in original.values()) and daemon_pids(standin) == original
+    again = standin.doit('launch:a')
+    assert again.kinds == {'probe': 1} and again.executed == {'launch:a'}, again.output
+
+
+def test_a_supervisor_that_stops_answering_is_found_by_status(standin):
+    standin.supervise()
+    setup_agent(standin, 'a')
+    standin.doit('provision')
+    assert 'supervisor answering' in standin.doit('status').stdout
+    pid = supervisor(standin).daemon().pid()
+    os.kill(pid, signal.SIGSTOP)        # its port still takes connections; nothing answers MCP
+    try:
+        assert 'supervisor not answering' in standin.doit('status').stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert 'supervisor answering' in standin.doit('status').stdout

@@ -8,7 +8,6 @@ without the key are refused: only the proxy may speak to the gate.
 """
 from __future__ import annotations
 
-import http.client
 import json
 from pathlib import Path
 
@@ -77,6 +76,7 @@ class GitGate(KeyedService):
 
     def probe(self) -> bool:
         """The gate at the recorded port answers /health with our key, as the recorded process."""
+        import http.client      # at its start and for `doit status`; doit's up-to-date check only connects
         record = self.recorded()
         if not record:
             return False

@@ -24,7 +24,6 @@ Python; this module runs with the project's.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -348,26 +347,29 @@ class EgressProxy:
 
 def door_answers(door_socket: Path, bottle: str) -> bool:
     """A health request through the door reaches the proxy and is answered for this bottle."""
-    return _answers(_UnixHTTPConnection(str(door_socket)), bottle)
+    return _health(bottle, door=str(door_socket)) is not None
 
 
 def _listener_answers(port: int, bottle: str) -> bool:
-    return _answers(http.client.HTTPConnection(LISTEN_HOST, port, timeout=PROBE_SECONDS), bottle)
-
-
-def _answers(connection: http.client.HTTPConnection, bottle: str) -> bool:
-    return _health(connection, bottle) is not None
+    return _health(bottle, port=port) is not None
 
 
 def _routes(bottle: str, port: int) -> dict:
     """The services the addon routes now, as its health answer on the bottle's listener says."""
-    return (_health(http.client.HTTPConnection(LISTEN_HOST, port, timeout=PROBE_SECONDS), bottle) or {}).get(
-        'services', {})
+    return (_health(bottle, port=port) or {}).get('services', {})
 
 
-def _health(connection: http.client.HTTPConnection, bottle: str) -> dict | None:
-    """The proxy's health answer for the bottle, or None when it gives none."""
+def _health(bottle: str, *, port: int | None = None, door: str | None = None) -> dict | None:
+    """The proxy's health answer for the bottle, asked on its listener's port or through its door, or None
+    when it gives none."""
+    import http.client      # asked at a start and by `doit status`, never by a no-op run
+    connection = http.client.HTTPConnection(LISTEN_HOST if door is None else HEALTH_HOST, port,
+                                            timeout=PROBE_SECONDS)
     try:
+        if door is not None:
+            connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.sock.settimeout(PROBE_SECONDS)
+            connection.sock.connect(door)
         connection.request('GET', f'http://{HEALTH_HOST}/')
         response = connection.getresponse()
         answer = json.loads(response.read()) if response.status == 200 else None
@@ -376,17 +378,6 @@ def _health(connection: http.client.HTTPConnection, bottle: str) -> dict | None:
         return None
     finally:
         connection.close()
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__(HEALTH_HOST, timeout=PROBE_SECONDS)
-        self.socket_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
 
 
 def _check_socket_path(path: Path) -> None:

@@ -9,10 +9,8 @@ on 127.0.0.1:<page_port()>, behind the token in token_file (page_url() carries i
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemons.service import KeyedService
@@ -81,6 +79,9 @@ class Supervisor(KeyedService):
         record = self.recorded()
         if not record or record['pid'] != self.daemon().pid():
             return False
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
         from daemons.supervise.probe import tool_names     # the MCP client takes a second to import
         key = self.key_file.read_text().strip()
         with ThreadPoolExecutor(1) as pool:     # a loop of its own, whatever the caller runs

@@ -37,7 +37,6 @@ import gzip
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -130,7 +129,7 @@ def serve_base(source: Path) -> Iterator[str]:
 def _source_key(source: Path) -> str:
     """Changes whenever the base does, without reading a file: ctime moves with any write,
     chmod, chown or rename and cannot be set back."""
-    key = hashlib.sha256(f'{LAYOUT_VERSION}\0{platform.machine()}\0'.encode())
+    key = hashlib.sha256(f'{LAYOUT_VERSION}\0{os.uname().machine}\0'.encode())
 
     def add(path: str, name: str):
         st = os.lstat(path)
@@ -164,9 +163,9 @@ def _unreadable(source: Path, err: OSError) -> BottleError:
 
 
 def _build_layout(source: Path, layout: Path):
-    arch = OCI_ARCH.get(platform.machine().lower())
+    arch = OCI_ARCH.get(os.uname().machine.lower())
     if arch is None:
-        raise BottleError(f'no OCI architecture is known for this host ({platform.machine()}), '
+        raise BottleError(f'no OCI architecture is known for this host ({os.uname().machine}), '
                           'so a local image base cannot be served to smolvm')
     layout.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=layout.parent, prefix=f'.{layout.name}.'))

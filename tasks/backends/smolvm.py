@@ -25,7 +25,6 @@ from pathlib import Path
 
 from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
-from tasks.backends.registry import serve_base
 from tasks.progress import progress
 
 INSTALL_HELP = (
@@ -59,6 +58,7 @@ class Smolvm(Backend):
                                'a supported version (1.9 or later)?') from None
 
     def build_image(self, build: ImageBuild):
+        from tasks.backends.registry import serve_base      # an HTTP server: imported when an image is built
         local = os.path.isabs(build.base)
         with serve_base(Path(build.base)) if local else nullcontext(build.base) as image, \
                 self.build_machine(build.machine):
