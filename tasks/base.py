@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from tasks.backends import BottleError
 from tasks.checks import FileExists
+from tasks.hostprograms import require
 from tasks.manifest import DEBOOTSTRAP, Recipe, is_local_base
 from tasks.progress import progress
 from tasks.project import Project, action, cache_dir
@@ -76,11 +76,8 @@ def tasks(project: Project):
 
 @action
 def debootstrap(suite: str, tarball: Path):
-    exe = shutil.which('debootstrap') or next(
-        (p for p in ('/usr/sbin/debootstrap', '/sbin/debootstrap') if Path(p).exists()), None)
-    if exe is None:
-        raise BottleError(f'debootstrap is needed to build the base debootstrap:{suite} '
-                          '(Debian: `apt-get install debootstrap`, as root)')
+    exe = require('debootstrap')        # it builds bases as root
+    tar = require('tar')
     tarball.parent.mkdir(parents=True, exist_ok=True)
     progress(f'building the base debootstrap:{suite} with debootstrap (minutes; once per user)')
     with tempfile.TemporaryDirectory(dir=tarball.parent, prefix='.debootstrap-') as tmp:
@@ -93,7 +90,7 @@ def debootstrap(suite: str, tarball: Path):
             raise BottleError(f'debootstrap {suite} failed (exit {proc.returncode}); it needs root and '
                               f'a reachable Debian mirror:\n{detail}')
         partial = Path(tmp) / 'rootfs.tar'
-        packed = subprocess.run(['tar', '-C', str(root), '--numeric-owner', '-cf', str(partial), '.'],
+        packed = subprocess.run([tar, '-C', str(root), '--numeric-owner', '-cf', str(partial), '.'],
                                 capture_output=True, text=True)
         if packed.returncode != 0:
             raise BottleError(f'packing the debootstrap root into {tarball} failed:\n{packed.stderr}')

@@ -23,6 +23,7 @@ from pathlib import Path
 from tasks import base
 from tasks.backends import BottleError, ImageBuild, backend
 from tasks.checks import FileExists
+from tasks.hostprograms import require
 from tasks.manifest import MACHINE_PREFIX, Recipe
 from tasks.progress import progress
 from tasks.project import Project, action, cache_dir, write_json
@@ -121,10 +122,7 @@ def tasks(project: Project):
 @action
 def fetch_claude_code(version: str):
     archive = claude_code_archive(version)
-    npm = shutil.which('npm')
-    if npm is None:
-        raise BottleError(f'npm is needed on the host to fetch {claude_code_package(version)} '
-                          '(install Node.js and npm, e.g. `apt-get install npm`), then run doit again')
+    npm = require('npm')
     archive.parent.mkdir(parents=True, exist_ok=True)
     progress(f'fetching Claude Code {version} with npm pack (once per version)')
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix='.fetch-') as tmp:

@@ -21,6 +21,7 @@ from doit.exceptions import InvalidDodoFile, TaskFailed
 from tasks.atomic import write_atomic
 from tasks.backends import BottleError
 from tasks.backends.detect import default_backend
+from tasks.hostprograms import HostProgramMissing
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / 'templates'
@@ -196,7 +197,7 @@ def action(func):
     def run(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except BottleError as err:
+        except (BottleError, HostProgramMissing) as err:
             return TaskFailed(str(err))
         except Exception as err:     # a bug of ours or an unforeseen failure: still one readable line
             return TaskFailed(f'unexpected {type(err).__name__}: {err}. Nothing was recorded as done; '

@@ -113,6 +113,7 @@ class Bottles:
         self.root = root
         self.backend = backend
         self.extra_env: dict[str, str] = {}      # for every doit run of this project
+        self.audit_log: Path | None = None          # where host programs are recorded (record_host_programs)
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / 'dodo.py', root / 'dodo.py')
         (root / 'agents' / 'skills').mkdir(parents=True, exist_ok=True)
@@ -120,6 +121,11 @@ class Bottles:
         # the MCP client (about 1.5 s) in every doit run that reaches it, hundreds of runs in the suite.
         self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump({**backend.manifest_defaults(),
                                                                         'supervise': False}))
+
+    def record_host_programs(self, log: Path):
+        """From now on, every program a Python process of this project (doit, its daemons) starts on the
+        host is a line in `log` (tests/audit/sitecustomize.py)."""
+        self.audit_log = log
 
     def use_real_claude(self):
         """Images with the real Claude Code, for tests that run it (the test images have a script)."""
@@ -184,7 +190,10 @@ class Bottles:
         env = {**os.environ, **self.backend.env(), **self.extra_env}
         # The dodo.py copied into the project imports `tasks`: from this checkout, not from
         # whatever claude-bottle site-packages holds.
-        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), extra.pop('PYTHONPATH', None)]))
+        audit = [str(REPO / 'tests' / 'audit')] if self.audit_log else []
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [*audit, str(REPO), extra.pop('PYTHONPATH', None)]))
+        if self.audit_log:
+            env['CLAUDE_BOTTLE_AUDIT_LOG'] = str(self.audit_log)
         env.update({k: v for k, v in extra.items() if v is not None})
         for key in [k for k, v in extra.items() if v is None]:
             env.pop(key, None)

@@ -30,6 +30,7 @@ from daemons.supervise.engine import Supervisor
 from tasks.project import Project
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS
+from tests.test_host_programs import assert_declared, recorded
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
 AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
@@ -122,6 +123,7 @@ def gated(request, tmp_path_factory, claude_cache):
     upstream = Upstream(address, cert, key, git_root=git_root, git_credentials=('gate-user', PASSWORD))
     bottles = Bottles(tmp / 'project', backend)
     bottles.supervise()
+    bottles.record_host_programs(tmp / 'host-programs.jsonl')
     bottles.extra_env['GIT_CONFIG_GLOBAL'] = str(host_git_config(tmp, address, ca))
     bottles.extra_env['GIT_SSL_CAINFO'] = str(ca)     # an environment's CA bundle wins over the gitconfig's
     app = f'https://{address}/git/app.git'
@@ -451,3 +453,12 @@ def test_doit_reject_tells_the_agent_why_and_nothing_goes_upstream(gated):
     assert answer.startswith('denied (') and answer.endswith('): not now'), answer
     assert gated.upstream_ref('app', 'refs/heads/agent/rev/rejected') is None
     assert review_id not in gated.bottles.doit('held').stdout
+
+
+def test_every_program_the_code_started_on_the_host_is_declared(gated):
+    """Last in the module: every doit run and daemon of this scenario (launch, pushes forwarded, held and
+    reviewed, the supervisor asked, status) had its host programs recorded (tests/audit/sitecustomize.py)."""
+    gated.bottles.doit('status')
+    started = {r['program'] for r in recorded(gated.bottles.audit_log)}
+    assert {'git', 'socat', gated.bottles.backend.cli} <= started, started     # the recorder saw the scenario
+    assert_declared(gated.bottles.audit_log)
