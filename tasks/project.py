@@ -30,8 +30,11 @@ RENDERS_KEPT = 512          # renderings remembered in renders.json, the newest
 
 
 class Project:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, remember_renders: bool = True):
+        """`remember_renders`: write what `rendered()` rendered into .bottle/renders.json when this process
+        ends (a reader from outside, such as the tests' harness, leaves it alone)."""
         self.root = Path(root).resolve()
+        self.remember_renders = remember_renders
         self.agents_dir = self.root / 'agents'
         self.state_dir = self.root / STATE_DIR
         self.template_dirs = [self.root / 'templates']
@@ -167,7 +170,7 @@ class Project:
 
     def _remember(self, key: str, entry: dict):
         """Kept in memory now, written once when this process ends (0600: prompts pass through here)."""
-        if not self._unsaved:
+        if self.remember_renders and not self._unsaved:
             self._unsaved = True
             atexit.register(self._save_renders)
         self._renders[key] = entry

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.manifest import default_project_name, machine_name
+from tasks.manifest import default_project_name, is_local_base, machine_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,7 @@ class Bottles:
         self.backend = backend
         self.extra_env: dict[str, str] = {}      # for every doit run of this project
         self.audit_log: Path | None = None          # where host programs are recorded (record_host_programs)
+        self.shares_images = True                   # see ImageStash; own_images() for a test about building them
         root.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / 'dodo.py', root / 'dodo.py')
         (root / 'agents' / 'skills').mkdir(parents=True, exist_ok=True)
@@ -121,6 +122,10 @@ class Bottles:
         # the MCP client (about 1.5 s) in every doit run that reaches it, hundreds of runs in the suite.
         self.write(root / 'agents' / '_defaults.yaml', yaml.safe_dump({**backend.manifest_defaults(),
                                                                         'supervise': False}))
+
+    def own_images(self):
+        """Build and pack every image this project needs itself: for tests about building and packing."""
+        self.shares_images = False
 
     def record_host_programs(self, log: Path):
         """From now on, every program a Python process of this project (doit, its daemons) starts on the
@@ -200,11 +205,16 @@ class Bottles:
         return env
 
     def doit(self, *args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> Run:
+        stash = ImageStash.current if self.shares_images else None
+        if stash:
+            stash.lend(self)
         mark = self.backend.call_mark()
         proc = subprocess.run([sys.executable, '-m', 'doit', *args], cwd=self.root,
                               env=env or self.env(), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
         calls = self.backend.calls_since(mark)
+        if stash:
+            stash.keep(self)
         run = Run(args, proc.returncode, proc.stdout, proc.stderr, calls,
                   [self.backend.kind(c) for c in calls])
         if check and proc.returncode != 0:
@@ -249,6 +259,51 @@ class Bottles:
 
     def prompt_text(self, agent: str) -> str:
         return (self.root / '.bottle' / 'agents' / agent / 'prompt.md').read_text()
+
+
+class ImageStash:
+    """The packed images this test worker has built, by key, lent to every new project that needs one (hard
+    links into its .bottle/images/, which makes its image task up to date, as a restored CI cache does), so a
+    recipe is built and packed once per worker, not once per test. A key names everything that goes into its
+    image (tasks/image.py), so a lent image is the one the project would have built. Not for the real
+    smolvm, whose images share keys with the stand-in's; a test about building images calls own_images()."""
+    current: ImageStash | None = None       # set for the session by tests/conftest.py
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def lend(self, bottles: Bottles):
+        if not bottles.backend.shares_images:
+            return
+        for key in self._keys(bottles):
+            kept, target = self.dir / key, bottles.root / '.bottle' / 'images' / key
+            if (kept / 'image.json').exists() and not target.exists():
+                shutil.copytree(kept, target, copy_function=os.link)
+
+    def keep(self, bottles: Bottles):
+        if not bottles.backend.shares_images:
+            return
+        for built in (bottles.root / '.bottle' / 'images').glob('*/image.json'):
+            key = built.parent.name
+            # a local base's key is its path as the manifest says it, not its content: never shared
+            if not (self.dir / key).exists() and not is_local_base(json.loads(built.read_text())['base']):
+                partial = self.dir / f'.{key}.{os.getpid()}'
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(built.parent, partial, copy_function=os.link,
+                                ignore=shutil.ignore_patterns('.partial-*'))
+                os.replace(partial, self.dir / key)
+
+    @staticmethod
+    def _keys(bottles: Bottles) -> set[str]:
+        """The image keys the project's manifests name now; none when they cannot be read."""
+        from tasks.image import image_of
+        from tasks.project import Project
+        try:
+            project = Project(bottles.root, remember_renders=False)
+            return {image_of(project, agent.recipe).key for agent in project.agents.values()}
+        except Exception:           # an invalid manifest is the test's business, not the stash's
+            return set()
 
 
 # --- the Claude Code that stand-in images install --------------------------------------------
@@ -337,6 +392,7 @@ class StandinSmolvm:
     """smolvm, played by the project's stand-in (tests/standin/smolvm)."""
     name = 'standin'
     cli = 'smolvm'
+    shares_images = True            # ImageStash
 
     def __init__(self, tmp: Path, images_index: Path, cache: Path, latency_ms: int = 0):
         from tests.standin import harness
@@ -597,6 +653,7 @@ class DockerFamily(LoggedCli):
     images get the real Claude Code where a test runs it (Bottles.use_real_claude), else the script
     the stand-in's images have (saving an image is half as long without the real one's 370 MB)."""
     engine: Engine
+    shares_images = True            # ImageStash
 
     def manifest_defaults(self) -> dict:
         return {'backend': self.name, 'image': {'base': 'debootstrap:bookworm', 'claude_code': TEST_CLAUDE_VERSION}}
@@ -707,6 +764,7 @@ class RealSmolvm(LoggedCli, StandinSmolvm):
     What it shares with the stand-in (argv kinds, exec, state) comes from StandinSmolvm."""
     name = 'smolvm'
     cli = 'smolvm'
+    shares_images = False           # its images share keys with the stand-in's
 
     def manifest_defaults(self) -> dict:
         return {'image': {'base': 'debootstrap:bookworm'}}

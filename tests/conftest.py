@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.project import Project
-from tests.bottles import (Bottles, Docker, Dockerd, Podman, RealSmolvm, StandinSmolvm,
+from tests.bottles import (Bottles, Docker, Dockerd, ImageStash, Podman, RealSmolvm, StandinSmolvm,
                            make_fake_claude_archive, make_standin_images)
 
 # Downloads and debootstrap bases are cached here when set (CI points it at a
@@ -25,6 +25,15 @@ def no_daemon_outlives_the_session(tmp_path_factory):
     yield
     for state in tmp_path_factory.getbasetemp().glob('*/*/.bottle'):
         Bottles.stop_daemons_of(state.parent)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def image_stash(tmp_path_factory):
+    """Images are built and packed once per worker and lent to every project that needs one (tests/bottles.py
+    ImageStash)."""
+    ImageStash.current = ImageStash(tmp_path_factory.mktemp('image-stash'))
+    yield ImageStash.current
+    ImageStash.current = None
 
 
 @pytest.fixture(scope='session')
@@ -70,13 +79,21 @@ def _standin(request, tmp_path, claude_cache):
     return StandinSmolvm(tmp_path, request.getfixturevalue('standin_images'), claude_cache)
 
 
+def no_engine_for_fast(request):
+    """The fast subset (`-m fast`) needs no engine: a test marked fast that asks for one is mismarked."""
+    if request.node.get_closest_marker('fast'):
+        pytest.fail(f'{request.node.name} is marked fast but asks for an engine; unmark it')
+
+
 def _podman(request, tmp_path, claude_cache):
+    no_engine_for_fast(request)
     if podman_problem():
         pytest.skip(podman_problem())
     return Podman(tmp_path, claude_cache)
 
 
 def _docker(request, tmp_path, claude_cache):
+    no_engine_for_fast(request)
     return Docker(tmp_path, claude_cache, request.getfixturevalue('dockerd'))
 
 

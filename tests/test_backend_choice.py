@@ -18,6 +18,7 @@ def without_backend_key(bottles):
 
 
 def test_smolvm_is_chosen_when_it_is_installed(standin):
+    standin.own_images()
     setup_agent(standin)
     without_backend_key(standin)
     run = standin.doit('launch:a', env=standin.env(BOTTLE_BACKEND=None))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.bottles import REPO
+
+pytestmark = pytest.mark.fast
 
 
 def test_the_projects_import_this_checkout_even_past_a_decoy(standin, tmp_path):

@@ -36,6 +36,7 @@ def actionlint_command() -> list[str] | None:
     return None
 
 
+@pytest.mark.fast
 def test_workflow_passes_actionlint():
     command = actionlint_command()
     if command is None:

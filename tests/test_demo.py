@@ -52,6 +52,7 @@ def configure_under_dash(conf, limits: list[str] = ()):
                           capture_output=True, text=True)
 
 
+@pytest.mark.fast
 def test_the_engine_configuration_is_written_under_dash_into_an_empty_directory(tmp_path):
     conf = tmp_path / 'empty' / 'containers.conf.d' / '50-claude-bottle.conf'
     proc = configure_under_dash(conf)
@@ -72,6 +73,7 @@ def test_the_engine_configuration_is_written_under_dash_into_an_empty_directory(
     assert conf.read_text() == '# the administrator\'s own\n'
 
 
+@pytest.mark.fast
 def test_the_scripts_ci_runs_are_posix_sh():
     for script in (REPO / 'demo.sh', REPO / '.ci' / 'run'):
         proc = subprocess.run(['dash', '-n', str(script)], capture_output=True, text=True)

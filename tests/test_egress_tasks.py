@@ -22,6 +22,8 @@ from tasks.egress import door_socket
 from tasks.project import Project
 from tests.proxy_upstreams import random_loopback_address
 
+pytestmark = pytest.mark.fast
+
 CLAUDE_CODE_RULES = [{'host': 'api.anthropic.com'}, {'host': 'claude.ai'}, {'host': 'platform.claude.com'}]
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.test_scenarios import assert_fully_provisioned, setup_agent
 
+pytestmark = pytest.mark.extended
+
 # The backend's CLI with one fault, chosen by FAULT:
 #   garbage-probe     the machine listing (`smolvm machine ls`, `podman ps`, `docker ps`) prints
 #                     JSON that is not a list of machines
@@ -43,6 +45,7 @@ def with_fault(bottles, tmp_path):
     shim.mkdir()
     (shim / cli).write_text(FAULTY_CLI.replace('{real}', real))
     (shim / cli).chmod(0o755)
+    bottles.own_images()            # a fault may be injected into the pack
     setup_agent(bottles)
 
     def env(fault: str, **more) -> dict:

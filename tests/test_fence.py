@@ -239,6 +239,7 @@ def test_b_a_host_narrowed_to_get_on_a_path_prefix(fence):
 
 # --- c. bypass attempts as root in the guest: none succeeds ----------------------------------
 
+@pytest.mark.extended         # an attack on the fence
 def test_c_no_way_around_the_proxy(fence):
     guest = fence.bottles.guest
     before = upstream_calls(fence)
@@ -256,6 +257,7 @@ def test_c_no_way_around_the_proxy(fence):
     assert upstream_calls(fence) == before
 
 
+@pytest.mark.extended         # an attack on the fence
 def test_c_spoofed_sni_or_host_toward_a_denied_host_is_refused(fence):
     before = upstream_calls(fence)
     # Host header naming a denied host inside a tunnel to an allowed one
@@ -274,6 +276,7 @@ def raw_connect(fence: Fence, agent: str, target: str, then: str = '') -> str:
     return fence.bottles.guest(agent, f"(printf '{request}'; sleep 2) | socat -T5 - TCP:127.0.0.1:3128 2>&1; true")
 
 
+@pytest.mark.extended         # an attack on the fence
 def test_c_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
     before = upstream_calls(fence)
     # a raw stream (an ssh greeting) inside an accepted CONNECT reaches nothing
@@ -287,6 +290,7 @@ def test_c_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
     assert fence.curl('shut', '--noproxy', '', 'https://[::1]/')[0] == 403       # NO_PROXY has ::1
 
 
+@pytest.mark.extended         # an attack on the fence
 def test_c_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_refused(fence):
     # localhost is allowed for `open`, but it resolves to 127.0.0.1, which its manifest does not list
     status, body = fence.curl('open', '--noproxy', '', 'https://localhost/')

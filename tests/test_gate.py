@@ -26,6 +26,8 @@ from daemons.gate.review import ReviewError, approve, held, reject
 from daemons.gate.store import ZERO
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
+pytestmark = pytest.mark.fast
+
 USER = 'host-user'
 PASSWORD = f'host-secret-{secrets.token_hex(8)}'
 IDENTITY = {'GIT_AUTHOR_NAME': 'Agent', 'GIT_AUTHOR_EMAIL': 'agent@example.invalid',

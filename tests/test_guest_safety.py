@@ -10,6 +10,10 @@ from __future__ import annotations
 import shlex
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.extended
+
 HOME = '/home/agent'
 SKILLS = f'{HOME}/.claude/skills'
 LIST = f'{SKILLS}/.claude-bottle-skills'

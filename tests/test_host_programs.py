@@ -15,6 +15,8 @@ import pytest
 
 from tasks.hostprograms import PROGRAMS, HostProgramMissing, main, missing_packages, require
 
+pytestmark = pytest.mark.fast
+
 AUDIT = Path(__file__).resolve().parent / 'audit'
 # The interpreter claude-bottle runs on (the daemons, mitmproxy's environment, pip making it): its own, not
 # a program of the host's to install.

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from tasks.manifest import BACKEND_ENV, KEYS, SECTIONS, Agent, ManifestError, load_agents
 from tasks.project import Project
 
+pytestmark = pytest.mark.extended
+
 REPO = Path(__file__).resolve().parent.parent
 SPECIAL = ('fifo', 'dev-zero', 'dev-urandom', 'directory', 'dangling', 'loop')
 

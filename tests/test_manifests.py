@@ -15,6 +15,8 @@ import yaml
 from tasks.manifest import KEYS, ManifestError, load_agents
 from tasks.project import Project
 
+pytestmark = pytest.mark.fast
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / 'README.md'
 SCHEMA = REPO / 'schema' / 'agent.schema.json'
@@ -70,20 +72,6 @@ def test_i_every_problem_in_every_manifest_is_reported_at_once(standin):
                  "agents/b.yaml:1: key 'skills[0]'", "agents/_defaults.yaml:1: key 'backend'"]:
         assert part in run.stderr, run.stderr
     assert '4 problems' in run.stderr
-
-
-def test_shared_defaults_apply_to_every_agent(standin):
-    standin.skill('shared')
-    standin.write(standin.root / 'agents/_defaults.yaml',
-                  'skills: [shared]\nresources: {cpus: 3}\nimage: {claude_code: 0.0.0-test}\n')
-    standin.agent('a', prompt='hi')
-    standin.agent('b', prompt='hi', resources={'cpus': 1})
-    info = standin.doit('info', 'provision:a', check=False).stdout
-    assert 'provision_skill:a:shared' in info
-    run = standin.doit('machine', 'prompt')
-    creates = {c[c.index('--name') + 1]: c for c in run.calls if c[:2] == ['machine', 'create']}
-    a, b = creates[standin.machine('a')], creates[standin.machine('b')]
-    assert a[a.index('--cpus') + 1] == '3' and b[b.index('--cpus') + 1] == '1'
 
 
 # --- manifests that once crashed or hung the tool (issue 6, point 9), and what it once accepted

@@ -25,6 +25,8 @@ from daemons.proxy.rules import RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
                                    random_loopback_address, read_all)
 
+pytestmark = pytest.mark.fast
+
 
 
 # --- the lifecycle piece, with plain processes -------------------------------------------------

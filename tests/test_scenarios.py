@@ -12,6 +12,8 @@ import sys
 import time
 import uuid
 
+from tests.bottles import TEST_CLAUDE_VERSION
+
 HOME = '/home/agent'
 SKILLS = f'{HOME}/.claude/skills'
 PROMPT = f'{HOME}/.claude-bottle/system-prompt.md'
@@ -58,6 +60,7 @@ def assert_fully_provisioned(bottles, agent='a'):
 
 
 def test_a_first_launch_packs_once_and_provisions_everything(bottles):
+    bottles.own_images()
     setup_agent(bottles)
     run = bottles.doit('launch:a')
     assert run.count('pack') == 1
@@ -160,6 +163,7 @@ def test_f_machine_stopped_behind_doits_back_is_started_and_nothing_recopied(bot
 
 
 def test_g_two_agents_with_one_recipe_share_one_pack(bottles):
+    bottles.own_images()
     setup_agent(bottles, 'a')
     setup_agent(bottles, 'b', skills=('review',))
     run = bottles.doit('launch:a', 'launch:b')
@@ -169,6 +173,7 @@ def test_g_two_agents_with_one_recipe_share_one_pack(bottles):
 
 
 def test_h_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
+    bottles.own_images()
     setup_agent(bottles, 'a')
     setup_agent(bottles, 'b')
     bottles.doit('provision')
@@ -203,6 +208,7 @@ def test_j_missing_backend_cli_is_one_clear_paragraph(bottles):
 
 
 def test_k_a_pack_killed_midway_is_never_taken_for_an_image(bottles):
+    bottles.own_images()
     setup_agent(bottles)
     images = bottles.root / '.bottle/images'
     said = bottles.root.parent / 'image-stderr.txt'
@@ -303,3 +309,17 @@ def test_m_secret_reaches_claude_and_nothing_on_disk_or_in_argv(bottles):
                 assert needle not in path.read_bytes(), f'the secret is in {path}'
     for argv in bottles.backend.calls_since(0):
         assert secret not in ' '.join(argv)
+
+
+def test_shared_defaults_apply_to_every_agent(standin):
+    standin.skill('shared')
+    standin.write(standin.root / 'agents/_defaults.yaml',         # the stand-in images' Claude Code, in the cache
+                  f'skills: [shared]\nresources: {{cpus: 3}}\nimage: {{claude_code: {TEST_CLAUDE_VERSION}}}\n')
+    standin.agent('a', prompt='hi')
+    standin.agent('b', prompt='hi', resources={'cpus': 1})
+    info = standin.doit('info', 'provision:a', check=False).stdout
+    assert 'provision_skill:a:shared' in info
+    run = standin.doit('machine', 'prompt')
+    creates = {c[c.index('--name') + 1]: c for c in run.calls if c[:2] == ['machine', 'create']}
+    a, b = creates[standin.machine('a')], creates[standin.machine('b')]
+    assert a[a.index('--cpus') + 1] == '3' and b[b.index('--cpus') + 1] == '1'

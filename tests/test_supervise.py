@@ -31,6 +31,8 @@ from tests.proxy_upstreams import GuestRelay
 from tests.test_gate import Setup as GateSetup
 from tests.test_gate import held_id
 
+pytestmark = pytest.mark.fast
+
 WAITS = {'a': 60, 'b': 60, 'quick': 2}      # seconds each bottle's calls wait for the human
 POLL_SECONDS = 0.1
 POLL_LIMIT = 600        # polls of the page before a test gives up on seeing a request (about a minute)

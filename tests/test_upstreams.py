@@ -14,6 +14,8 @@ import pytest
 from tests.bottles import TEST_CLAUDE_VERSION
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
+pytestmark = pytest.mark.fast
+
 
 class Setup:
     """The module's upstream, its CA and the bare repositories it serves under /git/."""

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from daemons.lifecycle import Daemon, code_digest, connects, locked
 from daemons.proxy.rules import HEALTH_HOST, Rules
+from tasks.hostprograms import HostProgramMissing, require
 from tasks.atomic import write_atomic
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
@@ -204,7 +205,7 @@ class EgressProxy:
             entry = self._doors().get(bottle)
             return (bool(entry) and self.daemon().current() and connects((LISTEN_HOST, entry['port']))
                     and self._relay(Door.of(bottle, entry), entry['port']).running())
-        except (ProxyError, OSError):
+        except (ProxyError, OSError, HostProgramMissing):
             return False
 
     def door_healthy(self, bottle: str) -> bool:
@@ -214,7 +215,7 @@ class EgressProxy:
             entry = self._doors().get(bottle)
             return (bool(entry) and self.daemon().current()
                     and self._relay(Door.of(bottle, entry), entry['port']).healthy())
-        except (ProxyError, OSError):
+        except (ProxyError, OSError, HostProgramMissing):
             return False
 
     def route_service(self, name: str, port: int | None, key_file: Path | None) -> None:
@@ -292,10 +293,7 @@ class EgressProxy:
         return [str(a) for a in argv]
 
     def _relay(self, door: Door, port: int) -> Daemon:
-        socat = shutil.which('socat')
-        if not socat:
-            raise ProxyError('socat is not installed; the bottle doors need it (Debian: apt-get install socat)')
-        argv = [socat, f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
+        argv = [require('socat'), f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
                 f'TCP:{LISTEN_HOST}:{port},nodelay']     # without nodelay, about 40 ms per request
         _private_dir(door.directory)
         return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle),
