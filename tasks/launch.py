@@ -41,11 +41,19 @@ def claude_argv(project: Project, agent: Agent) -> list[str]:
 
 
 def relaunch_command(project: Project, agent: Agent) -> str:
-    """`doit launch:<agent>` as it works when pasted into the user's shell: from the project
-    directory, with the backend the environment chose (a new shell may not have it), and
-    through this Python when no `doit` is on PATH."""
-    command = f'doit launch:{agent.name}' if shutil.which('doit') else \
-        f'{shlex.quote(sys.executable)} -m doit launch:{agent.name}'
+    """`doit launch:<agent>` as it works when pasted into a new shell: from the project directory,
+    with the backend the environment chose (a new shell may not have it), and with this Python's
+    doit: `doit` when that is the one on PATH, else its script's absolute path (a venv's, such as
+    demo.sh's .venv, which a new shell does not have on PATH), else this Python's `-m doit`."""
+    script = Path(sys.executable).parent / 'doit'
+    found = shutil.which('doit')
+    if found and script.is_file() and os.path.samefile(found, script):
+        doit = 'doit'
+    elif script.is_file() and os.access(script, os.X_OK):
+        doit = shlex.quote(str(script))
+    else:
+        doit = f'{shlex.quote(sys.executable)} -m doit'
+    command = f'{doit} launch:{agent.name}'
     if os.environ.get(BACKEND_ENV) == agent.backend:
         command = f'{BACKEND_ENV}={agent.backend} {command}'
     if Path(os.environ.get('PWD', '')).resolve() != project.root:   # doit runs in the project dir
