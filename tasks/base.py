@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.lifecycle import locked
 from tasks.backends import BottleError
 from tasks.checks import FileExists
 from tasks.hostprograms import require
@@ -79,6 +80,12 @@ def debootstrap(suite: str, tarball: Path):
     exe = require('debootstrap')        # it builds bases as root
     tar = require('tar')
     tarball.parent.mkdir(parents=True, exist_ok=True)
+    with locked(tarball.parent / f'.{tarball.name}.lock'):      # another run (a checkout beside) may build it now
+        if not tarball.is_file():
+            _debootstrap(exe, tar, suite, tarball)
+
+
+def _debootstrap(exe: str, tar: str, suite: str, tarball: Path):
     progress(f'building the base debootstrap:{suite} with debootstrap (minutes; once per user)')
     with tempfile.TemporaryDirectory(dir=tarball.parent, prefix='.debootstrap-') as tmp:
         root = Path(tmp) / 'root'

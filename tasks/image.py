@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.lifecycle import locked
 from tasks import base
 from tasks.backends import BottleError, ImageBuild, backend
 from tasks.checks import FileExists
@@ -124,6 +125,12 @@ def fetch_claude_code(version: str):
     archive = claude_code_archive(version)
     npm = require('npm')
     archive.parent.mkdir(parents=True, exist_ok=True)
+    with locked(archive.parent / f'.{archive.name}.lock'):      # another run (a checkout beside) may fetch it now
+        if not archive.is_file():
+            _fetch(npm, version, archive)
+
+
+def _fetch(npm: str, version: str, archive: Path):
     progress(f'fetching Claude Code {version} with npm pack (once per version)')
     with tempfile.TemporaryDirectory(dir=archive.parent, prefix='.fetch-') as tmp:
         proc = subprocess.run([npm, 'pack', claude_code_package(version), '--pack-destination', tmp],

@@ -262,9 +262,9 @@ class Bottles:
 
 
 class ImageStash:
-    """The packed images this test worker has built, by key, lent to every new project that needs one (hard
+    """The packed images the suite's workers have built, by key, lent to every new project that needs one (hard
     links into its .bottle/images/, which makes its image task up to date, as a restored CI cache does), so a
-    recipe is built and packed once per worker, not once per test. A key names everything that goes into its
+    recipe is built and packed about once per run, not once per test. A key names everything that goes into its
     image (tasks/image.py), so a lent image is the one the project would have built. Not for the real
     smolvm, whose images share keys with the stand-in's; a test about building images calls own_images()."""
     current: ImageStash | None = None       # set for the session by tests/conftest.py
@@ -292,7 +292,10 @@ class ImageStash:
                 shutil.rmtree(partial, ignore_errors=True)
                 shutil.copytree(built.parent, partial, copy_function=os.link,
                                 ignore=shutil.ignore_patterns('.partial-*'))
-                os.replace(partial, self.dir / key)
+                try:
+                    os.replace(partial, self.dir / key)
+                except OSError:         # another worker kept the same image first
+                    shutil.rmtree(partial, ignore_errors=True)
 
     @staticmethod
     def _keys(bottles: Bottles) -> set[str]:
@@ -572,12 +575,24 @@ remove_podman_containers = PODMAN.remove_containers
 class Dockerd:
     """A Docker engine of the tests' own: data, state and socket in one directory, no iptables
     rules and no bridge (bottles run with `--network none`). dockerd starts a containerd of its
-    own, in the same directory, unless the system already runs one."""
+    own, in the same directory, unless the system already runs one. The suite's workers share one:
+    the first to need it starts it (under a lock), the session's end stops it."""
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.host = f'unix://{directory}/docker.sock'
         self.proc: subprocess.Popen | None = None
+
+    def answers(self) -> bool:
+        return Engine('docker', {'DOCKER_HOST': self.host})('version', check=False).returncode == 0
+
+    def start_or_join(self, timeout: float = 120) -> str | None:
+        """Use the engine another worker started here, or start it; None, or why it cannot run here."""
+        from daemons.lifecycle import locked
+        with locked(self.dir / 'start.lock'):
+            if (self.dir / 'dockerd.pid').exists() and self.answers():
+                return None
+            return self.start(timeout)
 
     def start(self, timeout: float = 120) -> str | None:
         """Start it and wait until it answers; None, or why it cannot run here."""
@@ -607,15 +622,28 @@ class Dockerd:
         return f'dockerd did not answer within {timeout} s:\n{log.read_text()[-2000:]}'
 
     def stop(self):
-        """Stop dockerd (it stops its containers and its containerd), then remove its data."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """Stop dockerd (it stops its containers and its containerd), then remove its data. Another
+        process's (the worker that started it) is stopped by its pid file."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            try:
+                pid = int((self.dir / 'dockerd.pid').read_text())
+                if str(self.dir) not in Path(f'/proc/{pid}/cmdline').read_text():
+                    return
+            except (OSError, ValueError):
+                return
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while Path(f'/proc/{pid}').exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if Path(f'/proc/{pid}').exists():
+                os.kill(pid, signal.SIGKILL)
         # dockerd stops its containerd itself, unless it had to be killed
         try:
             pid = int((self.dir / 'exec' / 'containerd' / 'containerd.pid').read_text())

@@ -18,6 +18,19 @@ from tests.bottles import (Bottles, Docker, Dockerd, ImageStash, Podman, RealSmo
 CACHE_ENV = 'BOTTLE_TEST_CACHE'
 
 
+@pytest.hookimpl(tryfirst=True)       # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """The tests of a module that share a fixture of its own beyond one test (its bottles, its daemons) run on
+    one worker, in file order (pytest orders them by that fixture's parameter, a backend, so each is made
+    once, and its tests that change it come last). The rest go out one by one to whichever worker is free
+    (`--dist loadgroup`)."""
+    for item in items:
+        module = item.nodeid.split('::')[0]
+        if any(defs[-1].scope in ('module', 'session') and defs[-1].baseid == module
+               for defs in item._fixtureinfo.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 @pytest.fixture(scope='session', autouse=True)
 def no_daemon_outlives_the_session(tmp_path_factory):
     """Every project's daemons (supervisor, git gate, egress proxy, door relays) stopped at the end, also
@@ -27,18 +40,35 @@ def no_daemon_outlives_the_session(tmp_path_factory):
         Bottles.stop_daemons_of(state.parent)
 
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory every worker of this run shares (the run's base temporary directory, whose per-worker
+    directories are its children), for what the workers make once between them."""
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / name
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def pytest_sessionfinish(session):
+    """The controller (or the only process) stops the Docker engine the workers shared."""
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        engine = session.config._tmp_path_factory.getbasetemp() / 'dockerd'
+        if engine.is_dir():
+            Dockerd(engine).stop()
+
+
 @pytest.fixture(scope='session', autouse=True)
 def image_stash(tmp_path_factory):
-    """Images are built and packed once per worker and lent to every project that needs one (tests/bottles.py
+    """Images are built and packed once per run and lent to every project that needs one (tests/bottles.py
     ImageStash)."""
-    ImageStash.current = ImageStash(tmp_path_factory.mktemp('image-stash'))
+    ImageStash.current = ImageStash(shared_dir(tmp_path_factory, 'image-stash'))
     yield ImageStash.current
     ImageStash.current = None
 
 
 @pytest.fixture(scope='session')
 def claude_cache(tmp_path_factory):
-    cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else tmp_path_factory.mktemp('cache')
+    cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else shared_dir(tmp_path_factory, 'cache')
     make_fake_claude_archive(cache)
     return cache
 
@@ -55,16 +85,13 @@ def podman_problem() -> str | None:
 
 @pytest.fixture(scope='session')
 def dockerd(tmp_path_factory):
-    """A Docker engine started for this session and stopped after it; the docker tests
-    are skipped, with the reason, where it cannot start."""
-    engine = Dockerd(tmp_path_factory.mktemp('dockerd'))
-    problem = engine.start()
+    """A Docker engine the run's workers share, started by the first that needs it and stopped when the run
+    ends (pytest_sessionfinish); the docker tests are skipped, with the reason, where it cannot start."""
+    engine = Dockerd(shared_dir(tmp_path_factory, 'dockerd'))
+    problem = engine.start_or_join()
     if problem:
         pytest.skip(f'no Docker engine for the docker backend: {problem}')
-    try:
-        yield engine
-    finally:
-        engine.stop()
+    return engine
 
 
 @pytest.fixture(scope='session')

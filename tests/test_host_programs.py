@@ -89,3 +89,10 @@ def test_the_command_line_prints_what_demo_sh_installs(capsys):
     table = capsys.readouterr().out
     assert all(name in table for name in PROGRAMS)
     assert main(['nonsense']) == 2
+
+
+def test_the_readme_lists_the_declaration_as_it_prints_it():
+    table = subprocess.run([sys.executable, '-m', 'tasks.hostprograms', 'table'], capture_output=True, text=True,
+                           check=True, cwd=AUDIT.parent.parent).stdout
+    readme = (AUDIT.parent.parent / 'README.md').read_text()
+    assert ''.join(f'    {line}\n' for line in table.splitlines()) in readme

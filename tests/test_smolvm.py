@@ -5,6 +5,7 @@ from tests.test_scenarios import setup_agent
 
 
 def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_its_door(standin):
+    standin.own_images()                # the build machine's calls are looked at
     setup_agent(standin, resources={'cpus': 3, 'memory': 1024}, env={'MODE': 'review'},
                 network={'allow_hosts': ['api.anthropic.com', 'pypi.org']})
     run = standin.doit('provision')
@@ -26,8 +27,9 @@ def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_i
 
 
 def test_the_build_machine_is_gone_after_the_pack(standin):
+    standin.own_images()
     setup_agent(standin)
-    standin.doit('image')
+    assert standin.doit('image').count('pack') == 1
     listed = standin.backend.smolvm('machine', 'ls', '--json').stdout.decode()
     assert 'bottle-build-' not in listed
 

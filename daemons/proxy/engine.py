@@ -68,6 +68,13 @@ def ensure_venv(cache_dir: Path) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(target.parent / f'.{target.name}.lock'):     # another run (a checkout beside) may make it now
+        if not target.exists():
+            _make_venv(target)
+    return target
+
+
+def _make_venv(target: Path) -> None:
     build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.'))
     try:
         for argv in ([sys.executable, '-m', 'venv', build],
@@ -78,14 +85,9 @@ def ensure_venv(cache_dir: Path) -> Path:
                 raise ProxyError(f'making the egress proxy environment {target} failed: {" ".join(map(str, argv))} '
                                  f'exited {proc.returncode}; PyPI must be reachable the first time.\n'
                                  f'{(proc.stderr or proc.stdout)[-2000:]}')
-        try:
-            os.rename(build, target)
-        except OSError:
-            if not target.exists():      # else another run made it first: use theirs
-                raise
+        os.rename(build, target)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return target
 
 
 def write_rules(path: Path, data: dict) -> Rules:
