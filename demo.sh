@@ -6,7 +6,7 @@
 #   ./demo.sh setup      install and configure only
 #   ./demo.sh configure  write the podman engine configuration only
 # It installs, each only when missing: the Debian packages of the demo's host programs (the one list,
-# tasks/hostprograms.py), ca-certificates (pip and npm fetch over https), python3-venv when Python
+# daemons/hostprograms.py), ca-certificates (pip and npm fetch over https), python3-venv when Python
 # cannot make a virtual environment, and claude-bottle itself, with pip, into the virtual environment
 # .venv in this directory (Debian's Python is externally managed: PEP 668).
 # CLAUDE_BOTTLE_ENGINE_CONF moves the engine configuration file (tests write it elsewhere).
@@ -47,7 +47,7 @@ apt_install() {
 command -v python3 >/dev/null 2>&1 || apt_install python3
 # The demo's host programs (podman, runc, socat, debootstrap, npm, git, ...), each from its Debian
 # package; ca-certificates: pip and npm fetch over https; python3-venv: ensurepip, for the venv.
-packages=$(python3 -m tasks.hostprograms missing demo)
+packages=$(python3 -m daemons.hostprograms missing demo)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || packages="$packages ca-certificates"
 "$venv/bin/python" -m pip --version >/dev/null 2>&1 || python3 -c 'import ensurepip' 2>/dev/null ||
     packages="$packages python3-venv"

@@ -12,8 +12,8 @@ The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import (base, egress, gate, image, launch, machine, prompt, provision, prune, review, status,
-                   supervise)
+from tasks import bases, egress, gate, image, launch, machine, prompt, provision, supervise
+from tasks.commands import prune, review, status
 from tasks.project import Project
 
 PROJECT = Project(Path(__file__).parent)
@@ -32,7 +32,7 @@ def task_claude_code():
 
 def task_base():
     """Build registry-free image bases (debootstrap), cached per user."""
-    yield from base.tasks(PROJECT)
+    yield from bases.tasks(PROJECT)
 
 
 def task_image():

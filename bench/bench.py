@@ -303,8 +303,8 @@ def bench(tmp: Path, latency_ms: int, shape: Shape, log) -> tuple[list, dict, li
 def share_proxy_env(cache: Path):
     """The egress proxy's environment from the user's cache (made there once, from PyPI), so a
     bench run does not reinstall mitmproxy in its throwaway cache."""
-    from daemons.proxy.engine import ensure_venv
-    from tasks.project import cache_dir
+    from daemons.proxy.control import ensure_venv
+    from tasks.cache import cache_dir
     shared = ensure_venv(cache_dir())
     (cache / 'claude-bottle').mkdir(parents=True, exist_ok=True)
     (cache / 'claude-bottle' / shared.name).symlink_to(shared)

@@ -38,10 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemons.gate.engine import GitGate  # noqa: E402
-from daemons.proxy.engine import EgressProxy, ensure_venv, write_rules  # noqa: E402
+from daemons.gate.control import GitGate  # noqa: E402
+from daemons.proxy.control import EgressProxy, ensure_venv, write_rules  # noqa: E402
 from daemons.proxy.rules import GATE_HOST  # noqa: E402
-from tasks.project import cache_dir  # noqa: E402
+from tasks.cache import cache_dir  # noqa: E402
 from tests.proxy_upstreams import GuestRelay, Upstream, make_upstream_ca, random_loopback_address  # noqa: E402
 
 CACHE_ENV = 'BOTTLE_TEST_CACHE'

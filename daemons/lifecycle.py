@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 POLL_SECONDS = 0.05
 CONNECT_SECONDS = 2.0

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from daemons.lifecycle import Daemon, code_digest, connects, locked
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTEN_HOST = '127.0.0.1'       # where the services listen: the proxy alone speaks to them

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.backends import backend
+from tasks.backends.pick import backend
 from tasks.manifest import Agent
 
 

@@ -23,7 +23,6 @@ system's (an internal registry's); the proxy is restarted when it changes.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -32,15 +31,13 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from daemons.lifecycle import DaemonError
-from daemons.proxy.engine import MITMPROXY_VERSION, Door, EgressProxy, ProxyError, ensure_venv, venv_dir, write_rules
-from daemons.proxy.rules import RulesError
-from tasks import supervise
-from tasks.backends import BottleError
+from daemons.proxy.control import MITMPROXY_VERSION, Door, EgressProxy, ensure_venv, venv_dir, write_rules
+from daemons.supervise import approved
+from tasks.cache import cache_dir
 from tasks.checks import FileExists
 from tasks.manifest import Agent
 from tasks.progress import progress
-from tasks.project import Project, action, cache_dir
+from tasks.project import Project, action
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
 CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
@@ -48,7 +45,7 @@ UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
 
 
 def proxy(project: Project) -> EgressProxy:
-    return EgressProxy(project.state_dir / 'egress', venv_dir(cache_dir()),
+    return EgressProxy(project.daemon_dir('egress'), venv_dir(cache_dir()),
                        upstream_ca=os.environ.get(UPSTREAM_CA_ENV) or None)
 
 
@@ -95,7 +92,6 @@ def env_tasks(project: Project):
 def ca_task(project: Project) -> dict:
     egress = proxy(project)
     return {
-        'doc': f'make the project\'s egress CA in {egress.ca_dir}',
         'actions': [(make_ca, [project])],
         'setup': [ENV_TASK],
         'targets': [egress.ca_cert],
@@ -113,7 +109,8 @@ def allowlist_tasks(project: Project):
             'actions': [(write_allowlist, [project, agent, rules])],
             'file_dep': [agent.skill_dir(skill) / 'SKILL.md' for skill in agent.skills],
             'targets': [rules_file(project, agent.name)],
-            'uptodate': [config_changed({**rules, 'approved': supervise.approved_text(project, agent)})],
+            'uptodate': [config_changed({**rules, 'approved': approved.text(approved_file(project, agent))
+                                         if agent.supervise else None})],
             'clean': True,
         }
 
@@ -130,48 +127,35 @@ def tasks(project: Project):
             'clean': [(close_door, [project, agent.name])],
         }
 
-
-def in_words(func):
-    """The proxy's errors say what to fix: they fail the task as they are, like a backend's."""
-    @functools.wraps(func)
-    def run(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (ProxyError, DaemonError, RulesError) as err:
-            raise BottleError(str(err)) from None
-    return run
-
-
 @action
-@in_words
 def make_env():
     progress(f'making the egress proxy\'s environment, mitmproxy {MITMPROXY_VERSION} from PyPI (once per user)')
     ensure_venv(cache_dir())
 
 
 @action
-@in_words
 def make_ca(project: Project):
     proxy(project).ensure_ca()      # a running proxy holds the old one: egress:<agent> restarts it
 
 
 @action
-@in_words
 def write_allowlist(project: Project, agent: Agent, rules: dict):
-    approved = [{'host': host} for host in supervise.approved_hosts(project, agent)]
-    write_rules(rules_file(project, agent.name),
-                {**rules, 'hosts': rules['hosts'] + [entry for entry in approved if entry not in rules['hosts']]})
+    """The manifest's rules, with the hosts the human approved for a supervised agent."""
+    hosts = approved.read(approved_file(project, agent)) if agent.supervise else []
+    write_rules(rules_file(project, agent.name), approved.merged(rules, hosts))
+
+
+def approved_file(project: Project, agent: Agent) -> Path:
+    return approved.file(project.daemon_dir('supervise'), agent.name)
 
 
 @action
-@in_words
 def open_door(project: Project, agent: Agent):
     bottle = door(project, agent.name)
     proxy(project).open_door(agent.name, bottle.bottle_dir, bottle.directory)
 
 
 @action
-@in_words
 def close_door(project: Project, agent_name: str):
     """Close the bottle's door if the project ever opened one; the proxy stops with the last."""
     egress = proxy(project)

@@ -8,11 +8,11 @@ gate    the project's git gate running (daemons/gate: one process for every bott
 provision_git:<agent> (tasks/provision.py) makes the bottle's mirrors from upstream with the host's own
 credentials (so a wrong URL or credential fails that agent's launch, not its first clone) and points
 the guest's git at the gate. Held pushes are reviewed with `doit held`, `doit approve` and `doit reject`
-(tasks/review.py).
+(tasks/commands/review.py).
 """
 from __future__ import annotations
 
-from daemons.gate.engine import GitGate
+from daemons.gate.control import GitGate
 from tasks import services
 from tasks.project import Project
 
@@ -20,7 +20,7 @@ WHAT = 'the project\'s git gate'
 
 
 def gate(project: Project) -> GitGate:
-    return GitGate(project.state_dir / 'gate')
+    return GitGate(project.daemon_dir('gate'))
 
 
 def bottles(project: Project) -> dict:
@@ -34,6 +34,5 @@ def task(project: Project) -> dict:
                          'no agent lists repositories under git:')
 
 
-@services.in_words
 def sync(project: Project, agent_name: str):
     gate(project).sync(agent_name)

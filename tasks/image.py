@@ -20,16 +20,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.hostprograms import require
 from daemons.lifecycle import locked
-from tasks import base
-from tasks.backends import BottleError, ImageBuild, backend
+from tasks import bases, setup_template
+from tasks.backends.pick import backend
+from tasks.backends.protocol import ImageBuild
+from tasks.cache import cache_dir
 from tasks.checks import FileExists
-from tasks.hostprograms import require
+from tasks.errors import BottleError
 from tasks.manifest import MACHINE_PREFIX, Recipe
 from tasks.progress import progress
-from tasks.project import Project, action, cache_dir, write_json
+from tasks.project import Project, action, write_json
 
-GUEST_CLAUDE_ARCHIVE = '/tmp/claude-code.tgz'
 NPM_PLATFORMS = {'x86_64': 'linux-x64', 'amd64': 'linux-x64', 'aarch64': 'linux-arm64', 'arm64': 'linux-arm64'}
 
 
@@ -64,23 +66,12 @@ class Image:
         return self.dir / backend(self.recipe.backend).artifact_name
 
 
-# The variables a setup template may use: the keys of setup_values (manifests are checked against them).
-SETUP_VARIABLES = frozenset({'user', 'uid', 'home', 'claude_code', 'claude_code_archive', 'packages', 'run',
-                             'recipe_key'})
-
-
-def setup_values(recipe: Recipe, key: str) -> dict:
-    return {'user': recipe.user.name, 'uid': recipe.user.uid, 'home': recipe.user.home,
-            'claude_code': recipe.claude_code, 'claude_code_archive': GUEST_CLAUDE_ARCHIVE,
-            'packages': recipe.packages, 'run': recipe.run, 'recipe_key': key}
-
-
 @functools.cache
 def image_of(project: Project, recipe: Recipe) -> Image:
     # The key covers the rendered setup (with the key itself left blank), the base (for a built
     # one, what goes into it) and the backend.
-    setup = project.rendered(recipe.setup, **setup_values(recipe, key=''))
-    ingredients = {'backend': recipe.backend, 'base': base.resolve(recipe).identity, 'setup': setup,
+    setup = project.rendered(recipe.setup, **setup_template.values(recipe, key=''))
+    ingredients = {'backend': recipe.backend, 'base': bases.resolve(recipe).identity, 'setup': setup,
                    'platform': npm_platform()}
     key = hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
     return Image(key=key, recipe=recipe, dir=project.image_dir(key),
@@ -105,7 +96,7 @@ def tasks(project: Project):
         users.setdefault(image_of(project, agent.recipe), []).append(agent.name)
     for image, agents in users.items():
         recipe = image.recipe
-        source = base.resolve(recipe)
+        source = bases.resolve(recipe)
         yield {
             'name': image.key,
             'doc': f'image for {", ".join(agents)}: {recipe.base} + {recipe.setup}, '
@@ -153,9 +144,9 @@ def build(project: Project, image: Image):
     try:
         backend(recipe.backend).build_image(ImageBuild(
             key=image.key, machine=image.build_machine,
-            base=base.resolve(recipe).reference,
-            setup=project.render(recipe.setup, **setup_values(recipe, image.key)),
-            files={GUEST_CLAUDE_ARCHIVE: claude_code_archive(recipe.claude_code)},
+            base=bases.resolve(recipe).reference,
+            setup=project.render(recipe.setup, **setup_template.values(recipe, image.key)),
+            files={setup_template.GUEST_CLAUDE_ARCHIVE: claude_code_archive(recipe.claude_code)},
             artifact=partial / image.artifact.name))
         os.replace(partial / image.artifact.name, image.artifact)
         write_json(image.manifest, {

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from tasks import guest
-from tasks.backends import BottleError, backend
+from tasks.backends.pick import backend
+from tasks.errors import BottleError
 from tasks.manifest import BACKEND_ENV, Agent
 from tasks.project import Project, action
 from tasks.prompt import prompt_file

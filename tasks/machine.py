@@ -19,9 +19,10 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from tasks import egress, guest
-from tasks.backends import (AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, BottleError,
-                            MachineSpec, backend)
+from tasks.backends.pick import backend
+from tasks.backends.protocol import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, MachineSpec
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
+from tasks.errors import BottleError
 from tasks.image import Image, image_of
 from tasks.manifest import Agent
 from tasks.project import Project, action, write_json

@@ -12,16 +12,15 @@ import atexit
 import functools
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from doit.exceptions import InvalidDodoFile, TaskFailed
 
-from tasks.atomic import write_atomic
-from tasks.backends import BottleError
+from daemons.atomic import write_atomic
+from tasks import setup_template
 from tasks.backends.detect import default_backend
-from tasks.hostprograms import HostProgramMissing
+from tasks.errors import IN_WORDS, BottleError
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / 'templates'
@@ -44,7 +43,7 @@ class Project:
 
     @functools.cached_property
     def templates(self):
-        import jinja2          # only where a template is really rendered or checked
+        import jinja2  # only where a template is really rendered or checked
         return jinja2.Environment(
             loader=jinja2.FileSystemLoader([str(p) for p in self.template_dirs]),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
@@ -61,43 +60,11 @@ class Project:
         """Why the recipe's setup template cannot be rendered, or None: it is missing, does not parse,
         uses a variable the setup does not provide (in any branch, or in a template it includes), or
         fails to render with this recipe's values. Remembered like `rendered()`."""
-        from tasks.image import SETUP_VARIABLES, setup_values    # tasks.image imports this module
-        key = self._render_key('problem', recipe.setup, {**setup_values(recipe, key=''),
-                                                          '(provided)': sorted(SETUP_VARIABLES)})
+        key = self._render_key('problem', recipe.setup, {**setup_template.values(recipe, key=''),
+                                                          '(provided)': sorted(setup_template.VARIABLES)})
         if key not in self._renders:
-            self._remember(key, {'problem': self._setup_template_problem(recipe)})
+            self._remember(key, {'problem': setup_template.problem(self.templates, recipe)})
         return self._renders[key]['problem']
-
-    def _setup_template_problem(self, recipe: Recipe) -> str | None:
-        import jinja2
-        import jinja2.meta
-        from tasks.image import SETUP_VARIABLES, setup_values    # tasks.image imports this module
-        known = SETUP_VARIABLES | set(self.templates.globals)
-        pending, seen = [recipe.setup], set()
-        while pending:
-            name = pending.pop()
-            seen.add(name)
-            try:
-                source, filename, _ = self.templates.loader.get_source(self.templates, name)
-                tree = self.templates.parse(source, name, filename)
-            except jinja2.TemplateNotFound:
-                return (f'template {name!r} not found in templates/; add it there, or leave the key out for '
-                        'the built-in image-setup.sh.j2')
-            except jinja2.TemplateSyntaxError as err:
-                return f'template {name!r} line {err.lineno}: {err.message}; fix the template'
-            except (OSError, UnicodeDecodeError) as err:
-                return f'template {name!r} cannot be read: {err}'
-            unknown = jinja2.meta.find_undeclared_variables(tree) - known
-            if unknown:
-                line = min(n.lineno for n in tree.find_all(jinja2.nodes.Name) if n.name in unknown)
-                return (f'template {name!r} line {line} uses {", ".join(sorted(unknown))}, which the setup does '
-                        f'not provide; it provides {", ".join(sorted(SETUP_VARIABLES))}')
-            pending += [t for t in jinja2.meta.find_referenced_templates(tree) if t and t not in seen]
-        try:
-            self.templates.get_template(recipe.setup).render(**setup_values(recipe, key=''))
-        except Exception as err:     # the template is the project's own code: anything can go wrong in it
-            return f'template {recipe.setup!r} fails to render with this recipe: {type(err).__name__}: {err}'
-        return None
 
     @property
     def name(self) -> str:
@@ -118,6 +85,10 @@ class Project:
             'par_type': 'thread',          # actions are CLI calls; threads share the machine probe
             'default_tasks': ['provision'],
         }
+
+    def daemon_dir(self, name: str) -> Path:
+        """The state of one of the project's daemons: `egress` (the proxy), `gate`, `supervise`."""
+        return self.state_dir / name
 
     def agent_dir(self, agent: str) -> Path:
         return self.state_dir / 'agents' / agent
@@ -183,12 +154,6 @@ class Project:
             pass        # a memo only: the next run renders again
 
 
-def cache_dir() -> Path:
-    """Per-user download cache, shared by all projects."""
-    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(base) / 'claude-bottle'
-
-
 def write_json(path: Path, data: dict):
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + '\n')
 
@@ -200,7 +165,7 @@ def action(func):
     def run(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (BottleError, HostProgramMissing) as err:
+        except IN_WORDS as err:
             return TaskFailed(str(err))
         except Exception as err:     # a bug of ours or an unforeseen failure: still one readable line
             return TaskFailed(f'unexpected {type(err).__name__}: {err}. Nothing was recorded as done; '

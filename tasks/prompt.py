@@ -4,7 +4,7 @@ from __future__ import annotations
 from doit.tools import config_changed
 
 from tasks import guest
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 from tasks.manifest import Agent
 from tasks.project import Project, action
 

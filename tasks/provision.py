@@ -25,19 +25,20 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from tasks import egress, gate, guest
-from tasks.backends import BottleError, backend
+from tasks.backends.pick import backend
 from tasks.checks import SameMachine
+from tasks.errors import BottleError
 from tasks.manifest import Agent
 from tasks.project import Project, action
 from tasks.prompt import prompt_file
 
 FAMILIES = {
-    'provision_ca': 'make each agent\'s machine trust the egress CA and know its door',
-    'provision_git': 'point the git of each agent\'s machine at the git gate',
-    'provision_supervise': 'register the project\'s supervisor in the Claude Code of each agent\'s machine',
-    'provision_prompt': 'copy each agent\'s rendered prompt into its machine',
-    'provision_skill': 'copy one skill directory into an agent\'s machine',
-    'provision_skills': 'remove skills dropped from a manifest from the machine',
+    'provision_ca': 'Make each agent\'s machine trust the egress CA and know its door.',
+    'provision_git': 'Point the git of each agent\'s machine at the git gate.',
+    'provision_supervise': 'Register the project\'s supervisor in the Claude Code of each agent\'s machine.',
+    'provision_prompt': 'Copy each agent\'s rendered prompt into its machine.',
+    'provision_skill': 'Copy one skill directory into an agent\'s machine.',
+    'provision_skills': 'Remove the skills a manifest dropped from its machine.',
 }
 
 TRUST_TEMPLATE = 'egress-trust.sh.j2'
@@ -320,7 +321,7 @@ def copy_prompt(agent: Agent, source: Path):
 @action
 def copy_skill(agent: Agent, skill: str):
     import io
-    import tarfile          # here: a run with nothing to copy does not import it
+    import tarfile  # here: a run with nothing to copy does not import it
     identity = _current_identity(agent)
     stream = io.BytesIO()
     with tarfile.open(fileobj=stream, mode='w') as tar:

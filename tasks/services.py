@@ -4,23 +4,16 @@ per service that runs it for the agents that use it and routes the bottles' requ
 """
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 from doit.tools import config_changed
 
-from daemons.gate.engine import GateError
-from daemons.gate.review import ReviewError
-from daemons.lifecycle import DaemonError
-from daemons.proxy.engine import ProxyError
-from daemons.supervise.store import SuperviseError
 from tasks import egress
-from tasks.backends import BottleError
 from tasks.project import Project, action
 
 
 class Service(Protocol):
-    """What daemons.gate.engine.GitGate and daemons.supervise.engine.Supervisor have in common."""
+    """What daemons.gate.control.GitGate and daemons.supervise.control.Supervisor have in common."""
     key_file: object
 
     def write_bottles(self, bottles: dict) -> None: ...
@@ -31,16 +24,6 @@ class Service(Protocol):
     def stop(self) -> None: ...
     def daemon(self): ...
 
-
-def in_words(func):
-    """The services' errors say what to fix: they fail the task as they are."""
-    @functools.wraps(func)
-    def run(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (GateError, ReviewError, SuperviseError, DaemonError, ProxyError) as err:
-            raise BottleError(str(err)) from None
-    return run
 
 
 class Serving:
@@ -75,12 +58,10 @@ def task(project: Project, name: str, service: Service, served: dict, what: str,
     """`served`: the service's bottles file; empty, the service is stopped (`unused` says why)."""
     if not served:
         return {
-            'doc': f'stop {what}: {unused}',
             'actions': [(close, [project, name, service])],
             'uptodate': [Stopped(service, what)],
         }
     return {
-        'doc': f'run {what} for {", ".join(sorted(served))} and route the bottles to it',
         'actions': [(open_, [project, name, service, served])],
         'uptodate': [config_changed(served), Serving(project, name, service, what)],
         'clean': [(close, [project, name, service])],
@@ -92,7 +73,6 @@ def route(service: Service) -> dict:
 
 
 @action
-@in_words
 def open_(project: Project, name: str, service: Service, served: dict):
     service.write_bottles(served)
     service.ensure_running()
@@ -100,7 +80,6 @@ def open_(project: Project, name: str, service: Service, served: dict):
 
 
 @action
-@in_words
 def close(project: Project, name: str, service: Service):
     service.stop()
     egress_proxy = egress.proxy(project)

@@ -157,9 +157,9 @@ class Bottles:
     def stop_daemons_of(root: Path):
         """Stop the project's daemons at `root` that it ever started: the supervisor, the git gate, the egress
         proxy and its door relays."""
-        from daemons.gate.engine import GitGate
-        from daemons.proxy.engine import EgressProxy
-        from daemons.supervise.engine import Supervisor
+        from daemons.gate.control import GitGate
+        from daemons.proxy.control import EgressProxy
+        from daemons.supervise.control import Supervisor
         state = root / '.bottle'
         for name, stop in (('supervise', lambda d: Supervisor(d).stop()), ('gate', lambda d: GitGate(d).stop()),
                            ('egress', lambda d: EgressProxy(d, Path('/nonexistent')).stop())):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.proxy.engine import EgressProxy, door_answers
+from daemons.proxy.control import EgressProxy, door_answers
 from tasks.egress import door_socket
 from tasks.project import Project
 from tests.proxy_upstreams import random_loopback_address

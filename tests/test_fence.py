@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from daemons.supervise import requests
-from daemons.supervise.engine import Supervisor
+from daemons.supervise.control import Supervisor
 from tasks.project import Project
 from tests.bottles import REPO, Bottles
 from tests.browser import POLL_LIMIT, POLL_SECONDS, Browser

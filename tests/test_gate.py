@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.gate.engine import GateError, GitGate
+from daemons.gate.control import GateError, GitGate
 from daemons.gate.review import ReviewError, approve, held, reject
 from daemons.gate.store import ZERO
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from daemons.supervise.engine import Supervisor
+from daemons.supervise.control import Supervisor
 from tasks.project import Project
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS

@@ -201,8 +201,8 @@ def test_a_skills_dir_outside_the_home_planted_as_a_link_is_not_followed_by_root
 def test_root_copies_a_file_only_below_directories_root_owns(podman, tmp_path):
     """The docker backend's copy_in (for root-owned files such as a CA certificate) refuses a
     destination below a link or a directory of the agent, and leaves no temporary file."""
-    from tasks.backends import BackendError
     from tasks.backends.docker import Docker
+    from tasks.backends.protocol import BackendError
     agent = 'safe-copy'
     provisioned(podman, agent)
     as_agent(podman, agent, f'ln -s /etc {HOME}/etc')

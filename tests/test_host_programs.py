@@ -1,5 +1,5 @@
 """The host programs claude-bottle starts are all declared, each with its Debian package, in
-tasks/hostprograms.py, which demo.sh and test.sh install from. The scenario that records what the code
+daemons/hostprograms.py, which demo.sh and test.sh install from. The scenario that records what the code
 really starts is in tests/test_git_gate.py (gate, supervisor, proxy and doors on every backend); here,
 the recorder and the check themselves, and the declaration's words."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.hostprograms import PROGRAMS, HostProgramMissing, main, missing_packages, require
+from daemons.hostprograms import PROGRAMS, HostProgramMissing, main, missing_packages, require
 
 pytestmark = pytest.mark.fast
 
@@ -40,7 +40,7 @@ def undeclared(records: list[dict]) -> dict[str, str]:
 
 def assert_declared(log: Path):
     missing = undeclared(recorded(log))
-    assert not missing, ('host programs started but not declared in tasks/hostprograms.py (add each with its '
+    assert not missing, ('host programs started but not declared in daemons/hostprograms.py (add each with its '
                          f'Debian package): {missing}')
 
 
@@ -58,7 +58,7 @@ def test_the_recorder_sees_every_way_a_python_process_starts_a_program(tmp_path)
     assert list(dict.fromkeys(r['program'] for r in recorded(log))) == ['true', 'sh', 'git', 'env']
     # an undeclared program fails the check, naming it and what started it
     assert undeclared(recorded(log)) == {'true': '-c', 'sh': '-c', 'env': '-c'}
-    with pytest.raises(AssertionError, match="not declared in tasks/hostprograms.py.*'true'"):
+    with pytest.raises(AssertionError, match="not declared in daemons/hostprograms.py.*'true'"):
         assert_declared(log)
 
 
@@ -72,7 +72,7 @@ def test_without_the_variable_nothing_is_recorded(tmp_path):
 
 def test_a_missing_program_is_one_line_naming_its_package(monkeypatch, tmp_path):
     monkeypatch.setenv('PATH', str(tmp_path))
-    monkeypatch.setattr('tasks.hostprograms.SBIN', ())
+    monkeypatch.setattr('daemons.hostprograms.SBIN', ())
     with pytest.raises(HostProgramMissing) as missing:
         require('socat')
     assert str(missing.value) == ("socat is not installed on this host: it is needed for the bottles' doors (a relay "
@@ -92,7 +92,7 @@ def test_the_command_line_prints_what_demo_sh_installs(capsys):
 
 
 def test_the_readme_lists_the_declaration_as_it_prints_it():
-    table = subprocess.run([sys.executable, '-m', 'tasks.hostprograms', 'table'], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, '-m', 'daemons.hostprograms', 'table'], capture_output=True, text=True,
                            check=True, cwd=AUDIT.parent.parent).stdout
     readme = (AUDIT.parent.parent / 'README.md').read_text()
     assert ''.join(f'    {line}\n' for line in table.splitlines()) in readme

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backends import BottleError
 from tasks.backends.registry import base_image, serve_base
+from tasks.errors import BottleError
 from tests.standin import harness
 from tests.test_scenarios import assert_fully_provisioned, setup_agent
 

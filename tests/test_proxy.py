@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemons.lifecycle import Daemon, DaemonError
-from daemons.proxy.engine import EgressProxy, ProxyError, ensure_venv, write_rules
+from daemons.proxy.control import EgressProxy, ProxyError, ensure_venv, write_rules
 from daemons.proxy.rules import RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
                                    random_loopback_address, read_all)

@@ -21,10 +21,10 @@ from mcp.client.streamable_http import streamable_http_client
 from daemons.gate.review import held
 from daemons.lifecycle import DaemonError
 from daemons.proxy import rules
-from daemons.proxy.engine import EgressProxy, ensure_venv, write_rules
+from daemons.proxy.control import EgressProxy, ensure_venv, write_rules
 from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
-from daemons.supervise.engine import Supervisor
+from daemons.supervise.control import Supervisor
 from daemons.supervise.store import TOOLS
 from tests.browser import Browser
 from tests.proxy_upstreams import GuestRelay

@@ -18,7 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from daemons.proxy import rules
 from daemons.proxy.rules import SUPERVISE_HOST
-from daemons.supervise.engine import Supervisor
+from daemons.supervise.control import Supervisor
 from tasks import egress
 from tasks.project import Project
 from tests.bottles import Bottles

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from daemons.gate import upstream
 from daemons.gate.store import append_receipt, held_dir, held_file, mirror_dir, mirror_lock
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 
 class ReviewError(Exception):

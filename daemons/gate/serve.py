@@ -27,7 +27,7 @@ from daemons.gate.config import BottlesError, Repo, load_bottles
 from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536

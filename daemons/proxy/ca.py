@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tasks.atomic import write_atomic     # standard library only; the engine puts the project on PYTHONPATH
+from daemons.atomic import write_atomic     # standard library only; control.py puts the project on PYTHONPATH
 
 KEY_FILE = 'mitmproxy-ca.pem'
 CERT_FILE = 'mitmproxy-ca-cert.pem'

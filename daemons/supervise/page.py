@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemons.supervise import requests
+from daemons.supervise import approved, requests
 from daemons.supervise.store import SuperviseError, load_bottles
 
 COOKIE = 'bottle_supervise_token'
@@ -112,10 +112,10 @@ def overview(state_dir: Path) -> dict:
     shown = []
     for name, entry in sorted(bottles.items()):
         try:
-            approved = requests.approved_hosts(entry)
+            hosts = approved.read(Path(entry['approved']))
         except SuperviseError as err:
-            approved = [f'({err})']
-        shown.append({'name': name, 'status': statuses.get(name), 'approved_hosts': approved,
+            hosts = [f'({err})']
+        shown.append({'name': name, 'status': statuses.get(name), 'approved_hosts': hosts,
                       'blocked': requests.blocked(Path(entry['log']))})
     return {'bottles': shown, 'requests': [r.to_json() for r in requests.recent(state_dir)]}
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from daemons.gate import review
 from daemons.proxy import rules
-from daemons.proxy.engine import write_rules
+from daemons.supervise import approved
 from daemons.supervise.store import (PENDING, Request, SuperviseError, connect, insert, load_bottles, now,
                                      row_request)
-from tasks.atomic import write_atomic
 
 RECENT = 50             # decided requests shown besides the pending ones
 LOG_TAIL_BYTES = 256 * 1024
@@ -89,7 +88,8 @@ def approve(state_dir: Path, request_id: str, by: str) -> Request:
     its next request on, or the held commit goes upstream."""
     with _deciding(state_dir, request_id) as (db, request):
         if request.kind == 'egress':
-            _allow_host(bottle_entry(state_dir, request.bottle), request.payload['host'])
+            entry = bottle_entry(state_dir, request.bottle)
+            approved.add(Path(entry['approved']), Path(entry['rules']), request.payload['host'])
             text = None
         elif request.kind == 'push':
             text = _forward_push(state_dir, request)
@@ -183,46 +183,10 @@ def blocked(log: Path, limit: int = 20) -> list[dict]:
     return refused
 
 
-def approved_hosts(entry: dict) -> list[str]:
-    try:
-        hosts = json.loads(Path(entry['approved']).read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as err:
-        raise SuperviseError(f'{entry["approved"]} is not a list of approved hosts ({err}); fix or remove it') from None
-    return hosts if isinstance(hosts, list) else []
-
-
 def revoke(state_dir: Path, bottle: str, host: str) -> None:
-    """Withdraw an approved host: it leaves the approved hosts and the bottle's rules, so the proxy refuses
-    it from the next request on. A host the manifest itself allows returns with the next render of the
-    rules (the next launch)."""
+    """Withdraw an approved host: the proxy refuses it from the next request on (approved.remove)."""
     entry = bottle_entry(state_dir, bottle)
-    hosts = approved_hosts(entry)
-    if host not in hosts:
-        raise SuperviseError(f'{host!r} is not an approved host of bottle {bottle}; the page lists them')
-    write_atomic(Path(entry['approved']), json.dumps([h for h in hosts if h != host], indent=2) + '\n')
-    try:
-        data = rules.load(Path(entry['rules'])).to_json()
-    except rules.RulesError as err:
-        raise SuperviseError(f'cannot remove {host} from the bottle\'s rules: {err}; relaunch the bottle') from None
-    data['hosts'] = [h for h in data['hosts'] if h != {'host': host}]
-    write_rules(Path(entry['rules']), data)
-
-
-def _allow_host(entry: dict, host: str) -> None:
-    """The host goes into the approved hosts first (which re-renders of the rules merge in), then
-    into the rules the proxy reads on each request."""
-    hosts = approved_hosts(entry)
-    if host not in hosts:
-        write_atomic(Path(entry['approved']), json.dumps(sorted([*hosts, host]), indent=2) + '\n')
-    try:
-        data = rules.load(Path(entry['rules'])).to_json()
-    except rules.RulesError as err:
-        raise SuperviseError(f'cannot add {host} to the bottle\'s rules: {err}; relaunch the bottle') from None
-    if {'host': host} not in data['hosts']:
-        data['hosts'].append({'host': host})
-        write_rules(Path(entry['rules']), data)
+    approved.remove(Path(entry['approved']), Path(entry['rules']), host, bottle)
 
 
 def _forward_push(state_dir: Path, request: Request) -> str:

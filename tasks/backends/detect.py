@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 
-from tasks.backends import BottleError
+from tasks.errors import BottleError
 
 ORDER = ('smolvm', 'podman', 'docker')
 DOCKER_SOCKET = '/var/run/docker.sock'

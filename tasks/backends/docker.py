@@ -13,11 +13,11 @@ import posixpath
 import shutil
 from pathlib import Path
 
-from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
+from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
+                                     run)
 from tasks.progress import progress
 
-WORKLOAD = ['sleep', 'infinity']   # keeps a build container up; all work is done through exec
 # One JSON object per container, with only what the probe needs: `{{json .}}` would make
 # docker compute every container's disk usage as well.
 DOCKER_PS_FORMAT = '{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}}'
@@ -99,7 +99,7 @@ class Docker(Backend):
         from the same cached layer the smolvm backend serves (registry.base_image)."""
         if not base.startswith('/'):
             return base
-        from tasks.backends.registry import base_image      # the registry's server is not needed to probe
+        from tasks.backends.registry import base_image  # the registry's server is not needed to probe
         image = base_image(Path(base))
         ref = f'localhost/claude-bottle-base:{image.tag}'
         if not self._has_image(ref):

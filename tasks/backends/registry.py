@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from tasks.backends import BottleError
-from tasks.project import cache_dir
+from tasks.cache import cache_dir
+from tasks.errors import BottleError
 
 REPOSITORY = 'claude-bottle/base'
 LAYOUT_VERSION = 'claude-bottle oci layout 1'   # part of every cache key: change it to rebuild them all

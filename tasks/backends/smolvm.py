@@ -23,8 +23,9 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-from tasks.backends import Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec, run
 from tasks.backends.detect import alternatives
+from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
+                                     run)
 from tasks.progress import progress
 
 INSTALL_HELP = (
@@ -33,7 +34,6 @@ INSTALL_HELP = (
     '(or a release from https://github.com/smol-machines/smolvm/releases), then open a new shell so '
     'that `smolvm --version` answers, and run doit again.')
 
-WORKLOAD = ['sleep', 'infinity']   # keeps a build machine up; all work is done through exec
 
 
 class Smolvm(Backend):
@@ -58,7 +58,7 @@ class Smolvm(Backend):
                                'a supported version (1.9 or later)?') from None
 
     def build_image(self, build: ImageBuild):
-        from tasks.backends.registry import serve_base      # an HTTP server: imported when an image is built
+        from tasks.backends.registry import serve_base  # an HTTP server: imported when an image is built
         local = os.path.isabs(build.base)
         with serve_base(Path(build.base)) if local else nullcontext(build.base) as image, \
                 self.build_machine(build.machine):

@@ -19,8 +19,8 @@ import getpass
 from daemons.gate import review
 from daemons.supervise import requests
 from daemons.supervise.store import SuperviseError, load_bottles
-from tasks import gate, services, supervise
-from tasks.backends import BottleError
+from tasks import gate, supervise
+from tasks.errors import BottleError
 from tasks.project import Project, action
 
 PARAMS = {
@@ -36,13 +36,13 @@ PARAMS = {
 
 def tasks(project: Project):
     commands = (
-        (show_requests, 'supervise', 'show the supervisor\'s page address and the requests waiting for you', ()),
-        (show_held, 'held', 'list the pushes the git gate holds for review, with their commits', ()),
-        (approve, 'approve', 'grant a request, or forward a held push (doit approve --id ID)', ('id',)),
-        (reject, 'reject', 'deny a request, or drop a held push (doit reject --id ID [--reason TEXT])',
+        (show_requests, 'supervise', 'Show the supervisor\'s page address and the requests waiting for you.', ()),
+        (show_held, 'held', 'List the pushes the git gate holds for review, with their commits.', ()),
+        (approve, 'approve', 'Grant a request, or forward a held push (doit approve --id ID).', ('id',)),
+        (reject, 'reject', 'Deny a request, or drop a held push (doit reject --id ID [--reason TEXT]).',
          ('id', 'reason')),
-        (answer, 'answer', 'answer a question of an agent (doit answer --id ID --text TEXT)', ('id', 'text')),
-        (revoke, 'revoke', 'withdraw a host approved for a bottle (doit revoke --agent NAME --host HOST)',
+        (answer, 'answer', 'Answer a question of an agent (doit answer --id ID --text TEXT).', ('id', 'text')),
+        (revoke, 'revoke', 'Withdraw a host approved for a bottle (doit revoke --agent NAME --host HOST).',
          ('agent', 'host')),
     )
     for command, name, doc, params in commands:
@@ -86,7 +86,6 @@ def _is_held(project: Project, decided_id: str) -> bool:
 
 
 @action
-@services.in_words
 def show_requests(project: Project):
     state_dir = _state(project)
     served = supervise.supervisor(project)
@@ -114,7 +113,6 @@ def show_requests(project: Project):
 
 
 @action
-@services.in_words
 def show_held(project: Project):
     state_dir = gate.gate(project).state_dir
     pushes = review.held(state_dir)
@@ -132,7 +130,6 @@ def show_held(project: Project):
 
 
 @action
-@services.in_words
 def approve(project: Project, decided_id: str):
     def through_request(request_id: str):
         decided = requests.approve(_state(project), request_id, _by())
@@ -148,7 +145,6 @@ def approve(project: Project, decided_id: str):
 
 
 @action
-@services.in_words
 def reject(project: Project, decided_id: str, reason: str):
     def through_request(request_id: str):
         decided = requests.deny(_state(project), request_id, _by(), reason)
@@ -175,7 +171,6 @@ def _decide(project: Project, decided_id: str, command: str, through_request, he
 
 
 @action
-@services.in_words
 def answer(project: Project, decided_id: str, text: str):
     _required(decided_id, '--id', 'answer')
     _required(text, '--text', 'answer')
@@ -184,7 +179,6 @@ def answer(project: Project, decided_id: str, text: str):
 
 
 @action
-@services.in_words
 def revoke(project: Project, agent: str, host: str):
     _required(agent, '--agent', 'revoke')
     _required(host, '--host', 'revoke')

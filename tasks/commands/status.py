@@ -18,7 +18,7 @@ from doit.loader import load_tasks
 from daemons.gate import review
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
-from tasks.backends import backend
+from tasks.backends.pick import backend
 from tasks.image import image_of
 from tasks.project import Project, action
 
@@ -27,7 +27,6 @@ BLOCKED_SHOWN = 3
 
 def task(project: Project, dodo: dict) -> dict:
     return {
-        'doc': 'show every agent: machine, image, egress door, what its next launch would do and why',
         'actions': [(status, [project, dodo])],
         'uptodate': [False],        # asked for by name: it looks every time
         'verbosity': 2,

@@ -1,11 +1,11 @@
 """The programs claude-bottle runs on the host, each with the Debian package that has it: the one list that
 `demo.sh` and `test.sh` install from, and that the code asks before it starts one.
 
-Standard library only: `demo.sh` runs `python3 -m tasks.hostprograms` with a stock Debian python3, before
+Standard library only: `demo.sh` runs `python3 -m daemons.hostprograms` with a stock Debian python3, before
 anything else is installed.
 
-    python3 -m tasks.hostprograms missing demo|tests   the Debian packages of the programs that are not on PATH
-    python3 -m tasks.hostprograms table                 every program, its package and what needs it
+    python3 -m daemons.hostprograms missing demo|tests   the Debian packages of the programs that are not on PATH
+    python3 -m daemons.hostprograms table                 every program, its package and what needs it
 
 `needed_by`: `bottle` (claude-bottle itself, on some backend or path), `demo` (`./demo.sh` brings the demo
 up with it), `tests` (the suite). Programs run inside a guest are the image's business, not listed here.
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
             print(f'{program.name:13} {program.package or "-":16} {",".join(sorted(program.needed_by)):18} '
                   f'{program.why}')
         return 0
-    print('usage: python3 -m tasks.hostprograms missing bottle|demo|tests | table', file=sys.stderr)
+    print('usage: python3 -m daemons.hostprograms missing bottle|demo|tests | table', file=sys.stderr)
     return 2
 
 

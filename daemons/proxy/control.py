@@ -39,8 +39,8 @@ from pathlib import Path
 
 from daemons.lifecycle import Daemon, code_digest, connects, locked
 from daemons.proxy.rules import HEALTH_HOST, Rules
-from tasks.hostprograms import HostProgramMissing, require
-from tasks.atomic import write_atomic
+from daemons.hostprograms import HostProgramMissing, require
+from daemons.atomic import write_atomic
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent

@@ -20,18 +20,20 @@ import re
 import shutil
 from pathlib import Path
 
-from tasks import egress, supervise
-from tasks.backends import PROJECT_LABEL, BackendError, BackendMissing, backend
-from tasks.base import debootstrap_name
+from daemons.supervise import approved
+from tasks import egress
+from tasks.backends.pick import backend
+from tasks.backends.protocol import PROJECT_LABEL, BackendError, BackendMissing
+from tasks.bases import debootstrap_name
+from tasks.cache import cache_dir
 from tasks.image import image_of
-from tasks.project import Project, action, cache_dir
+from tasks.project import Project, action
 
 BASE_FILE = re.compile(r'debootstrap-(?P<suite>[a-z0-9.-]+?)(?:-(?P<options>[0-9a-f]{8}))?-(?P<arch>[A-Za-z0-9_]+)\.tar')
 
 
 def task(project: Project) -> dict:
     return {
-        'doc': 'remove old images, forgotten agents\' machines and state, and superseded bases',
         'actions': [(prune, [project])],
         'uptodate': [False],        # asked for by name: it looks every time
         'verbosity': 2,
@@ -99,12 +101,11 @@ def _gone_agents(project: Project) -> list[tuple[str, int]]:
         size = _bytes(state)
         shutil.rmtree(state)
         removed.append((f'state of agent {state.name} ({state})', size))
-    approved = supervise.approved_dir(project)
-    for hosts in sorted(approved.glob('*.json')) if approved.is_dir() else []:
-        if hosts.stem not in project.agents:
+    for agent, hosts in approved.recorded(project.daemon_dir('supervise')).items():
+        if agent not in project.agents:
             size = hosts.stat().st_size
-            hosts.unlink()
-            removed.append((f'hosts approved for agent {hosts.stem} ({hosts})', size))
+            approved.forget(hosts)
+            removed.append((f'hosts approved for agent {agent} ({hosts})', size))
     return removed
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from daemons.service import KeyedService
 from daemons.supervise.store import LISTEN_HOST, TOOLS, SuperviseError, bottles_file, db_file
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 BOTTLE_KEYS = {'rules', 'approved', 'log', 'wait_seconds'}
 

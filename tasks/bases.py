@@ -20,13 +20,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.hostprograms import require
 from daemons.lifecycle import locked
-from tasks.backends import BottleError
+from tasks.cache import cache_dir
 from tasks.checks import FileExists
-from tasks.hostprograms import require
+from tasks.errors import BottleError
 from tasks.manifest import DEBOOTSTRAP, Recipe, is_local_base
 from tasks.progress import progress
-from tasks.project import Project, action, cache_dir
+from tasks.project import Project, action
 
 BASE_PACKAGES = ('ca-certificates', 'curl', 'git', 'socat')     # socat: the guest's end of the egress door
 DEBOOTSTRAP_OPTIONS = ('--variant=minbase', f'--include={",".join(BASE_PACKAGES)}')

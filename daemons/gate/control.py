@@ -16,7 +16,7 @@ from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
 from daemons.proxy.rules import GATE_KEY_HEADER
 from daemons.service import KeyedService
-from tasks.atomic import write_atomic
+from daemons.atomic import write_atomic
 
 PROBE_SECONDS = 3.0
 
