@@ -16,11 +16,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest, connects, locked
 from daemons.atomic import write_atomic
+from daemons.lifecycle import Daemon, code_digest, connects, locked
+from daemons.proxy.rules import LISTEN_HOST
 
 ROOT = Path(__file__).resolve().parents[1]
-LISTEN_HOST = '127.0.0.1'       # where the services listen: the proxy alone speaks to them
 # The variables that say how the host reaches upstreams: when one changes (a new ssh agent after a
 # login), the running service is restarted to use it.
 CREDENTIAL_VARIABLES = ('HOME', 'XDG_CONFIG_HOME', 'SSH_AUTH_SOCK', 'GIT_ASKPASS', 'SSH_ASKPASS', 'GIT_SSH',
@@ -46,6 +46,10 @@ class KeyedService:
     @property
     def port_file(self) -> Path:
         return self.state_dir / f'{self.name}.json'
+
+    def write_bottles(self, bottles: dict) -> None:
+        """Check what the service serves for each bottle and write it where the daemon reads it on each request."""
+        raise NotImplementedError
 
     def ensure_running(self) -> bool:
         """Start it unless it is healthy (a crashed or hung one is stopped first); its secrets are made if

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from doit.tools import config_changed
 
-from tasks import guest
 from daemons.atomic import write_atomic
+from daemons.gate.config import MODES
+from tasks import guest
 from tasks.manifest import Agent
 from tasks.project import Project, action
 
@@ -44,14 +45,6 @@ def allowed(agent: Agent) -> list[str]:
             f'on paths starting {" or ".join(entry.paths)}' if entry.paths else None]))
         lines.append(f'{line} ({narrowed} only)' if narrowed else line)
     return lines
-
-
-MODES = {
-    'forward': 'a push goes upstream at once',
-    'review': 'a push is held until a person approves it; you are given its review id, and pushing again '
-              'replaces it',
-    'local': 'a push stays in the gate; nothing goes upstream',
-}
 
 
 def repositories(agent: Agent) -> list[str]:

@@ -4,33 +4,18 @@ per service that runs it for the agents that use it and routes the bottles' requ
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 from doit.tools import config_changed
 
+from daemons.service import KeyedService
 from tasks import egress
 from tasks.project import Project, action
-
-
-class Service(Protocol):
-    """What daemons.gate.control.GitGate and daemons.supervise.control.Supervisor have in common."""
-    key_file: object
-
-    def write_bottles(self, bottles: dict) -> None: ...
-    def ensure_running(self) -> bool: ...
-    def running(self) -> bool: ...
-    def healthy(self) -> bool: ...
-    def port(self) -> int: ...
-    def stop(self) -> None: ...
-    def daemon(self): ...
-
 
 
 class Serving:
     """The service runs (ours, current, its port takes a connection), and the proxy routes the service's name
     to it. Cheap: its protocol is spoken at its start and by `doit status`."""
 
-    def __init__(self, project: Project, name: str, service: Service, what: str):
+    def __init__(self, project: Project, name: str, service: KeyedService, what: str):
         self.project, self.name, self.service, self.what = project, name, service, what
 
     def __call__(self, task, values):
@@ -44,7 +29,7 @@ class Serving:
 
 
 class Stopped:
-    def __init__(self, service: Service, what: str):
+    def __init__(self, service: KeyedService, what: str):
         self.service, self.what = service, what
 
     def __call__(self, task, values):
@@ -54,7 +39,7 @@ class Stopped:
         return f'{self.what} does not run'
 
 
-def task(project: Project, name: str, service: Service, served: dict, what: str, unused: str) -> dict:
+def task(project: Project, name: str, service: KeyedService, served: dict, what: str, unused: str) -> dict:
     """`served`: the service's bottles file; empty, the service is stopped (`unused` says why)."""
     if not served:
         return {
@@ -68,19 +53,19 @@ def task(project: Project, name: str, service: Service, served: dict, what: str,
     }
 
 
-def route(service: Service) -> dict:
+def route(service: KeyedService) -> dict:
     return {'port': service.port(), 'key_file': str(service.key_file)}
 
 
 @action
-def open_(project: Project, name: str, service: Service, served: dict):
+def open_(project: Project, name: str, service: KeyedService, served: dict):
     service.write_bottles(served)
     service.ensure_running()
     egress.proxy(project).route_service(name, service.port(), service.key_file)
 
 
 @action
-def close(project: Project, name: str, service: Service):
+def close(project: Project, name: str, service: KeyedService):
     service.stop()
     egress_proxy = egress.proxy(project)
     if egress_proxy.doors_file.exists():

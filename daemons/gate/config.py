@@ -18,7 +18,14 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-MODES = ('forward', 'review', 'local')
+# What an accepted push does, by mode, in the words the agent's prompt gives it: the one declaration of the
+# modes (the manifest's `mode` takes these, the gate applies them).
+MODES = {
+    'forward': 'a push goes upstream at once',
+    'review': 'a push is held until a person approves it; you are given its review id, and pushing again '
+              'replaces it',
+    'local': 'a push stays in the gate; nothing goes upstream',
+}
 BOTTLE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 PATH_SEGMENT = re.compile(r'[A-Za-z0-9_~:@+-][A-Za-z0-9._~:@+-]*')
 # `ext::` and `fd::` would run commands or open descriptors on the host: only these forms are served.

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemons.gate.config import BottlesError, load_bottles, parse_bottles
-from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
-from daemons.gate.upstream import UpstreamError, host_env, update_mirror
-from daemons.proxy.rules import GATE_KEY_HEADER
-from daemons.service import KeyedService
 from daemons.atomic import write_atomic
+from daemons.gate.config import BottlesError, load_bottles, parse_bottles
+from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.proxy.rules import GATE_KEY_HEADER, LISTEN_HOST
+from daemons.service import KeyedService
 
 PROBE_SECONDS = 3.0
 

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from daemons.atomic import write_atomic
 from daemons.gate import upstream
 from daemons.gate.store import append_receipt, held_dir, held_file, mirror_dir, mirror_lock
-from daemons.atomic import write_atomic
 
 
 class ReviewError(Exception):

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import uvicorn
 
-from daemons.gate.config import BottlesError, Repo, load_bottles
-from daemons.gate.store import LISTEN_HOST, LockTimeout, mirror_dir, mirror_lock
-from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER
-from daemons.gate.upstream import UpstreamError, host_env, update_mirror
 from daemons.atomic import write_atomic
+from daemons.gate.config import BottlesError, Repo, load_bottles
+from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536
 # (method, what follows the repository in the path, query): what a request is for. Nothing else is
 # served: no dumb HTTP, no other files of the mirror.
-SERVICES = {
+GIT_ROUTES = {
     ('GET', '/info/refs', 'service=git-upload-pack'): 'fetch-refs',
     ('POST', '/git-upload-pack', ''): 'fetch',
     ('GET', '/info/refs', 'service=git-receive-pack'): 'push-refs',
@@ -70,7 +70,7 @@ class Gate:
             return await answer(send, 404, f'gate: {asked} is not a repository of bottle {bottle}: it is not in '
                                            'the git: list of its manifest')
         repo, rest = found
-        service = SERVICES.get((scope['method'], rest, scope['query_string'].decode('latin-1')))
+        service = GIT_ROUTES.get((scope['method'], rest, scope['query_string'].decode('latin-1')))
         if not service:
             return await answer(send, 404, 'gate: the git gate serves git clone, fetch and push only')
         mirror = mirror_dir(self.state_dir, bottle, repo.path)

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ZERO = '0' * 40
-LISTEN_HOST = '127.0.0.1'
 LOCK_SECONDS = 600.0        # a push or a refresh holds a mirror's lock at most about this long
 
 

@@ -52,9 +52,8 @@ from typing import NamedTuple
 from mitmproxy import ctx, http
 
 import rules as bottle_rules
-from rules import BOTTLE_HEADER, HEALTH_HOST, PORTS, SERVICES
+from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES
 
-LISTEN_HOST = '127.0.0.1'
 DOORS_POLL_SECONDS = 0.25
 
 log = logging.getLogger(__name__)

@@ -37,16 +37,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.lifecycle import Daemon, code_digest, connects, locked
-from daemons.proxy.rules import HEALTH_HOST, Rules
-from daemons.hostprograms import HostProgramMissing, require
 from daemons.atomic import write_atomic
+from daemons.hostprograms import HostProgramMissing, require
+from daemons.lifecycle import Daemon, code_digest, connects, locked
+from daemons.proxy.rules import HEALTH_HOST, LISTEN_HOST, Rules
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
 SERVE = HERE / 'serve.py'
 CA_MAKER = HERE / 'ca.py'
-LISTEN_HOST = '127.0.0.1'
 PROBE_SECONDS = 3.0
 LISTENER_WAIT_SECONDS = 10.0
 UNIX_PATH_MAX = 107                # sun_path holds 108 bytes with the terminating NUL

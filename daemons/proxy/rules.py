@@ -38,6 +38,9 @@ from urllib.parse import unquote
 # Shared with the host side: the only upstream ports, and the name the addon answers itself for
 # health checks through a door (.invalid never resolves, so it can never be a real upstream).
 PORTS = (443, 80)
+# Where the proxy's listeners (one per bottle) and the project's services behind it listen: loopback only,
+# never an address another host could reach.
+LISTEN_HOST = '127.0.0.1'
 HEALTH_HOST = 'health.bottle.invalid'
 GATE_HOST = 'git.bottle.invalid'
 SUPERVISE_HOST = 'supervise.bottle.invalid'

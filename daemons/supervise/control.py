@@ -13,9 +13,10 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemons.service import KeyedService
-from daemons.supervise.store import LISTEN_HOST, TOOLS, SuperviseError, bottles_file, db_file
 from daemons.atomic import write_atomic
+from daemons.proxy.rules import LISTEN_HOST
+from daemons.service import KeyedService
+from daemons.supervise.store import TOOLS, SuperviseError, bottles_file, db_file
 
 BOTTLE_KEYS = {'rules', 'approved', 'log', 'wait_seconds'}
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from daemons.proxy.refusals import refusals
 from daemons.supervise import approved, requests
 from daemons.supervise.store import SuperviseError, load_bottles
 
@@ -116,7 +117,7 @@ def overview(state_dir: Path) -> dict:
         except SuperviseError as err:
             hosts = [f'({err})']
         shown.append({'name': name, 'status': statuses.get(name), 'approved_hosts': hosts,
-                      'blocked': requests.blocked(Path(entry['log']))})
+                      'blocked': refusals(Path(entry['log']))})
     return {'bottles': shown, 'requests': [r.to_json() for r in requests.recent(state_dir)]}
 
 

@@ -7,8 +7,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from daemons.proxy.rules import SUPERVISE_KEY_HEADER
-from daemons.supervise.store import LISTEN_HOST
+from daemons.proxy.rules import LISTEN_HOST, SUPERVISE_KEY_HEADER
 
 PROBE_SECONDS = 5.0
 

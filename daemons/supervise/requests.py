@@ -7,8 +7,6 @@ with who made it ("page", or the OS user on the command line) and when.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +18,6 @@ from daemons.supervise.store import (PENDING, Request, SuperviseError, connect, 
                                      row_request)
 
 RECENT = 50             # decided requests shown besides the pending ones
-LOG_TAIL_BYTES = 256 * 1024
 
 
 def bottle_entry(state_dir: Path, bottle: str) -> dict:
@@ -160,27 +157,6 @@ def statuses(state_dir: Path) -> dict[str, dict]:
         rows = db.execute('SELECT bottle, time, text FROM statuses WHERE rowid IN '
                           '(SELECT max(rowid) FROM statuses GROUP BY bottle)').fetchall()
     return {row['bottle']: {'time': row['time'], 'text': row['text']} for row in rows}
-
-
-def blocked(log: Path, limit: int = 20) -> list[dict]:
-    """The bottle's last `limit` requests the egress proxy refused, newest first, from its log."""
-    try:
-        with open(log, 'rb') as stream:
-            stream.seek(max(0, os.fstat(stream.fileno()).st_size - LOG_TAIL_BYTES))
-            lines = stream.read().decode(errors='replace').splitlines()
-    except OSError:
-        return []
-    refused = []
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue        # the first line of the tail is usually cut
-        if isinstance(entry, dict) and entry.get('allowed') is False:
-            refused.append({key: entry.get(key) for key in ('time', 'method', 'host', 'port', 'path', 'reason')})
-            if len(refused) == limit:
-                break
-    return refused
 
 
 def revoke(state_dir: Path, bottle: str, host: str) -> None:

@@ -25,11 +25,11 @@ import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_KEY_HEADER
+from daemons.atomic import write_atomic
+from daemons.proxy.rules import BOTTLE_HEADER, LISTEN_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
 from daemons.supervise.page import page_app
-from daemons.supervise.store import LISTEN_HOST, PENDING, Request, SuperviseError
-from daemons.atomic import write_atomic
+from daemons.supervise.store import PENDING, Request, SuperviseError
 
 PROGRESS_SECONDS = 10.0     # Claude Code cuts a call that sends nothing for 300 s; tell it we live well before
 POLL_SECONDS = 0.5          # how soon a waiting tool sees a decision made by another process

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-LISTEN_HOST = '127.0.0.1'
 BUSY_SECONDS = 120.0    # a decision holds the write lock while it forwards a push upstream
 SCHEMA = '''
 CREATE TABLE IF NOT EXISTS requests (

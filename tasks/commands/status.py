@@ -8,14 +8,13 @@ gives them, for every task on the way), and the requests its fence refused latel
 """
 from __future__ import annotations
 
-import json
-from collections import deque
 from pathlib import Path
 
 from doit.globals import Globals
 from doit.loader import load_tasks
 
 from daemons.gate import review
+from daemons.proxy.refusals import refusals
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
 from tasks.backends.pick import backend
@@ -118,12 +117,6 @@ def _short(text: str, limit: int = 100) -> str:
 
 
 def _blocked(log: Path) -> list[str]:
-    """The last refusals in the bottle's egress log."""
-    try:
-        with open(log) as lines:
-            refused = deque((json.loads(line) for line in lines if '"allowed": false' in line), BLOCKED_SHOWN)
-    except (OSError, ValueError):
-        return []
-    return [f'{r.get("time", "?")} {r.get("method", "")} {r.get("host", "")}{r.get("path") or ""}: '
-            f'{r.get("reason", "")}' for r in refused]
-
+    """The last refusals in the bottle's egress log, oldest first."""
+    return [f'{r["time"] or "?"} {r["method"] or ""} {r["host"] or ""}{r["path"] or ""}: {r["reason"] or ""}'
+            for r in reversed(refusals(log, BLOCKED_SHOWN))]
