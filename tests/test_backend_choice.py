@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from tests.test_scenarios import assert_fully_provisioned, path_without, setup_agent
+from tests.scenario import assert_fully_provisioned, path_without, setup_agent
 
 BACKEND_CLIS = ('smolvm', 'podman', 'docker')
 

@@ -12,7 +12,7 @@ import pytest
 from tasks.project import Project
 from tests.bottles import REPO, Bottles
 from tests.conftest import BACKENDS
-from tests.test_scenarios import PROMPT, assert_fully_provisioned, setup_agent
+from tests.scenario import PROMPT, assert_fully_provisioned, setup_agent
 
 # The last commit that named machines bottle-<agent>, without the checkout's part.
 OLD_NAMING_COMMIT = '3b0ad84'

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.bottles import Bottles, make_fake_claude_archive
-from tests.test_scenarios import setup_agent
+from tests.scenario import setup_agent
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / '.github' / 'workflows' / 'images.yml'

@@ -11,7 +11,7 @@ import yaml
 from tasks.project import Project
 from tests.bottles import TEST_CLAUDE_VERSION, podman_containers, remove_podman_containers
 from tests.conftest import podman_problem
-from tests.test_scenarios import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
+from tests.scenario import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
 
 
 def test_image_from_the_offline_base_has_claude_git_curl_socat_and_a_non_root_agent(engine):

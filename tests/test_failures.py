@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_scenarios import assert_fully_provisioned, setup_agent
+from tests.scenario import assert_fully_provisioned, setup_agent
 
 pytestmark = pytest.mark.extended
 

@@ -1,14 +1,14 @@
 """The fence, end to end on every backend: a bottle has no network card, its one door leads to the
 project's egress proxy, and only what its manifest allows gets through.
 
-Letters refer to the acceptance points of the egress issue. One project per backend serves the
-whole module (building and provisioning bottles is the slow part); the tests run in file order
-and the ones that change the project come last (the supervisor's, i: the real Claude Code asks
-for a host, the human approves it on the page). Real clients in the guest (curl, git, node and,
-on every backend, the real Claude Code) talk to real TLS upstreams on loopback addresses of the
-host (tests/proxy_upstreams.py), whose certificate the proxy verifies against the test CA named by
-BOTTLE_UPSTREAM_CA. Nothing leaves the machine: the only addresses a guest is pointed at are the
-upstreams' and TEST-NET-1 (192.0.2.0/24, never routed), which a bottle cannot reach anyway.
+One project per backend serves the whole module (building and provisioning bottles is the slow
+part); the tests run in file order and the ones that change the project come last (the
+supervisor's: the real Claude Code asks for a host, the human approves it on the page). Real
+clients in the guest (curl, git, node and, on every backend, the real Claude Code) talk to real
+TLS upstreams on loopback addresses of the host (tests/proxy_upstreams.py), whose certificate the
+proxy verifies against the test CA named by BOTTLE_UPSTREAM_CA. Nothing leaves the machine: the
+only addresses a guest is pointed at are the upstreams' and TEST-NET-1 (192.0.2.0/24, never
+routed), which a bottle cannot reach anyway.
 """
 from __future__ import annotations
 
@@ -160,16 +160,16 @@ def upstream_calls(fence: Fence) -> tuple[int, int]:
     return fence.upstream.connections, len(fence.upstream.requests)
 
 
-# --- a. real clients through the door --------------------------------------------------------
+# --- real clients through the door -----------------------------------------------------------
 
-def test_a_the_bottle_has_no_network_card_only_its_door(fence):
+def test_the_bottle_has_no_network_card_only_its_door(fence):
     assert fence.bottles.guest('open', 'tail -n +3 /proc/net/dev | cut -d: -f1').split() == ['lo']
     env = fence.bottles.guest('open', 'env')
     assert 'HTTPS_PROXY=http://127.0.0.1:3128' in env.splitlines()
     assert 'NODE_EXTRA_CA_CERTS=/usr/local/share/ca-certificates/claude-bottle-egress.crt' in env.splitlines()
 
 
-def test_a_curl_reaches_an_allowed_host_trusting_the_provisioned_ca(fence):
+def test_curl_reaches_an_allowed_host_trusting_the_provisioned_ca(fence):
     status, body = fence.curl('open', f'{fence.url}/hello')
     assert (status, body) == (200, 'upstream saw GET /hello'), body
     line = fence.logged('open', '/hello')
@@ -179,7 +179,7 @@ def test_a_curl_reaches_an_allowed_host_trusting_the_provisioned_ca(fence):
     assert out == 'upstream saw GET /scrubbed\n'
 
 
-def test_a_git_clones_and_fetches_over_https(fence):
+def test_git_clones_and_fetches_over_https_through_the_door(fence):
     clone = f'git clone -q {fence.url}/git/repo.git /tmp/clone && cat /tmp/clone/README'
     assert fence.bottles.guest('open', f'rm -rf /tmp/clone && {clone}') == 'first\n'
     work = fence.repo.parent / 'work'
@@ -193,12 +193,12 @@ def test_a_git_clones_and_fetches_over_https(fence):
     assert fetched == 'second\n'
 
 
-def test_a_node_fetch_goes_through_the_door(fence):
+def test_node_fetch_goes_through_the_door(fence):
     script = f"fetch('{fence.url}/node').then(r => r.text()).then(t => process.stdout.write(t))"
     assert fence.bottles.guest('open', f'{GUEST_NODE} -e {shlex.quote(script)}') == 'upstream saw GET /node\n'
 
 
-def test_a_the_real_claude_answers_through_the_door(fence):
+def test_the_real_claude_answers_through_the_door(fence):
     before = len(fence.upstream.requests)
     out = fence.bottles.guest('open', fence.claude('-p ping'))
     assert fence.upstream.reply_text in out
@@ -206,9 +206,9 @@ def test_a_the_real_claude_answers_through_the_door(fence):
                for method, path, _ in fence.upstream.requests[before:])
 
 
-# --- b. what is not allowed gets a readable 403, and nothing reaches the upstream ------------
+# --- what is not allowed gets a readable 403, and nothing reaches the upstream ---------------
 
-def test_b_a_denied_host_gets_403_naming_it_and_no_connection_upstream(fence):
+def test_a_denied_host_gets_403_naming_it_and_no_connection_upstream(fence):
     before = upstream_calls(fence)
     status, body = fence.curl('shut', f'{fence.url}/secret')
     assert status == 403
@@ -229,7 +229,7 @@ def readme_denial(agent: str, host: str) -> str:
         'example.com', host).replace('demo', agent)
 
 
-def test_b_a_host_narrowed_to_get_on_a_path_prefix(fence):
+def test_a_host_narrowed_to_get_on_a_path_prefix_lets_only_that_through(fence):
     assert fence.curl('narrow', f'{fence.url}/public/readme') == (200, 'upstream saw GET /public/readme')
     before = upstream_calls(fence)
     assert fence.curl('narrow', '-X', 'POST', '-d', 'x', f'{fence.url}/public/readme')[0] == 403
@@ -237,10 +237,10 @@ def test_b_a_host_narrowed_to_get_on_a_path_prefix(fence):
     assert upstream_calls(fence)[1] == before[1]
 
 
-# --- c. bypass attempts as root in the guest: none succeeds ----------------------------------
+# --- bypass attempts as root in the guest: none succeeds -------------------------------------
 
 @pytest.mark.extended         # an attack on the fence
-def test_c_no_way_around_the_proxy(fence):
+def test_no_way_around_the_proxy(fence):
     guest = fence.bottles.guest
     before = upstream_calls(fence)
     attempts = {
@@ -258,7 +258,7 @@ def test_c_no_way_around_the_proxy(fence):
 
 
 @pytest.mark.extended         # an attack on the fence
-def test_c_spoofed_sni_or_host_toward_a_denied_host_is_refused(fence):
+def test_spoofed_sni_or_host_toward_a_denied_host_is_refused(fence):
     before = upstream_calls(fence)
     # Host header naming a denied host inside a tunnel to an allowed one
     status, _ = fence.curl('narrow', '-H', 'Host: denied.example', f'{fence.url}/public/x')
@@ -277,7 +277,7 @@ def raw_connect(fence: Fence, agent: str, target: str, then: str = '') -> str:
 
 
 @pytest.mark.extended         # an attack on the fence
-def test_c_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
+def test_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
     before = upstream_calls(fence)
     # a raw stream (an ssh greeting) inside an accepted CONNECT reaches nothing
     answer = raw_connect(fence, 'open', f'{fence.address}:443', 'SSH-2.0-OpenSSH_9.2\\r\\n')
@@ -291,7 +291,7 @@ def test_c_raw_tcp_other_ports_and_address_tricks_are_refused(fence):
 
 
 @pytest.mark.extended         # an attack on the fence
-def test_c_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_refused(fence):
+def test_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_refused(fence):
     # localhost is allowed for `open`, but it resolves to 127.0.0.1, which its manifest does not list
     status, body = fence.curl('open', '--noproxy', '', 'https://localhost/')
     assert status == 403 and 'localhost' in body
@@ -301,9 +301,9 @@ def test_c_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_
     assert fence.curl('open', '--noproxy', '', 'http://127.0.0.1/')[0] == 403
 
 
-# --- e. streaming --------------------------------------------------------------------------------
+# --- streaming -----------------------------------------------------------------------------------
 
-def test_e_a_streamed_response_arrives_as_it_is_sent(fence):
+def test_a_streamed_response_arrives_as_it_is_sent(fence):
     # The guest stamps each line as it arrives (a backend's exec may hold its output back); the
     # guest and the upstream read the same clock.
     stamped = fence.bottles.guest('open', f'curl -sSN --max-time 30 {fence.url}/events | '
@@ -313,7 +313,7 @@ def test_e_a_streamed_response_arrives_as_it_is_sent(fence):
     assert float(lines[0][0]) < fence.upstream.last_event_at - 1, (lines, fence.upstream.last_event_at)
 
 
-# --- f. the CA key stays in its own file; a new CA re-runs provision_ca only -------------------
+# --- the CA key stays in its own file; a new CA re-runs provision_ca only ----------------------
 
 def key_markers(project_root: Path) -> list[bytes]:
     """Distinctive pieces of the CA key: the base64 lines of its PEM block, and their raw bytes."""
@@ -338,7 +338,7 @@ def files_holding(roots: list[Path], markers: list[bytes], skip: Path) -> list[s
     return found
 
 
-def test_f_the_ca_key_is_in_its_own_0600_file_only_and_a_new_ca_reruns_provision_ca(fence):
+def test_the_ca_key_is_in_its_own_0600_file_only_and_a_new_ca_reruns_provision_ca(fence):
     bottles = fence.bottles
     key_file = bottles.root / '.bottle' / 'egress' / 'ca' / 'mitmproxy-ca.pem'
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -357,9 +357,9 @@ def test_f_the_ca_key_is_in_its_own_0600_file_only_and_a_new_ca_reruns_provision
         assert bottles.doit(f'provision:{agent}').executed == {f'provision_ca:{agent}'}
 
 
-# --- g. a proxy killed behind doit's back ----------------------------------------------------
+# --- a proxy killed behind doit's back -------------------------------------------------------
 
-def test_g_a_killed_proxy_is_restarted_by_the_next_launch_and_a_noop_launch_makes_one_probe(fence):
+def test_a_killed_proxy_is_restarted_by_the_next_launch_and_a_noop_launch_makes_one_probe(fence):
     bottles = fence.bottles
     os.kill(fence.proxy_pid(), signal.SIGKILL)
     assert fence.curl('open', f'{fence.url}/down')[0] != 200
@@ -370,9 +370,9 @@ def test_g_a_killed_proxy_is_restarted_by_the_next_launch_and_a_noop_launch_make
     assert again.kinds == {'probe': 1} and again.executed == {'launch:open'}, again.output
 
 
-# --- h. a bottle with no allowed host reaches nothing --------------------------------------------
+# --- a bottle with no allowed host reaches nothing -----------------------------------------------
 
-def test_h_a_bottle_with_no_allowed_host_reaches_nothing(fence):
+def test_a_bottle_with_no_allowed_host_reaches_nothing(fence):
     before = upstream_calls(fence)
     for url in (f'{fence.url}/', 'https://api.anthropic.com/v1/messages', 'http://example.com/'):
         assert fence.curl('shut', url)[0] == 403, url
@@ -384,9 +384,9 @@ def bottles_prompt(fence: Fence, agent: str) -> str:
     return (fence.bottles.root / '.bottle' / 'agents' / agent / 'prompt.md').read_text()
 
 
-# --- d. a host added to the manifest (changes the project: last) -------------------------------
+# --- a host added to the manifest (changes the project: last) ----------------------------------
 
-def test_d_an_added_host_costs_the_allowlist_the_prompt_and_nothing_else(fence):
+def test_an_added_host_costs_the_allowlist_the_prompt_and_nothing_else(fence):
     bottles = fence.bottles
     pid = fence.proxy_pid()
     assert fence.curl('shut', f'{fence.url}/later')[0] == 403
@@ -402,9 +402,9 @@ def test_d_an_added_host_costs_the_allowlist_the_prompt_and_nothing_else(fence):
     assert fence.proxy_pid() == pid
 
 
-# --- i. the supervisor, from the bottle (approves and revokes a host of `open`: last) -------------
+# --- the supervisor, from the bottle (approves and revokes a host of `open`: last) ----------------
 
-def test_i_claude_mcp_get_reports_the_supervisor_connected(fence):
+def test_claude_mcp_get_reports_the_supervisor_connected(fence):
     """Claude Code's own check of the registration provision_supervise made. `mcp get` exits 0 even when
     it cannot connect, so its words count. `shut` allows neither Anthropic's hosts nor the supervisor's
     name: the proxy routes that name to the project's service whatever the bottle's allowlist says."""
@@ -414,7 +414,7 @@ def test_i_claude_mcp_get_reports_the_supervisor_connected(fence):
         assert 'http://supervise.bottle.invalid/mcp' in out, out
 
 
-def test_i_the_real_claude_asks_for_a_host_the_human_approves_on_the_page_and_it_passes_at_once(fence, tmp_path):
+def test_the_real_claude_asks_for_a_host_the_human_approves_on_the_page_and_it_passes_at_once(fence, tmp_path):
     """The mock API has the real `claude -p` call request_egress for the unlisted address; the human
     approves on the page in headless Chromium (screenshots in the test's tmp dir); the call returns
     "approved" and the next request to that address passes, the proxy and the supervisor still the same
@@ -474,7 +474,7 @@ def pending_request(state_dir: Path, agent: str, asking: subprocess.Popen) -> re
     raise AssertionError(f'no request of {agent} reached the supervisor')
 
 
-def test_i_a_revoked_host_is_refused_again(fence):
+def test_a_revoked_host_is_refused_again(fence):
     host = fence.unlisted.address
     run = fence.bottles.doit('revoke', '--agent', 'open', '--host', host)
     assert f'revoke: {host} is no longer approved for open' in run.output, run.output

@@ -28,9 +28,9 @@ import pytest
 
 from daemons.supervise.control import Supervisor
 from tasks.project import Project
+from tests.audit_log import assert_declared, recorded
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS
-from tests.test_host_programs import assert_declared, recorded
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
 AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'

@@ -1,4 +1,4 @@
-"""Provisioning never lets root follow a path the agent controls (issue 6, point 3).
+"""Provisioning never lets root follow a path the agent controls.
 
 The agent user plants symbolic links at every name a guest script touches, pointing at files
 only root may change (/etc/passwd, a canary made by root); then provisioning runs the script.

@@ -1,12 +1,10 @@
 """The host programs claude-bottle starts are all declared, each with its Debian package, in
 daemons/hostprograms.py, which demo.sh and test.sh install from. The scenario that records what the code
 really starts is in tests/test_git_gate.py (gate, supervisor, proxy and doors on every backend); here,
-the recorder and the check themselves, and the declaration's words."""
+the recorder and the check themselves (tests/audit_log.py), and the declaration's words."""
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,34 +12,11 @@ from pathlib import Path
 import pytest
 
 from daemons.hostprograms import PROGRAMS, HostProgramMissing, main, missing_packages, require
+from tests.audit_log import assert_declared, recorded, undeclared
 
 pytestmark = pytest.mark.fast
 
 AUDIT = Path(__file__).resolve().parent / 'audit'
-# The interpreter claude-bottle runs on (the daemons, mitmproxy's environment, pip making it): its own, not
-# a program of the host's to install.
-INTERPRETER = re.compile(r'python[0-9.]*')
-STANDIN = 'smolvm'      # what the stand-in starts (bwrap...) is the stand-in's, which plays the backend
-# pip, making mitmproxy's environment, looks around for its user agent (ldconfig, lsb_release, uname, rustc),
-# each optional: its own business, not a program claude-bottle needs.
-PIP = re.compile(r'.*/pip/__main__\.py')
-
-
-def recorded(log: Path) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def undeclared(records: list[dict]) -> dict[str, str]:
-    """Each program started on the host that the declaration lacks, with the program that started it."""
-    return {r['program']: os.path.basename(r['by']) for r in records
-            if r['program'] not in PROGRAMS and not INTERPRETER.fullmatch(r['program'])
-            and os.path.basename(r['by']) != STANDIN and not PIP.fullmatch(r['by'])}
-
-
-def assert_declared(log: Path):
-    missing = undeclared(recorded(log))
-    assert not missing, ('host programs started but not declared in daemons/hostprograms.py (add each with its '
-                         f'Debian package): {missing}')
 
 
 def test_the_recorder_sees_every_way_a_python_process_starts_a_program(tmp_path):

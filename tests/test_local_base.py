@@ -26,8 +26,8 @@ import pytest
 
 from tasks.backends.registry import base_image, serve_base
 from tasks.errors import BottleError
+from tests.scenario import assert_fully_provisioned, setup_agent
 from tests.standin import harness
-from tests.test_scenarios import assert_fully_provisioned, setup_agent
 
 MARKER = 'served by the loopback registry\n'
 REF = re.compile(r'127\.0\.0\.1:(\d+)/claude-bottle/base:[0-9a-f]{16}')

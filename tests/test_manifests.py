@@ -50,7 +50,7 @@ CASES = {
 
 
 @pytest.mark.parametrize('case', list(CASES))
-def test_i_bad_manifest_fails_before_any_backend_call(standin, case):
+def test_bad_manifest_fails_before_any_backend_call(standin, case):
     filename, text, expected = CASES[case]
     (standin.root / 'agents/skills/empty').mkdir(parents=True)
     standin.write(standin.root / 'agents' / filename, text)
@@ -62,7 +62,7 @@ def test_i_bad_manifest_fails_before_any_backend_call(standin, case):
     assert run.calls == []
 
 
-def test_i_every_problem_in_every_manifest_is_reported_at_once(standin):
+def test_every_problem_in_every_manifest_is_reported_at_once(standin):
     standin.agent_text('a', 'skils: []\nresources: {memory: 12}\n')
     standin.agent_text('b', 'skills: [missing]\n')
     standin.write(standin.root / 'agents/_defaults.yaml', 'backend: qemu\n')
@@ -74,7 +74,7 @@ def test_i_every_problem_in_every_manifest_is_reported_at_once(standin):
     assert '4 problems' in run.stderr
 
 
-# --- manifests that once crashed or hung the tool (issue 6, point 9), and what it once accepted
+# --- manifests that once crashed or hung the tool, and what it once accepted
 
 ALIAS_BOMB = 'a: &a [x, x, x, x, x, x, x, x, x]\n' + ''.join(
     f'{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n' for p, c in zip('abcdefgh', 'bcdefghi'))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.test_scenarios import setup_agent
+from tests.scenario import setup_agent
 
 
 def image_keys(bottles) -> set[str]:

@@ -1,7 +1,4 @@
-"""The bottle task graph end to end, the same scenarios on every backend.
-
-Letters refer to the acceptance points of the task-graph issue.
-"""
+"""The bottle task graph end to end, the same scenarios on every backend."""
 from __future__ import annotations
 
 import hashlib
@@ -13,53 +10,14 @@ import time
 import uuid
 
 from tests.bottles import TEST_CLAUDE_VERSION
-
-HOME = '/home/agent'
-SKILLS = f'{HOME}/.claude/skills'
-PROMPT = f'{HOME}/.claude-bottle/system-prompt.md'
-
-REVIEW = {
-    'SKILL.md': '---\nname: review\ndescription: review code\n---\nReview with checklist.md.\n',
-    'checklist.md': '- tests\n- names\n',
-    'scripts/lint.sh': '#!/bin/sh\necho lint\n',
-    'examples/one.md': 'one\n', 'examples/two.md': 'two\n',
-}
-
-
-def setup_agent(bottles, name='a', skills=('review', 'style'), prompt='Be careful with production.', **more):
-    for skill in skills:
-        if not (bottles.root / 'agents' / 'skills' / skill).exists():
-            bottles.skill(skill, REVIEW if skill == 'review' else None)
-    bottles.agent(name, prompt=prompt, skills=list(skills), **more)
-
-
-def path_without(programs, path: str, tmp) -> str:
-    """A PATH of one directory holding every command of `path` except `programs`."""
-    mirror = tmp / f'path-without-{"-".join(sorted(programs))}'
-    mirror.mkdir()
-    for directory in path.split(os.pathsep):
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name) if os.path.isdir(directory) else []:
-            if entry.name not in programs and not (mirror / entry.name).exists():
-                (mirror / entry.name).symlink_to(entry.path)
-    return str(mirror)
+from tests.scenario import HOME, PROMPT, SKILLS, assert_fully_provisioned, path_without, setup_agent
 
 
 def image_key(bottles) -> str:
     return next((bottles.root / '.bottle/images').glob('*/image.json')).parent.name
 
 
-def assert_fully_provisioned(bottles, agent='a'):
-    prompt = bottles.prompt_text(agent)
-    assert bottles.guest(agent, f'cat {PROMPT}') == prompt
-    assert bottles.guest(agent, f'stat -c "%a %U" {PROMPT}').split() == ['600', 'agent']
-    skills = bottles.guest(agent, f'ls {SKILLS}').split()
-    manifest_skills = bottles.manifest(agent)['skills']
-    assert sorted(skills) == sorted(manifest_skills)
-    for skill in manifest_skills:
-        assert bottles.guest_tree(agent, f'{SKILLS}/{skill}') == bottles.skill_tree(skill)
-
-
-def test_a_first_launch_packs_once_and_provisions_everything(bottles):
+def test_first_launch_packs_once_and_provisions_everything(bottles):
     bottles.own_images()
     setup_agent(bottles)
     run = bottles.doit('launch:a')
@@ -74,7 +32,7 @@ def test_a_first_launch_packs_once_and_provisions_everything(bottles):
     assert 'doit launch:a' in run.stdout          # no terminal: prints how to attach
 
 
-def test_b_relaunch_without_changes_makes_one_probe_and_nothing_else(bottles):
+def test_relaunch_without_changes_makes_one_probe_and_nothing_else(bottles):
     for name in 'abc':
         setup_agent(bottles, name)
     bottles.doit('provision')
@@ -86,7 +44,7 @@ def test_b_relaunch_without_changes_makes_one_probe_and_nothing_else(bottles):
     assert everyone.kinds == {'probe': 1}, everyone.calls
 
 
-def test_c_one_edited_skill_file_is_one_transfer(bottles):
+def test_one_edited_skill_file_is_one_transfer(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     (bottles.root / 'agents/skills/review/examples/two.md').write_text('two, edited\n')
@@ -97,7 +55,7 @@ def test_c_one_edited_skill_file_is_one_transfer(bottles):
     assert bottles.guest('a', f'cat {SKILLS}/review/examples/two.md') == 'two, edited\n'
 
 
-def test_c_a_file_deleted_from_a_skill_is_deleted_in_the_guest(bottles):
+def test_a_file_deleted_from_a_skill_is_deleted_in_the_guest(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     (bottles.root / 'agents/skills/review/examples/one.md').unlink()
@@ -106,7 +64,7 @@ def test_c_a_file_deleted_from_a_skill_is_deleted_in_the_guest(bottles):
     assert_fully_provisioned(bottles)
 
 
-def test_d_changed_prompt_copies_only_the_prompt(bottles):
+def test_changed_prompt_copies_only_the_prompt(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     setup_agent(bottles, prompt='Now be bold.')
@@ -116,7 +74,7 @@ def test_d_changed_prompt_copies_only_the_prompt(bottles):
     assert 'Now be bold.' in bottles.guest('a', f'cat {PROMPT}')
 
 
-def test_e_removed_skill_leaves_the_guest_and_added_skill_alone_is_copied(bottles):
+def test_removed_skill_leaves_the_guest_and_added_skill_alone_is_copied(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     setup_agent(bottles, skills=('review',))
@@ -131,7 +89,7 @@ def test_e_removed_skill_leaves_the_guest_and_added_skill_alone_is_copied(bottle
     assert_fully_provisioned(bottles)
 
 
-def test_e_skills_the_agent_made_itself_survive_a_prune(bottles):
+def test_skills_the_agent_made_itself_survive_a_prune(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     bottles.guest('a', f'mkdir -p {SKILLS}/own && echo mine > {SKILLS}/own/SKILL.md')
@@ -140,7 +98,7 @@ def test_e_skills_the_agent_made_itself_survive_a_prune(bottles):
     assert sorted(bottles.guest('a', f'ls {SKILLS}').split()) == ['own', 'review']
 
 
-def test_f_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bottles):
+def test_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     bottles.backend.delete_behind_back(bottles.machine('a'))
@@ -151,7 +109,7 @@ def test_f_machine_deleted_behind_doits_back_is_recreated_and_reprovisioned(bott
     assert_fully_provisioned(bottles)
 
 
-def test_f_machine_stopped_behind_doits_back_is_started_and_nothing_recopied(bottles):
+def test_machine_stopped_behind_doits_back_is_started_and_nothing_recopied(bottles):
     setup_agent(bottles)
     bottles.doit('launch:a')
     bottles.backend.stop_behind_back(bottles.machine('a'))
@@ -162,7 +120,7 @@ def test_f_machine_stopped_behind_doits_back_is_started_and_nothing_recopied(bot
     assert_fully_provisioned(bottles)
 
 
-def test_g_two_agents_with_one_recipe_share_one_pack(bottles):
+def test_two_agents_with_one_recipe_share_one_pack(bottles):
     bottles.own_images()
     setup_agent(bottles, 'a')
     setup_agent(bottles, 'b', skills=('review',))
@@ -172,7 +130,7 @@ def test_g_two_agents_with_one_recipe_share_one_pack(bottles):
     assert_fully_provisioned(bottles, 'b')
 
 
-def test_h_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
+def test_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
     bottles.own_images()
     setup_agent(bottles, 'a')
     setup_agent(bottles, 'b')
@@ -188,7 +146,7 @@ def test_h_changed_recipe_repacks_and_recreates_only_its_agents(bottles):
     assert_fully_provisioned(bottles, 'b')
 
 
-def test_l_four_agents_in_parallel_threads_are_all_provisioned(bottles):
+def test_four_agents_in_parallel_threads_are_all_provisioned(bottles):
     for name in 'abcd':
         setup_agent(bottles, name, prompt=f'I am {name}.')
     bottles.doit('-n', '4', '-P', 'thread', 'provision')
@@ -198,7 +156,7 @@ def test_l_four_agents_in_parallel_threads_are_all_provisioned(bottles):
     assert bottles.doit('-n', '4', '-P', 'thread', 'provision').kinds == {'probe': 1}
 
 
-def test_j_missing_backend_cli_is_one_clear_paragraph(bottles):
+def test_missing_backend_cli_is_one_clear_paragraph(bottles):
     setup_agent(bottles)
     cli = bottles.backend.cli
     run = bottles.doit('launch:a', check=False,
@@ -207,7 +165,7 @@ def test_j_missing_backend_cli_is_one_clear_paragraph(bottles):
     assert f'{cli} is not installed' in run.output and 'Traceback' not in run.output
 
 
-def test_k_a_pack_killed_midway_is_never_taken_for_an_image(bottles):
+def test_a_pack_killed_midway_is_never_taken_for_an_image(bottles):
     bottles.own_images()
     setup_agent(bottles)
     images = bottles.root / '.bottle/images'
@@ -296,7 +254,7 @@ def test_attach_refuses_on_a_terminal_when_a_secret_is_not_set(bottles):
     assert 'BOTTLE_TEST_SECRET' in attached.output and 'Traceback' not in attached.output
 
 
-def test_m_secret_reaches_claude_and_nothing_on_disk_or_in_argv(bottles):
+def test_secret_reaches_claude_and_nothing_on_disk_or_in_argv(bottles):
     secret = f'sk-test-{uuid.uuid4().hex}'
     setup_agent(bottles, secrets=['BOTTLE_TEST_SECRET'])
     attached = bottles.backend.attach(bottles, 'a', bottles.env(BOTTLE_TEST_SECRET=secret))

@@ -1,7 +1,7 @@
 """What is about smolvm itself: its argv, its absence, and packs cut short."""
 from __future__ import annotations
 
-from tests.test_scenarios import setup_agent
+from tests.scenario import setup_agent
 
 
 def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_its_door(standin):

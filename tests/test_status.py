@@ -1,7 +1,7 @@
 """`doit status`: every agent at a glance, from one backend probe and doit's own up-to-date data."""
 from __future__ import annotations
 
-from tests.test_scenarios import setup_agent
+from tests.scenario import setup_agent
 
 
 def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):

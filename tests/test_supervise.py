@@ -27,9 +27,9 @@ from daemons.supervise import requests
 from daemons.supervise.control import Supervisor
 from daemons.supervise.store import TOOLS
 from tests.browser import Browser
+from tests.gate_setup import Setup as GateSetup
+from tests.gate_setup import held_id
 from tests.proxy_upstreams import GuestRelay
-from tests.test_gate import Setup as GateSetup
-from tests.test_gate import held_id
 
 pytestmark = pytest.mark.fast
 

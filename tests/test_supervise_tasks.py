@@ -24,7 +24,7 @@ from tasks.project import Project
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS, _project
 from tests.proxy_upstreams import GuestRelay
-from tests.test_scenarios import setup_agent
+from tests.scenario import setup_agent
 
 REGISTRATION = '/home/agent/.claude-test-mcp/supervise'     # where the images' test claude keeps it
 

@@ -1,0 +1,36 @@
+"""What tests/audit/sitecustomize.py recorded of the programs a test's Python processes started on the
+host (recorded), the ones daemons/hostprograms.py does not declare (undeclared), and the check that
+there are none (assert_declared)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from daemons.hostprograms import PROGRAMS
+
+# The interpreter claude-bottle runs on (the daemons, mitmproxy's environment, pip making it): its own, not
+# a program of the host's to install.
+INTERPRETER = re.compile(r'python[0-9.]*')
+STANDIN = 'smolvm'      # what the stand-in starts (bwrap...) is the stand-in's, which plays the backend
+# pip, making mitmproxy's environment, looks around for its user agent (ldconfig, lsb_release, uname, rustc),
+# each optional: its own business, not a program claude-bottle needs.
+PIP = re.compile(r'.*/pip/__main__\.py')
+
+
+def recorded(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def undeclared(records: list[dict]) -> dict[str, str]:
+    """Each program started on the host that the declaration lacks, with the program that started it."""
+    return {r['program']: os.path.basename(r['by']) for r in records
+            if r['program'] not in PROGRAMS and not INTERPRETER.fullmatch(r['program'])
+            and os.path.basename(r['by']) != STANDIN and not PIP.fullmatch(r['by'])}
+
+
+def assert_declared(log: Path):
+    missing = undeclared(recorded(log))
+    assert not missing, ('host programs started but not declared in daemons/hostprograms.py (add each with its '
+                         f'Debian package): {missing}')

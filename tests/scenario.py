@@ -1,0 +1,47 @@
+"""The common agent scenario, for the tests that launch agents through tests/bottles.py: an agent with
+the skills review and style and a prompt (setup_agent), the check that a launched agent's guest holds
+exactly its prompt and skills (assert_fully_provisioned), where they land in the guest, and a PATH
+without some programs (path_without)."""
+from __future__ import annotations
+
+import os
+
+HOME = '/home/agent'
+SKILLS = f'{HOME}/.claude/skills'
+PROMPT = f'{HOME}/.claude-bottle/system-prompt.md'
+
+REVIEW = {
+    'SKILL.md': '---\nname: review\ndescription: review code\n---\nReview with checklist.md.\n',
+    'checklist.md': '- tests\n- names\n',
+    'scripts/lint.sh': '#!/bin/sh\necho lint\n',
+    'examples/one.md': 'one\n', 'examples/two.md': 'two\n',
+}
+
+
+def setup_agent(bottles, name='a', skills=('review', 'style'), prompt='Be careful with production.', **more):
+    for skill in skills:
+        if not (bottles.root / 'agents' / 'skills' / skill).exists():
+            bottles.skill(skill, REVIEW if skill == 'review' else None)
+    bottles.agent(name, prompt=prompt, skills=list(skills), **more)
+
+
+def path_without(programs, path: str, tmp) -> str:
+    """A PATH of one directory holding every command of `path` except `programs`."""
+    mirror = tmp / f'path-without-{"-".join(sorted(programs))}'
+    mirror.mkdir()
+    for directory in path.split(os.pathsep):
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name) if os.path.isdir(directory) else []:
+            if entry.name not in programs and not (mirror / entry.name).exists():
+                (mirror / entry.name).symlink_to(entry.path)
+    return str(mirror)
+
+
+def assert_fully_provisioned(bottles, agent='a'):
+    prompt = bottles.prompt_text(agent)
+    assert bottles.guest(agent, f'cat {PROMPT}') == prompt
+    assert bottles.guest(agent, f'stat -c "%a %U" {PROMPT}').split() == ['600', 'agent']
+    skills = bottles.guest(agent, f'ls {SKILLS}').split()
+    manifest_skills = bottles.manifest(agent)['skills']
+    assert sorted(skills) == sorted(manifest_skills)
+    for skill in manifest_skills:
+        assert bottles.guest_tree(agent, f'{SKILLS}/{skill}') == bottles.skill_tree(skill)
