@@ -85,8 +85,8 @@ def task_supervisor():
     return supervise.task(PROJECT)
 
 
-def task_review():
-    """Answer the bottles: doit supervise; doit held; doit approve|reject|answer --id ID; doit revoke."""
+def task_human_side():
+    """The human's side, each its own command: supervise, held, approve, reject, answer, revoke."""
     yield from review.tasks(PROJECT)
 
 

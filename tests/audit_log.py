@@ -1,6 +1,7 @@
-"""What tests/audit/sitecustomize.py recorded of the programs a test's Python processes started on the
-host (recorded), the ones daemons/hostprograms.py does not declare (undeclared), and the check that
-there are none (assert_declared)."""
+"""What tests/audit/sitecustomize.py recorded: the programs a test's Python processes started on the host
+(recorded), the ones daemons/hostprograms.py does not declare (undeclared), and the check that there are
+none (assert_declared); the files they wrote under a project's state and which function wrote each
+(writers), and the check that a kind of file has one writer (assert_one_writer)."""
 from __future__ import annotations
 
 import json
@@ -19,8 +20,30 @@ STANDIN = 'smolvm'      # what the stand-in starts (bwrap...) is the stand-in's,
 PIP = re.compile(r'.*/pip/__main__\.py')
 
 
-def recorded(log: Path) -> list[dict]:
+def lines(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def recorded(log: Path) -> list[dict]:
+    """The programs started: {"program", "by"} each."""
+    return [line for line in lines(log) if 'program' in line]
+
+
+def writers(log: Path, matches) -> dict[str, set[str]]:
+    """For each file written whose path `matches` (a predicate), the functions (module:function) that wrote it."""
+    found: dict[str, set[str]] = {}
+    for line in lines(log):
+        if 'wrote' in line and matches(line['wrote']):
+            found.setdefault(line['wrote'], set()).add(line['writer'])
+    return found
+
+
+def assert_one_writer(log: Path, what: str, matches, writer: str):
+    """Every file of a kind (`what`, told by `matches`) was written, and only by `writer`."""
+    found = writers(log, matches)
+    assert found, f'no {what} was written in this scenario: the check would show nothing'
+    others = {path: sorted(by - {writer}) for path, by in found.items() if by - {writer}}
+    assert not others, f'{what} written by another function than {writer}: {others}'
 
 
 def undeclared(records: list[dict]) -> dict[str, str]:

@@ -358,6 +358,25 @@ echo "claude (test stand-in) started"
 TEST_CLAUDE_VERSION = f'0.0.0-test.{hashlib.sha256(FAKE_CLAUDE.encode()).hexdigest()[:8]}'
 
 
+def extract_member(archive: Path, name: str, target: Path, mode: int = 0o755) -> Path:
+    """One regular file of a tarball (an npm package's binary) written to `target`, whole or not at all; read
+    through extractfile, so no member's path or link is ever followed (Debian's Python 3.11.2 has no
+    extraction filters)."""
+    import tarfile
+    with tarfile.open(archive) as tar:
+        member = tar.getmember(name)
+        if not member.isfile():
+            raise ValueError(f'{name} in {archive} is not a regular file')
+        source = tar.extractfile(member)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f'.{target.name}.{os.getpid()}')
+        with open(partial, 'wb') as out:
+            shutil.copyfileobj(source, out)
+        partial.chmod(mode)
+        os.replace(partial, target)
+    return target
+
+
 def make_fake_claude_archive(cache: Path) -> Path:
     """Put a package for TEST_CLAUDE_VERSION into the claude-bottle download cache."""
     import io

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# The support modules' asserts say what they compared, as a test module's do.
+pytest.register_assert_rewrite('tests.scenario', 'tests.gate_setup', 'tests.audit_log', 'tests.bottles')
+
+from tasks.cache import cache_dir  # noqa: E402
 from tasks.project import Project
 from tests.bottles import (Bottles, Docker, Dockerd, ImageStash, Podman, RealSmolvm, StandinSmolvm,
                            make_fake_claude_archive, make_standin_images)
@@ -66,9 +70,32 @@ def image_stash(tmp_path_factory):
     ImageStash.current = None
 
 
+# What the tests' cache takes from the user's own (the demo's): entries named by their content, a Claude Code
+# version or a debootstrap base's options and architecture, so each is what the tests would fetch or build.
+SEEDS = ('claude-code/anthropic-ai-claude-code-*.tgz', 'bases/debootstrap-*.tar')
+
+
+def seed(cache: Path, user_cache: Path):
+    """Link (or copy) into the tests' cache what the user's cache has of SEEDS and the tests' has not."""
+    for pattern in SEEDS:
+        for source in sorted(user_cache.glob(pattern)):
+            target = cache / 'claude-bottle' / source.relative_to(user_cache)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f'.{target.name}.{os.getpid()}')
+            try:
+                os.link(source, partial)
+            except OSError:
+                shutil.copy2(source, partial)
+            os.replace(partial, target)
+
+
 @pytest.fixture(scope='session')
 def claude_cache(tmp_path_factory):
     cache = Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else shared_dir(tmp_path_factory, 'cache')
+    if cache.resolve() != cache_dir().parent.resolve():
+        seed(cache, cache_dir())
     make_fake_claude_archive(cache)
     return cache
 

@@ -20,7 +20,6 @@ import shlex
 import signal
 import shutil
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ import pytest
 from daemons.supervise import requests
 from daemons.supervise.control import Supervisor
 from tasks.project import Project
-from tests.bottles import REPO, Bottles
+from tests.audit_log import assert_declared, assert_one_writer
+from tests.bottles import REPO, Bottles, extract_member
 from tests.browser import POLL_LIMIT, POLL_SECONDS, Browser
 from tests.conftest import BACKENDS, CACHE_ENV
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
@@ -101,12 +101,7 @@ def node_binary(tmp_path_factory) -> Path:
         work = tmp_path_factory.mktemp('node-pack')
         subprocess.run(['npm', 'pack', '--silent', NODE_PACKAGE], cwd=work, check=True, capture_output=True,
                        timeout=300)
-        with tarfile.open(next(work.glob('*.tgz'))) as archive:
-            member = archive.getmember('package/bin/node')
-            member.name = 'node'
-            archive.extract(member, work, filter='data')
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work / 'node', target)
+        extract_member(next(work.glob('*.tgz')), 'package/bin/node', target)
     return target
 
 
@@ -122,6 +117,7 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     upstream = Upstream(address, cert, key, git_root=tmp / 'git')
     unlisted = Upstream(unlisted_address, cert, key)
     bottles = Bottles(tmp / 'project', backend)
+    bottles.record_host_programs(tmp / 'audit.jsonl')
     bottles.extra_env['BOTTLE_UPSTREAM_CA'] = str(ca)
     bottles.use_real_claude()
     bottles.supervise()
@@ -482,3 +478,16 @@ def test_a_revoked_host_is_refused_again(fence):
     status, body = fence.curl('open', f'https://{host}/after-revoke')
     assert status == 403 and f'GET to {host} is not allowed' in body, body
     assert len(fence.unlisted.requests) == before
+
+
+def test_a_bottles_rules_and_its_approved_hosts_each_have_one_writer(fence):
+    """Last in the module: in all of the above (the rules rendered, a host approved on the page and revoked
+    on the command line, in doit and in the daemons), every write of a bottle's rules file was made by the
+    proxy's one writer of rules, and every write of its approved hosts by their one home; every program
+    started on the host is declared."""
+    log = fence.bottles.audit_log
+    assert_one_writer(log, "a bottle's rules file", lambda path: path.endswith('/egress-rules.json'),
+                      'daemons.proxy.control:write_rules')
+    assert_one_writer(log, 'an approved-hosts file', lambda path: '/supervise/approved/' in path,
+                      'daemons.supervise.approved:_write')
+    assert_declared(log)

@@ -221,7 +221,8 @@ def layer_files(ref: str, dest: Path) -> dict[str, tuple]:
     assert config['rootfs']['diff_ids'] == [f'sha256:{hashlib.sha256(raw).hexdigest()}']
     dest.mkdir()
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        tar.extractall(dest, filter='fully_trusted')   # keeps the sticky bit of tmp
+        # keeps the sticky bit of tmp (the explicit filter where Python has filters: 3.11.4 and later)
+        tar.extractall(dest, **({'filter': 'fully_trusted'} if hasattr(tarfile, 'fully_trusted_filter') else {}))
     files = {}
     for path in sorted(dest.rglob('*')):
         rel = str(path.relative_to(dest))

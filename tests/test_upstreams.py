@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.bottles import TEST_CLAUDE_VERSION
+from tests.bottles import TEST_CLAUDE_VERSION, extract_member
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
 
 pytestmark = pytest.mark.fast
@@ -91,10 +90,7 @@ def claude_binary(claude_cache, tmp_path_factory) -> Path:
                 if not a.name.endswith(f'-{TEST_CLAUDE_VERSION}.tgz')]
     if not archives:
         pytest.skip(f'no real Claude Code package in {claude_cache}/claude-bottle/claude-code (set BOTTLE_TEST_CACHE)')
-    directory = tmp_path_factory.mktemp('claude-code')
-    with tarfile.open(archives[-1]) as tar:
-        tar.extract('package/claude', directory, filter='data')
-    return directory / 'package' / 'claude'
+    return extract_member(archives[-1], 'package/claude', tmp_path_factory.mktemp('claude-code') / 'claude')
 
 
 def test_claude_code_gets_its_reply_from_the_mock_api(setup, claude_binary, tmp_path):
