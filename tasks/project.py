@@ -1,5 +1,6 @@
-"""The project: where manifests, templates, state and caches live, and the
-pieces every task family shares (action wrapper, atomic writes).
+"""The project: where its manifests, templates and state live (Project), its agents validated before any
+task runs, doit's configuration, and the wrapper every task's action has (@action: an error of IN_WORDS fails
+the task with its message; anything else with one line, never a traceback).
 
 Templates are rendered with jinja2 in actions. What the graph itself needs of them (an image key, the
 trust script a config check compares) comes from `rendered()`, which remembers each rendering in
