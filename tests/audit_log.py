@@ -41,7 +41,10 @@ def writers(log: Path, matches) -> dict[str, set[str]]:
 def assert_one_writer(log: Path, what: str, matches, writer: str):
     """Every file of a kind (`what`, told by `matches`) was written, and only by `writer`."""
     found = writers(log, matches)
-    assert found, f'no {what} was written in this scenario: the check would show nothing'
+    if not found:
+        seen = {(line['wrote'].rpartition('/.bottle/')[2], line['writer']) for line in lines(log) if 'wrote' in line}
+        raise AssertionError(f'no {what} was written in this scenario (the check would show nothing); {log} has '
+                             f'{len(lines(log))} lines, these writes: {sorted(seen)}')
     others = {path: sorted(by - {writer}) for path, by in found.items() if by - {writer}}
     assert not others, f'{what} written by another function than {writer}: {others}'
 
