@@ -70,13 +70,20 @@ def image_stash(tmp_path_factory):
     ImageStash.current = None
 
 
-# What the tests' cache takes from the user's own (the demo's): entries named by their content, a Claude Code
-# version or a debootstrap base's options and architecture, so each is what the tests would fetch or build.
-SEEDS = ('claude-code/anthropic-ai-claude-code-*.tgz', 'bases/debootstrap-*.tar')
+# What the tests' cache takes from the user's own (the demo's): entries named by their content (a Claude Code
+# version, a debootstrap base's options and architecture, mitmproxy's version), so each is what the tests would
+# fetch or build. mitmproxy's environment is run as `bin/python`, which works from wherever it is.
+SEEDS = ('claude-code/anthropic-ai-claude-code-*.tgz', 'bases/debootstrap-*.tar', 'mitmproxy-*')
 
 
 def seed(cache: Path, user_cache: Path):
     """Link (or copy) into the tests' cache what the user's cache has of SEEDS and the tests' has not."""
+    def link(source, target):
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
     for pattern in SEEDS:
         for source in sorted(user_cache.glob(pattern)):
             target = cache / 'claude-bottle' / source.relative_to(user_cache)
@@ -84,11 +91,14 @@ def seed(cache: Path, user_cache: Path):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f'.{target.name}.{os.getpid()}')
+            if source.is_dir():
+                shutil.copytree(source, partial, symlinks=True, copy_function=link)
+            else:
+                link(source, partial)
             try:
-                os.link(source, partial)
-            except OSError:
-                shutil.copy2(source, partial)
-            os.replace(partial, target)
+                os.replace(partial, target)
+            except OSError:             # another worker seeded it first
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
