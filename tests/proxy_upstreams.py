@@ -44,7 +44,9 @@ def make_upstream_ca(directory: Path, address: str, *more_addresses: str) -> tup
 
 
 class Upstream:
-    """An HTTPS server on `address`:443 that counts the TCP connections it accepts.
+    """An HTTPS server on `address`:443 (and with `plain`, the same in plain HTTP on `address`:80) that counts
+    the TCP connections it accepts and records each request's target as it arrives (`requests`: the path
+    in origin form, the whole URL in absolute form).
 
     GET or POST any path: 200 and "upstream saw METHOD PATH". GET /events: three server-sent
     events one second apart; `last_event_sent` is set (and `last_event_at`, the time.time() of it)
@@ -60,7 +62,7 @@ class Upstream:
     a repository's own hooks (its hooks/ directory) run as on any git server."""
 
     def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None,
-                 git_credentials: tuple[str, str] | None = None):
+                 git_credentials: tuple[str, str] | None = None, plain: bool = False):
         upstream = self
         expected = 'Basic ' + base64.b64encode(':'.join(git_credentials).encode()).decode() \
             if git_credentials else None
@@ -242,6 +244,16 @@ class Upstream:
         self.server = Server((address, 443), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+        self.plain_server = None
+        if plain:
+            class PlainServer(Server):
+                def get_request(self):
+                    sock, peer = http.server.ThreadingHTTPServer.get_request(self)
+                    with upstream.lock:
+                        upstream.connections += 1
+                    return sock, peer
+            self.plain_server = PlainServer((address, 80), Handler)
+            threading.Thread(target=self.plain_server.serve_forever, daemon=True).start()
 
     def reply(self, request: dict) -> tuple[list[dict], str]:
         """The mock API's answer to a Messages request: its content blocks and stop reason."""
@@ -260,8 +272,9 @@ class Upstream:
         return [{'type': 'text', 'text': self.reply_text}], 'end_turn'
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        for server in filter(None, (self.server, self.plain_server)):
+            server.shutdown()
+            server.server_close()
 
 
 def tool_result_text(block: dict) -> str:

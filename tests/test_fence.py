@@ -114,7 +114,7 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     unlisted_address = f'{prefix}.{int(last) % 254 + 1}'        # another one, never the same
     ca, cert, key = make_upstream_ca(tmp, address, unlisted_address)
     repo = make_repository(tmp / 'git')
-    upstream = Upstream(address, cert, key, git_root=tmp / 'git')
+    upstream = Upstream(address, cert, key, git_root=tmp / 'git', plain=True)    # plain HTTP on port 80 too
     unlisted = Upstream(unlisted_address, cert, key)
     bottles = Bottles(tmp / 'project', backend)
     bottles.record_host_programs(tmp / 'audit.jsonl')
@@ -295,6 +295,68 @@ def test_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_re
         status, _ = fence.curl('open', '--noproxy', '', f'http://127.0.0.1:{port}/')
         assert status == 403, port
     assert fence.curl('open', '--noproxy', '', 'http://127.0.0.1/')[0] == 403
+
+
+@pytest.mark.extended         # an attack on the fence
+def test_a_request_naming_another_host_inside_an_allowed_tunnel_is_refused_and_only_origin_form_goes_up(fence):
+    """Fronting: inside a tunnel to an allowed host, a request-target in absolute form naming another host
+    (an upstream that routes by it, as RFC 9112 says servers do, would serve that one). Over TLS, and in
+    plain HTTP through a CONNECT to port 80. The request that names the allowed host itself goes up in
+    origin form."""
+    before = len(fence.upstream.requests)
+    urls = {'tls': fence.url, 'plain': f'http://{fence.address}'}
+    fronted = {form: fence.curl('open', '-p', '--request-target', f'{url.split(":")[0]}://other.example/x', f'{url}/')
+               for form, url in urls.items()}
+    assert all(status == 403 and 'the request-target names other.example' in body
+               for status, body in fronted.values()), fronted
+    assert fence.logged('open', '/x')['authority'] == 'other.example'       # what was asked
+    for url in urls.values():
+        assert fence.curl('open', '-p', '--request-target', f'{url}/abs', f'{url}/') == (200, 'upstream saw GET /abs')
+    assert [path for _, path, _ in fence.upstream.requests[before:]] == ['/abs', '/abs']
+
+
+@pytest.mark.extended         # an attack on the fence
+def test_a_narrowed_path_or_method_is_not_passed_by_what_a_server_reads_otherwise(fence):
+    before = upstream_calls(fence)
+    for path in ('/public/..;/private/key', '/public/%252e%252e/private/key', '/public/%2f..%2fprivate',
+                 '/public/..%00/private', '/public/%c0%ae%c0%ae/private'):
+        status, body = fence.curl('narrow', '--path-as-is', f'{fence.url}{path}')
+        assert status == 403 and 'never matches narrowed paths' in body, (path, body)
+    assert fence.curl('narrow', '-H', 'X-HTTP-Method-Override: DELETE', f'{fence.url}/public/readme')[0] == 403
+    assert fence.curl('narrow', f'{fence.url}/public/readme?_method=DELETE')[0] == 403
+    assert upstream_calls(fence)[1] == before[1]
+    # Raw bytes that are not UTF-8, on a connection an allowed request has already opened upstream: refused,
+    # and the connection is not used for it.
+    each = "-sS -o /dev/null -w '%{http_code} %{num_connects}\\n'"
+    out = fence.bottles.guest('narrow', "raw=$(printf '/public/\\300\\256\\300\\256/private/key'); "
+                              f'curl {each} {fence.url}/public/readme --next {each} --request-target "$raw" {fence.url}/')
+    assert out.split() == ['200', '1', '403', '0'], out
+    assert upstream_calls(fence)[1] == before[1] + 1
+
+
+@pytest.mark.extended         # an attack on the fence
+def test_an_ipv6_address_that_embeds_a_loopback_one_is_refused(fence):
+    """64:ff9b::7f00:1 is 127.0.0.1 behind the NAT64 prefix (Python calls it global). The bottle's rules
+    allow it here for the test (a manifest takes no IPv6 literal; a name with such an AAAA record is the
+    real case): the address check still refuses it, as the IPv4 address it embeds."""
+    rules_file = fence.bottles.root / '.bottle' / 'agents' / 'open' / 'egress-rules.json'
+    original = rules_file.read_text()
+    nat64 = '64:ff9b::7f00:1'
+    data = json.loads(original)
+    data['hosts'].append({'host': nat64})
+    replace_file(rules_file, json.dumps(data))
+    try:
+        status, body = fence.curl('open', f'https://[{nat64}]/')
+        assert status == 403 and f'resolves to {nat64}, a loopback, private' in body, body
+    finally:
+        replace_file(rules_file, original)
+
+
+def replace_file(path: Path, text: str):
+    """As the project writes it (temporary name, rename): the proxy reads the new file at the next request."""
+    partial = path.with_name(f'.{path.name}.test')
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # --- streaming -----------------------------------------------------------------------------------

@@ -267,6 +267,33 @@ def test_the_same_host_is_allowed_for_one_bottle_and_not_for_the_other(setup):
     assert status_and_body(curl(s, s.beta, f'https://{s.address}/private/x'))[0] == 403
 
 
+def test_a_request_the_addon_fails_to_judge_is_refused_not_passed(venv, tmp_path):
+    """Fail closed: whatever goes wrong while a request is judged (here the check itself raises), the request
+    gets a 403 and is not marked allowed, so it never goes up, not even on an upstream connection an
+    earlier request opened. In-process, in mitmproxy's environment, with mitmproxy's test flows."""
+    script = f"""
+import asyncio, json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / 'daemons' / 'proxy')!r})
+from mitmproxy.test import tflow
+import addon
+fence = addon.EgressFence()
+fence.bottles[4242] = addon.Bottle('b', 4242, {str(tmp_path / 'rules.json')!r}, {str(tmp_path / 'egress.log')!r})
+async def broken(flow, bottle):
+    raise RuntimeError('a bug')
+fence.refusal = broken
+flow = tflow.tflow()
+flow.client_conn.sockname = ('127.0.0.1', 4242)
+asyncio.run(fence.requestheaders(flow))
+print(json.dumps([flow.response.status_code, flow.response.get_text(), 'bottle_allowed' in flow.metadata]))
+"""
+    proc = subprocess.run([str(venv / 'bin' / 'python'), '-c', script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    status, body, allowed = json.loads(proc.stdout.splitlines()[-1])
+    assert (status, allowed) == (403, False)
+    assert 'could not check this request (RuntimeError)' in body
+    assert json.loads((tmp_path / 'egress.log').read_text())['allowed'] is False
+
+
 def test_connect_to_other_ports_and_non_canonical_addresses_is_refused_at_connect(setup):
     s = setup
     for target in (f'{s.address}:22', 'localhost:22', '2130706433:443', '0x7f000001:443', '127.1:443',

@@ -26,7 +26,9 @@ For every request, in this order:
   inside is always intercepted (never passed through), so every request is checked here, and a
   denied one gets a readable 403 naming the host and how to get it allowed, before any DNS lookup
   or connection upstream;
-- the TLS SNI and the Host header must both name the CONNECT target (no fronting);
+- the TLS SNI, the Host header and the request-target's own authority (a request in absolute form inside
+  a tunnel) must all name the CONNECT target, host and port (no fronting), and what goes upstream is
+  origin-form, so the server reads the very target that was checked;
 - the bottle's rules (see rules.py), re-read when the file changes (written as temp + rename);
 - the allowed name is resolved once per client connection, and refused when any address is
   loopback, private, link-local or otherwise not public, unless the rules' `allow_private` lists it;
@@ -35,7 +37,8 @@ For every request, in this order:
 Raw TCP is never relayed. Responses are streamed to the client as they arrive (server-sent events,
 large downloads). Each decision is one JSON line in the bottle's log: time, bottle, method, host,
 port, path (without the query, which may hold secrets), allowed, reason, status, bytes (response
-body bytes sent to the client), address (the upstream address connected to).
+body bytes sent to the client), address (the upstream address connected to), and authority (the one the
+request-target named, when a request in absolute form named one: what was asked).
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class Bottle:
                 'method': flow.request.method, 'host': flow.request.host, 'port': flow.request.port,
                 'path': '' if flow.request.method == 'CONNECT' else flow.request.path.split('?', 1)[0],
                 'allowed': allowed, 'reason': reason, 'status': status, 'bytes': response_bytes,
-                'address': address}
+                'address': address, 'authority': flow.request.authority or None}
         try:
             self._log_stream().write(json.dumps(line) + '\n')
         except OSError as err:
@@ -227,7 +230,17 @@ class EgressFence:
         deny(flow, bottle, refusal)
 
     async def requestheaders(self, flow: http.HTTPFlow):
-        bottle = self.bottle_of(flow)
+        bottle = None
+        try:
+            bottle = self.bottle_of(flow)
+            await self.judge(flow, bottle)
+        except Exception as err:        # fail closed: a request this code could not judge does not go up
+            log.exception('cannot check a request of bottle %s', bottle.name if bottle else '(none)')
+            flow.metadata.pop('bottle_allowed', None)
+            deny(flow, bottle, Refusal(f'the egress proxy could not check this request ({type(err).__name__})'))
+
+    async def judge(self, flow: http.HTTPFlow, bottle: Bottle | None):
+        """Answer, route to a service, deny, or let the request go up (and mark it so)."""
         if bottle is not None and normal_host(flow.request.host) == HEALTH_HOST:
             routes = {service.name: service.port for service in self.services.values()}
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name, 'services': routes}),
@@ -271,14 +284,23 @@ class EgressFence:
         host_header = request.host_header
         if host_header is not None and normal_host(_without_port(host_header)) != host:
             return Refusal(f'the Host header {host_header} does not name the target {host}')
+        if request.authority:       # absolute form inside a tunnel: a server may route by this authority
+            if _named(request.authority, request.scheme) != (host, request.port):
+                return Refusal(f'the request-target names {request.authority}, not the target '
+                               f'{host}:{request.port}')
+            # Origin-form upstream, so the server reads the very target checked here. (HTTP/2's :authority
+            # is its Host; mitmproxy turns it into one when it speaks HTTP/1.1 upstream.)
+            if not (request.is_http2 or request.is_http3):
+                request.authority = ''
         rules = bottle.rules()
         if isinstance(rules, str):
             return Refusal(rules, RELAUNCH)
-        path = request.path.split('?', 1)[0]
+        path, _, query = request.path.partition('?')
         reason = rules.gated_refusal(host, path)
         if reason:
             return Refusal(reason, GATED)
-        reason = rules.refusal(request.method, host, path)
+        override = bottle_rules.method_override(request.headers.items(), query)
+        reason = rules.refusal(request.method, host, path, override)
         if reason:
             return Refusal(reason, ALLOW_HOSTS)
         return await self.check_address(flow, rules, host, request.port)
@@ -386,6 +408,18 @@ def deny(flow: http.HTTPFlow, bottle: Bottle | None, refusal: Refusal):
 
 def normal_host(host: str) -> str:
     return bottle_rules.normal_host(host)
+
+
+def _named(authority: str, scheme: str) -> tuple[str, int | None]:
+    """(host, port) an authority names, the scheme's port when it names none; port None when it is not a port."""
+    host = _without_port(authority)
+    rest = authority[authority.index(']') + 1:] if authority.startswith('[') else authority[len(host):]
+    if not rest:
+        return normal_host(host), 443 if scheme == 'https' else 80
+    try:
+        return normal_host(host), int(rest.removeprefix(':'))
+    except ValueError:
+        return normal_host(host), None
 
 
 def _without_port(authority: str) -> str:

@@ -16,24 +16,34 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
 - `host`: that exact name (or IP literal), case-insensitive, a trailing dot ignored.
 - `domain`: that name and every name under it (`github.com`, `api.github.com`; not `evilgithub.com`).
 - `methods`, `paths` (optional, each a non-empty list): the entry then allows only those methods, and
-  only paths starting with one of those prefixes. A path with `.` or `..` segments (also
-  percent-encoded) never matches a prefix, so it cannot climb out of one.
+  only paths starting with one of those prefixes. A path a server could read otherwise than it is
+  written never matches a prefix (refused rather than normalised): `.` or `..` segments, an encoded `/`,
+  `.`, `\\`, `;` or NUL, a `\\` or `;` itself, double encoding (`%25`), anything but printable ASCII
+  unencoded (control characters, spaces, raw bytes), or percent-encoded bytes that are not UTF-8
+  (overlong forms). Where methods are narrowed, a request that asks for another
+  method by a method-override header or a `_method` parameter is refused.
 - A request is allowed when any entry allows it; an empty or missing `hosts` allows nothing.
 - `allow_private`: networks (CIDR) that allowed hosts may resolve to although they are loopback,
   private, link-local or otherwise not public; every such address is refused unless listed here.
 - `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
-  host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows.
+  host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows. The
+  path is read as a forge reads it: decoded (twice-encoded too), `\\` as `/`, `//`, `/./` and `..`
+  resolved, and compared without case (GitHub serves owner/repo case-insensitively).
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
-Only ports 443 and 80 are ever reachable, whatever the rules say.
+Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
+public by the project's own table (SPECIAL_V4, SPECIAL_V6) or by Python's, and an IPv6 address that embeds
+an IPv4 one (EMBEDDED_V4: mapped, compatible, translated, NAT64, 6to4, Teredo) is judged as that IPv4
+address: which of these forms Python calls non-global depends on its patch level.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 # Shared with the host side: the only upstream ports, and the name the addon answers itself for
 # health checks through a door (.invalid never resolves, so it can never be a real upstream).
@@ -71,10 +81,14 @@ class HostRule:
     def matches_host(self, host: str) -> bool:
         return host == self.name or (self.subdomains and host.endswith('.' + self.name))
 
-    def allows(self, method: str, path: str) -> bool:
-        if self.methods is not None and method.upper() not in self.methods:
+    def allows(self, method: str, path: str, override: str | None = None) -> bool:
+        """`path` without the query; `override`: the method another header or parameter asks for, if any."""
+        if self.methods is not None and (method.upper() not in self.methods or override is not None):
             return False
-        return self.paths is None or (not _climbs(path) and path.startswith(self.paths))
+        if self.paths is None:
+            return True
+        decoded = unambiguous_path(path)
+        return decoded is not None and decoded.startswith(self.paths)
 
     def to_json(self) -> dict:
         entry = {'domain' if self.subdomains else 'host': self.name}
@@ -93,8 +107,9 @@ class GatedRepo:
     def covers(self, host: str, path: str) -> bool:
         if host != self.host:
             return False
-        path = unquote(path).replace('\\', '/')
-        return any(path == p or path.startswith(p + '/') for p in (self.path, self.path + '.git'))
+        repo = [_repo_segment(s) for s in self.path.split('/') if s]
+        asked = [_repo_segment(s) for s in forge_path(path).split('/') if s]
+        return asked[:len(repo)] == repo
 
     def to_json(self) -> dict:
         return {'host': self.host, 'path': self.path}
@@ -137,14 +152,22 @@ class Rules:
             data['gated'] = [g.to_json() for g in self.gated]
         return data
 
-    def refusal(self, method: str, host: str, path: str) -> str | None:
-        """Why this request is not allowed, or None when it is."""
+    def refusal(self, method: str, host: str, path: str, override: str | None = None) -> str | None:
+        """Why this request is not allowed, or None when it is. `path` without the query; `override`: the
+        method a method-override header or parameter asks for (method_override)."""
         host = normal_host(host)
         for_host = [h for h in self.hosts if h.matches_host(host)]
         if not for_host:
             return f'{host} is not an allowed host'
-        if any(h.allows(method, path) for h in for_host):
+        if any(h.allows(method, path, override) for h in for_host):
             return None
+        if override is not None and any(h.methods is not None for h in for_host):
+            return (f'{method} {path} asks for method {override} by an override, which is refused where methods '
+                    f'are narrowed on {host}')
+        if any(h.paths is not None for h in for_host) and unambiguous_path(path) is None:
+            return (f'{method} {path} is not allowed on {host}: a path a server could read otherwise than it is '
+                    'written (encoded /, ., \\, ; or NUL, double encoding, dot segments, bytes that are not UTF-8) '
+                    'never matches narrowed paths')
         return f'{method} {path} is not allowed on {host}; the rules allow only ' + '; '.join(
             f'{",".join(sorted(h.methods)) if h.methods else "any method"} on '
             f'{" or ".join(h.paths) if h.paths else "any path"}' for h in for_host)
@@ -158,12 +181,15 @@ class Rules:
 
     def address_refused(self, address: IPAddress) -> bool:
         """True for loopback, private, link-local, unspecified, multicast and other non-public
-        addresses, unless `allow_private` lists their network."""
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        addresses, unless `allow_private` lists their network. An IPv6 address that embeds IPv4 ones
+        is refused when any of them is."""
+        if isinstance(address, ipaddress.IPv6Address):
+            embedded = embedded_ipv4(address)
+            if embedded:
+                return any(self.address_refused(v4) for v4 in embedded)
         if any(address.version == n.version and address in n for n in self.allow_private):
             return False
-        return not address.is_global or address.is_multicast
+        return not_public(address)
 
 
 def load(path: Path) -> Rules:
@@ -230,6 +256,124 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _climbs(path: str) -> bool:
-    segments = unquote(path.split('?', 1)[0]).replace('\\', '/').split('/')
-    return '.' in segments or '..' in segments
+# Bytes that must not appear percent-encoded in a path a narrowed rule matches: what would change how a
+# server splits or resolves it (/ . \\ ; %), and NUL.
+_AMBIGUOUS_ENCODED = {0x2f, 0x2e, 0x5c, 0x3b, 0x25, 0x00}
+_PERCENT = re.compile(r'%(?P<hex>[0-9A-Fa-f]{2})?')
+
+
+def unambiguous_path(path: str) -> str | None:
+    """The path decoded, when every server reads it the same way; None when one could read it otherwise:
+    `.` or `..` segments, `\\`, `;`, an encoded `/`, `.`, `\\`, `;`, `%` or NUL, a `%` without two hex digits,
+    anything but printable ASCII unencoded (control characters, spaces, raw bytes), or encoded bytes that
+    are not UTF-8 (overlong forms such as %c0%ae)."""
+    if any(c in path for c in '\\;') or not all(0x20 < ord(c) < 0x7f for c in path):
+        return None         # raw bytes outside printable ASCII too: a request-target has none
+    for match in _PERCENT.finditer(path):
+        if match['hex'] is None or int(match['hex'], 16) in _AMBIGUOUS_ENCODED:
+            return None
+    try:
+        decoded = unquote_to_bytes(path).decode('utf-8', errors='strict')
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in decoded):
+        return None
+    if any(segment in ('.', '..') for segment in decoded.split('/')):
+        return None
+    return decoded
+
+
+def forge_path(path: str) -> str:
+    """The path as a forge resolves it, for gating (a denial, so generously): decoded until it stays the
+    same (at most a few times), `\\` as `/`, `//`, `.` and `..` segments resolved, lower case."""
+    for _ in range(4):
+        decoded = unquote(path, errors='replace')
+        if decoded == path:
+            break
+        path = decoded
+    resolved: list[str] = []
+    for segment in path.replace('\\', '/').split('/'):
+        if segment in ('', '.'):
+            continue
+        if segment == '..':
+            if resolved:
+                resolved.pop()
+            continue
+        resolved.append(segment)
+    return '/' + '/'.join(resolved).lower()
+
+
+def _repo_segment(segment: str) -> str:
+    segment = segment.lower()
+    return segment[:-4] if segment.endswith('.git') else segment
+
+
+# Which method a request asks for besides its own: the usual override headers, and Rails' and others'
+# `_method` parameter.
+METHOD_OVERRIDE_HEADERS = ('x-http-method-override', 'x-http-method', 'x-method-override')
+
+
+def method_override(headers, query: str) -> str | None:
+    """The method a request asks for by a method-override header or a `_method` query parameter, if any.
+    `headers`: (name, value) pairs."""
+    for name, value in headers:
+        if name.lower() in METHOD_OVERRIDE_HEADERS:
+            return value.strip().upper() or '(empty)'
+    for pair in query.split('&'):
+        name, _, value = pair.partition('=')
+        if unquote(name).strip().lower() == '_method':
+            return unquote(value).strip().upper() or '(empty)'
+    return None
+
+
+# --- addresses: the project's own table of what is not public, and of IPv6 forms that embed IPv4
+
+SPECIAL_V4 = tuple(ipaddress.IPv4Network(n) for n in (
+    '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12',
+    '192.0.0.0/24', '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24',
+    '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4'))
+SPECIAL_V6 = tuple(ipaddress.IPv6Network(n) for n in (
+    '::/128', '::1/128', '::/96', '::ffff:0:0/96', '::ffff:0:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48',
+    '100::/64', '2001::/23', '2001:db8::/32', '2002::/16', '3fff::/20', '5f00::/16', 'fc00::/7', 'fe80::/10',
+    'fec0::/10', 'ff00::/8'))
+
+
+def _v4(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+
+
+def _nat64_local(value: int) -> list[ipaddress.IPv4Address]:
+    # RFC 6052 with a /48 prefix (64:ff9b:1::/48, RFC 8215): bits 48-63 and 72-87 hold the IPv4 address, the
+    # octet at bits 64-71 (u) is zero
+    high = (value >> 64) & 0xFFFF
+    low = (value >> 40) & 0xFFFF
+    return [_v4(high << 16 | low)]
+
+
+# (network, the IPv4 addresses an address of it embeds)
+EMBEDDED_V4 = (
+    (ipaddress.IPv6Network('::ffff:0:0/96'), lambda v: [_v4(v)]),                 # IPv4-mapped
+    (ipaddress.IPv6Network('::ffff:0:0:0/96'), lambda v: [_v4(v)]),               # IPv4-translated (SIIT)
+    (ipaddress.IPv6Network('64:ff9b::/96'), lambda v: [_v4(v)]),                  # NAT64, well-known prefix
+    (ipaddress.IPv6Network('64:ff9b:1::/48'), _nat64_local),                      # NAT64, local-use prefix
+    (ipaddress.IPv6Network('2002::/16'), lambda v: [_v4(v >> 80)]),               # 6to4
+    (ipaddress.IPv6Network('2001::/32'), lambda v: [_v4(v >> 64), _v4(~v)]),      # Teredo: server, client
+    (ipaddress.IPv6Network('::/96'), lambda v: [_v4(v)]),                         # IPv4-compatible (deprecated)
+)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address embeds (EMBEDDED_V4); none for the others (and for :: and ::1)."""
+    if address in (ipaddress.IPv6Address('::'), ipaddress.IPv6Address('::1')):
+        return []
+    value = int(address)
+    for network, extract in EMBEDDED_V4:
+        if address in network:
+            return extract(value)
+    return []
+
+
+def not_public(address: IPAddress) -> bool:
+    """Not a public unicast address, by the project's table or by Python's (whichever says so)."""
+    table = SPECIAL_V4 if address.version == 4 else SPECIAL_V6
+    return any(address in network for network in table) or not address.is_global or address.is_multicast

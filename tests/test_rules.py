@@ -1,0 +1,153 @@
+"""A bottle's rules decide what servers will read, not what the strings say (daemons/proxy/rules.py): a narrowed
+path is never passed by a form a server could read otherwise, a narrowed method never by an override, a gated
+repository is matched as a forge resolves paths, and an IPv6 address that embeds an IPv4 one is judged as that
+IPv4 address by the project's own table. Many generated variants each (hypothesis); the same through a real
+bottle is in tests/test_fence.py."""
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'daemons' / 'proxy'))   # as the addon imports it
+import rules  # noqa: E402
+
+pytestmark = pytest.mark.fast
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+NARROWED = rules.Rules.from_json({'hosts': [
+    {'host': 'api.example.com', 'methods': ['GET'], 'paths': ['/ok/']},
+    {'host': 'open.example.com'}],
+    'gated': [{'host': 'github.com', 'path': '/acme/app'}]})
+
+SAFE = st.text(alphabet='abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~', min_size=1, max_size=8)
+# Forms a server may read otherwise than a prefix check does: dot segments hidden or encoded, encoded
+# separators, matrix parameters, NUL, double encoding, overlong UTF-8, backslashes.
+TRICKS = st.sampled_from([
+    '..;', '..;/', '%2e%2e', '%2E%2e', '.%2e', '%252e%252e', '%2f', '%2F', '..%2f', '%5c', '\\', '..\\',
+    '..%00', '%00', ';x=1', ';', '%c0%ae%c0%ae', '%e0%80%ae', '%c0%af', '%25', '%', '%zz', './', '../', '%09',
+    '%3b', '%ff'])
+# The headers servers and frameworks read as the method instead of the request line's.
+OVERRIDE_HEADERS = ['X-HTTP-Method-Override', 'X-HTTP-Method', 'X-Method-Override']
+
+
+def path_of(segments: list[str]) -> str:
+    return '/'.join(segments)
+
+
+@SETTINGS
+@given(before=st.lists(SAFE, max_size=3), trick=TRICKS, after=st.lists(SAFE, max_size=3))
+@example(before=[], trick='..;', after=['private'])
+def test_a_narrowed_path_refuses_every_form_a_server_could_read_otherwise(before, trick, after):
+    path = '/ok/' + path_of(before + [trick] + after)
+    assert NARROWED.refusal('GET', 'api.example.com', path) is not None, path
+
+
+@SETTINGS
+@given(tail=st.text(max_size=12), raw=st.binary(max_size=6))
+@example(tail='', raw=b'\xc0\xae\xc0\xae/private')
+def test_any_path_at_all_is_judged_and_passes_only_as_the_plain_prefix_it_names(tail, raw):
+    """Whatever the agent sends: raw bytes (mitmproxy hands them over as surrogate escapes), spaces, any
+    character; the decision never fails, and an allowed path is printable ASCII under the prefix."""
+    path = '/ok/' + tail + raw.decode('utf-8', 'surrogateescape')
+    reason = NARROWED.refusal('GET', 'api.example.com', path)
+    NARROWED.gated_refusal('github.com', path)
+    if reason is None:
+        assert all(0x20 < ord(c) < 0x7f for c in path) and rules.unambiguous_path(path).startswith('/ok/'), path
+
+
+@SETTINGS
+@given(segments=st.lists(SAFE, max_size=4), encode=st.booleans())
+def test_a_plain_path_under_the_prefix_passes_encoded_or_not(segments, encode):
+    path = '/ok/' + path_of(segments)
+    if encode:      # percent-encoding an unreserved character changes nothing a server reads
+        path = ''.join(f'%{ord(c):02X}' if c.isalpha() and i % 3 == 0 else c for i, c in enumerate(path))
+    assert NARROWED.refusal('GET', 'api.example.com', path) is None, path
+    assert NARROWED.refusal('GET', 'api.example.com', '/nope/' + path_of(segments)) is not None
+
+
+@SETTINGS
+@given(header=st.sampled_from(OVERRIDE_HEADERS), case=st.sampled_from([str.lower, str.upper, str.title]),
+       method=st.sampled_from(['DELETE', 'PUT', 'POST', 'get']), query=st.lists(SAFE, max_size=2))
+def test_a_method_override_is_refused_where_methods_are_narrowed(header, case, method, query):
+    by_header = rules.method_override([(case(header), method)], '&'.join(query))
+    assert by_header == method.upper()
+    assert NARROWED.refusal('GET', 'api.example.com', '/ok/x', by_header) is not None
+    by_parameter = rules.method_override([], '&'.join([*query, f'{case("_method")}={method}']))
+    assert NARROWED.refusal('GET', 'api.example.com', '/ok/x', by_parameter) is not None
+    assert NARROWED.refusal('GET', 'open.example.com', '/x', by_header) is None     # no narrowing there
+    assert NARROWED.refusal('GET', 'api.example.com', '/ok/x', rules.method_override([], '&'.join(query))) is None
+
+
+def case_variant(text: str, flips: list[bool]) -> str:
+    return ''.join(c.upper() if flip else c for c, flip in zip(text, flips + [False] * len(text)))
+
+
+@SETTINGS
+@given(flips=st.lists(st.booleans(), max_size=12), git=st.booleans(), slashes=st.sampled_from(['/', '//', '/./', '\\']),
+       encode=st.sampled_from([None, '%2f', '%252f']), tail=st.sampled_from(['', '/info/refs', '/git-upload-pack']))
+def test_a_gated_repository_is_matched_as_a_forge_resolves_its_path(flips, git, slashes, encode, tail):
+    owner, repo = case_variant('acme', flips[:4]), case_variant('app', flips[4:])
+    path = '/' + owner + (encode or slashes) + repo + ('.git' if git else '') + tail
+    assert NARROWED.gated_refusal('github.com', path) is not None, path
+    assert NARROWED.gated_refusal('github.com', '/' + owner + slashes + repo + 's' + tail) is None
+    assert NARROWED.gated_refusal('github.com', '/other' + slashes + repo + tail) is None
+
+
+PRIVATE_V4 = st.one_of(
+    st.builds(lambda x: ipaddress.IPv4Address(0x7F000000 | x), st.integers(0, 0xFFFFFF)),          # 127/8
+    st.builds(lambda x: ipaddress.IPv4Address(0x0A000000 | x), st.integers(0, 0xFFFFFF)),          # 10/8
+    st.builds(lambda x: ipaddress.IPv4Address(0xA9FE0000 | x), st.integers(0, 0xFFFF)),            # 169.254/16
+    st.builds(lambda x: ipaddress.IPv4Address(0xC0A80000 | x), st.integers(0, 0xFFFF)),            # 192.168/16
+    st.builds(lambda x: ipaddress.IPv4Address(0x64400000 | x), st.integers(0, 0x3FFFFF)))          # 100.64/10
+PUBLIC_V4 = st.sampled_from([ipaddress.IPv4Address(a) for a in ('8.8.8.8', '1.1.1.1', '93.184.216.34',
+                                                                 '140.82.112.3', '151.101.1.69')])
+
+
+def embeddings(v4: ipaddress.IPv4Address) -> dict[str, ipaddress.IPv6Address]:
+    """The IPv6 forms that embed `v4`."""
+    x = int(v4)
+    return {
+        'mapped': ipaddress.IPv6Address(0xFFFF << 32 | x),
+        'translated': ipaddress.IPv6Address(0xFFFF << 48 | x),
+        'compatible': ipaddress.IPv6Address(x),
+        'nat64': ipaddress.IPv6Address(0x0064FF9B << 96 | x),
+        'nat64 local': ipaddress.IPv6Address(0x0064FF9B0001 << 80 | (x >> 16) << 64 | (x & 0xFFFF) << 40),
+        '6to4': ipaddress.IPv6Address(0x2002 << 112 | x << 80 | 1),
+        'teredo server': ipaddress.IPv6Address(0x20010000 << 96 | x << 64 | 0x8000_1234 << 32 | 0x7F7F7F7F),
+        'teredo client': ipaddress.IPv6Address(0x20010000 << 96 | 0x08080808 << 64 | (~x & 0xFFFFFFFF)),
+    }
+
+
+@SETTINGS
+@given(v4=PRIVATE_V4)
+def test_every_ipv6_form_that_embeds_a_private_ipv4_address_is_refused(v4):
+    forms = {form: v6 for form, v6 in embeddings(v4).items()
+             if not (v4.packed[0] == 0 and form == 'compatible')}   # ::/104 holds :: and ::1, not embeddings
+    assert [form for form, v6 in forms.items() if not NARROWED.address_refused(v6)] == [], v4
+    for form, v6 in forms.items():
+        assert v4 in rules.embedded_ipv4(v6), (form, v6)
+
+
+@SETTINGS
+@given(v4=PUBLIC_V4)
+def test_an_ipv6_form_of_a_public_ipv4_address_is_judged_as_that_address(v4):
+    for form in ('mapped', 'nat64', 'nat64 local', '6to4'):
+        assert not NARROWED.address_refused(embeddings(v4)[form]), form
+    allowed = rules.Rules.from_json({'hosts': [], 'allow_private': ['127.5.0.0/16']})
+    assert not allowed.address_refused(embeddings(ipaddress.IPv4Address('127.5.6.7'))['nat64'])
+
+
+def test_the_table_not_the_interpreter_decides(monkeypatch):
+    """Whatever this Python calls global (it differs between patch levels), the project's table refuses."""
+    monkeypatch.setattr(ipaddress.IPv6Address, 'is_global', property(lambda self: True))
+    monkeypatch.setattr(ipaddress.IPv4Address, 'is_global', property(lambda self: True))
+    for v6 in embeddings(ipaddress.IPv4Address('169.254.169.254')).values():
+        assert NARROWED.address_refused(v6), v6
+    for address in ('10.1.2.3', '127.0.0.1', '::1', 'fe80::1', 'fd00::1', '100::1', '2001:db8::1'):
+        assert NARROWED.address_refused(ipaddress.ip_address(address)), address
+    assert not NARROWED.address_refused(ipaddress.ip_address('2606:4700:4700::1111'))
