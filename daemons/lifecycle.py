@@ -212,6 +212,50 @@ def connects(address: tuple[str, int] | str, seconds: float = CONNECT_SECONDS) -
         return False
 
 
+PROBE_BYTES = 64 * 1024     # a health answer is a few hundred bytes
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every receive ends by one deadline for the whole exchange, so an answer dripped a
+    byte at a time cannot keep a probe waiting past it."""
+
+    def __init__(self, family: int, deadline: float):
+        super().__init__(family, socket.SOCK_STREAM)
+        self.deadline = deadline
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError('the answer did not come within the deadline')
+        self.settimeout(remaining)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def probe_json(address: tuple[str, int] | str, url: str, seconds: float, headers: Mapping[str, str] | None = None,
+               limit: int = PROBE_BYTES) -> dict | None:
+    """GET `url` (a path, or an absolute URL for a proxy) over a TCP (host, port) or a Unix socket path: the JSON
+    object answered with status 200, or None for anything else. The whole exchange within `seconds` and
+    `limit` bytes of body, whatever the other end does (it may not be what it should be). Never raises."""
+    import http.client      # asked at a start and by `doit status`, never by a no-op run
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    connection = http.client.HTTPConnection('localhost')
+    try:
+        connection.sock = _DeadlineSocket(family, time.monotonic() + seconds)
+        connection.sock.settimeout(seconds)
+        connection.sock.connect(address)
+        connection.request('GET', url, headers=dict(headers or {}))
+        response = connection.getresponse()
+        body = response.read(limit + 1)
+        if response.status != 200 or len(body) > limit:
+            return None
+        answer = json.loads(body)
+        return answer if isinstance(answer, dict) else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
 def _passes(check: Callable[[], bool]) -> bool:
     try:
         return bool(check())

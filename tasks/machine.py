@@ -36,6 +36,7 @@ def tasks(project: Project):
         config = {'name': agent.machine, 'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
                   'env': machine_env(agent), 'backend': agent.backend,
                   'door': [str(egress.door_socket(project, agent.name)), guest.DOOR],
+                  'door_mount': 'read-only',       # machines made before the door was read-only are made again
                   'workload': list(guest.DOOR_RELAY)}
         yield {
             'name': agent.name,

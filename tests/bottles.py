@@ -660,6 +660,10 @@ class Dockerd:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 120
             while Path(f'/proc/{pid}').exists() and time.monotonic() < deadline:
+                try:
+                    os.waitpid(pid, os.WNOHANG)      # this process's child (an earlier Dockerd object started it)
+                except ChildProcessError:
+                    pass
                 time.sleep(0.2)
             if Path(f'/proc/{pid}').exists():
                 os.kill(pid, signal.SIGKILL)

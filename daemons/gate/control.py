@@ -15,6 +15,7 @@ from daemons.atomic import write_atomic
 from daemons.gate.config import BottlesError, load_bottles, parse_bottles
 from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.lifecycle import probe_json
 from daemons.proxy.rules import GATE_KEY_HEADER, LISTEN_HOST
 from daemons.service import KeyedService
 
@@ -76,16 +77,12 @@ class GitGate(KeyedService):
 
     def probe(self) -> bool:
         """The gate at the recorded port answers /health with our key, as the recorded process."""
-        import http.client      # at its start and for `doit status`; doit's up-to-date check only connects
-        record = self.recorded()
+        record = self.recorded()       # at its start and for `doit status`; doit's up-to-date check only connects
         if not record:
             return False
-        connection = http.client.HTTPConnection(LISTEN_HOST, record['port'], timeout=PROBE_SECONDS)
         try:
-            connection.request('GET', '/health', headers={GATE_KEY_HEADER: self.key_file.read_text().strip()})
-            response = connection.getresponse()
-            return response.status == 200 and json.loads(response.read()).get('pid') == record['pid']
-        except (OSError, ValueError, http.client.HTTPException):
+            key = self.key_file.read_text().strip()
+        except OSError:
             return False
-        finally:
-            connection.close()
+        answer = probe_json((LISTEN_HOST, record['port']), '/health', PROBE_SECONDS, {GATE_KEY_HEADER: key})
+        return answer is not None and answer.get('pid') == record['pid']

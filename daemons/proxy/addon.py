@@ -26,10 +26,15 @@ For every request, in this order:
   inside is always intercepted (never passed through), so every request is checked here, and a
   denied one gets a readable 403 naming the host and how to get it allowed, before any DNS lookup
   or connection upstream;
+- the request's head must be read by any server as the proxy reads it (message.py: HTTP/1.1 or 1.0, clean
+  header names and values, one Host, no routing headers, no body on a GET);
 - the TLS SNI, the Host header and the request-target's own authority (a request in absolute form inside
-  a tunnel) must all name the CONNECT target, host and port (no fronting), and what goes upstream is
-  origin-form, so the server reads the very target that was checked;
-- the bottle's rules (see rules.py), re-read when the file changes (written as temp + rename);
+  a tunnel) must all name the CONNECT target, host and port (no fronting); what goes upstream is
+  origin-form with the proxy's own Host for the checked target, so the server reads the very target
+  that was checked;
+- the bottle's rules (see rules.py), re-read when the file changes (written as temp + rename); where they
+  narrow methods, an override in a header, the query or a body a framework reads as parameters is refused
+  (a body is read whole first, at most message.BODY_LIMIT);
 - the allowed name is resolved once per client connection, and refused when any address is
   loopback, private, link-local or otherwise not public, unless the rules' `allow_private` lists it;
   the upstream connection goes to that checked address (no DNS rebinding), its certificate checked
@@ -54,6 +59,7 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, http
 
+import message
 import rules as bottle_rules
 from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES
 
@@ -241,19 +247,44 @@ class EgressFence:
 
     async def judge(self, flow: http.HTTPFlow, bottle: Bottle | None):
         """Answer, route to a service, deny, or let the request go up (and mark it so)."""
-        if bottle is not None and normal_host(flow.request.host) == HEALTH_HOST:
+        request = flow.request
+        host = normal_host(request.host)
+        if bottle is None:
+            deny(flow, bottle, NO_BOTTLE)
+            return
+        if host == HEALTH_HOST:
             routes = {service.name: service.port for service in self.services.values()}
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name, 'services': routes}),
                                                {'Content-Type': 'application/json'})
             return
-        if bottle is not None and normal_host(flow.request.host) in SERVICE_NAMES:
-            self.to_service(flow, bottle, normal_host(flow.request.host))
-            return
-        refusal = NO_BOTTLE if bottle is None else await self.refusal(flow, bottle)
-        if refusal:
+        reason = message.head_refusal(request.http_version, request.method, request.headers.fields,
+                                      request.scheme, host, request.port)
+        if reason:
+            deny(flow, bottle, Refusal(reason))
+        elif host in SERVICE_NAMES:
+            self.to_service(flow, bottle, host)
+        elif refusal := await self.refusal(flow, bottle):
             deny(flow, bottle, refusal)
         else:
+            request.headers['Host'] = message.host_header(host, request.port, request.scheme)
             flow.metadata['bottle_allowed'] = bottle
+
+    def request(self, flow: http.HTTPFlow):
+        """A body held for an override check (refusal) is whole now: refused here when it asks for another
+        method, before any connection upstream."""
+        if not flow.metadata.pop('bottle_check_body', False) or flow.response:
+            return
+        bottle, request = flow.metadata['bottle_allowed'], flow.request
+        override = message.body_override(request.headers.get('content-type'), request.raw_content or b'')
+        rules = bottle.rules()
+        if isinstance(rules, str):
+            refusal = Refusal(rules, RELAUNCH)
+        else:
+            reason = rules.refusal(request.method, request.host, request.path.partition('?')[0], override)
+            refusal = Refusal(reason, ALLOW_HOSTS) if reason else None
+        if refusal:
+            del flow.metadata['bottle_allowed']
+            deny(flow, bottle, refusal)
 
     def to_service(self, flow: http.HTTPFlow, bottle: Bottle, host: str):
         service = self.services.get(host)
@@ -280,18 +311,12 @@ class EgressFence:
             return noncanonical_refusal(host)
         sni = flow.client_conn.sni
         if sni is not None and normal_host(sni) != host:
-            return Refusal(f'the TLS server name {sni} is not the CONNECT target {host}')
-        host_header = request.host_header
-        if host_header is not None and normal_host(_without_port(host_header)) != host:
-            return Refusal(f'the Host header {host_header} does not name the target {host}')
+            return Refusal(f'the TLS server name {message.shown(sni)} is not the CONNECT target {host}')
         if request.authority:       # absolute form inside a tunnel: a server may route by this authority
-            if _named(request.authority, request.scheme) != (host, request.port):
-                return Refusal(f'the request-target names {request.authority}, not the target '
+            if message.named(request.authority, request.scheme) != (host, request.port):
+                return Refusal(f'the request-target names {message.shown(request.authority)}, not the target '
                                f'{host}:{request.port}')
-            # Origin-form upstream, so the server reads the very target checked here. (HTTP/2's :authority
-            # is its Host; mitmproxy turns it into one when it speaks HTTP/1.1 upstream.)
-            if not (request.is_http2 or request.is_http3):
-                request.authority = ''
+            request.authority = ''      # origin-form upstream (HTTP/1 only: head_refusal), the target checked here
         rules = bottle.rules()
         if isinstance(rules, str):
             return Refusal(rules, RELAUNCH)
@@ -299,11 +324,30 @@ class EgressFence:
         reason = rules.gated_refusal(host, path)
         if reason:
             return Refusal(reason, GATED)
-        override = bottle_rules.method_override(request.headers.items(), query)
+        override = message.method_override(request.headers.items(), query)
         reason = rules.refusal(request.method, host, path, override)
         if reason:
             return Refusal(reason, ALLOW_HOSTS)
-        return await self.check_address(flow, rules, host, request.port)
+        refusal = self.body_refusal(flow, rules, host)
+        return refusal or await self.check_address(flow, rules, host, request.port)
+
+    @staticmethod
+    def body_refusal(flow: http.HTTPFlow, rules: bottle_rules.Rules, host: str) -> Refusal | None:
+        """Where methods are narrowed, a body a framework could read a `_method` from is held whole and read
+        (request); one too large to hold, or sent in chunks or encoded, is refused here."""
+        headers = flow.request.headers
+        has_body = 'transfer-encoding' in headers or headers.get('content-length', '0').strip() != '0'
+        if not (has_body and rules.narrows_methods(host) and message.body_checked(headers.get('content-type'))):
+            return None
+        length = headers.get('content-length', '').strip()
+        if 'transfer-encoding' in headers or 'content-encoding' in headers or not length.isdigit() \
+                or int(length) > message.BODY_LIMIT:
+            return Refusal(f'where methods are narrowed on {host}, a body of type '
+                           f'{message.shown(headers.get("content-type", "(none)"))} is read for a method override: '
+                           f'send it with a Content-Length of at most {message.BODY_LIMIT} bytes, not chunked or '
+                           'encoded', ALLOW_HOSTS)
+        flow.metadata['bottle_check_body'] = True
+        return None
 
     async def check_address(self, flow, rules: bottle_rules.Rules, host: str, port: int) -> Refusal | None:
         key = (flow.client_conn.id, flow.request.host, port)
@@ -408,24 +452,6 @@ def deny(flow: http.HTTPFlow, bottle: Bottle | None, refusal: Refusal):
 
 def normal_host(host: str) -> str:
     return bottle_rules.normal_host(host)
-
-
-def _named(authority: str, scheme: str) -> tuple[str, int | None]:
-    """(host, port) an authority names, the scheme's port when it names none; port None when it is not a port."""
-    host = _without_port(authority)
-    rest = authority[authority.index(']') + 1:] if authority.startswith('[') else authority[len(host):]
-    if not rest:
-        return normal_host(host), 443 if scheme == 'https' else 80
-    try:
-        return normal_host(host), int(rest.removeprefix(':'))
-    except ValueError:
-        return normal_host(host), None
-
-
-def _without_port(authority: str) -> str:
-    if authority.startswith('['):
-        return authority[1:].split(']', 1)[0]
-    return authority.rsplit(':', 1)[0] if authority.count(':') == 1 else authority
 
 
 def _peer(flow: http.HTTPFlow) -> str | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from daemons.atomic import write_atomic
 from daemons.hostprograms import HostProgramMissing, require
-from daemons.lifecycle import Daemon, code_digest, connects, locked
+from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_json
 from daemons.proxy.rules import HEALTH_HOST, LISTEN_HOST, Rules
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
@@ -360,23 +360,9 @@ def _routes(bottle: str, port: int) -> dict:
 
 def _health(bottle: str, *, port: int | None = None, door: str | None = None) -> dict | None:
     """The proxy's health answer for the bottle, asked on its listener's port or through its door, or None
-    when it gives none."""
-    import http.client      # asked at a start and by `doit status`, never by a no-op run
-    connection = http.client.HTTPConnection(LISTEN_HOST if door is None else HEALTH_HOST, port,
-                                            timeout=PROBE_SECONDS)
-    try:
-        if door is not None:
-            connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            connection.sock.settimeout(PROBE_SECONDS)
-            connection.sock.connect(door)
-        connection.request('GET', f'http://{HEALTH_HOST}/')
-        response = connection.getresponse()
-        answer = json.loads(response.read()) if response.status == 200 else None
-        return answer if isinstance(answer, dict) and answer.get('bottle') == bottle else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
+    when it gives none (within PROBE_SECONDS and a size bound: whatever answers on the door is not trusted)."""
+    answer = probe_json(door if door is not None else (LISTEN_HOST, port), f'http://{HEALTH_HOST}/', PROBE_SECONDS)
+    return answer if answer is not None and answer.get('bottle') == bottle else None
 
 
 def _check_socket_path(path: Path) -> None:

@@ -20,20 +20,23 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
   written never matches a prefix (refused rather than normalised): `.` or `..` segments, an encoded `/`,
   `.`, `\\`, `;` or NUL, a `\\` or `;` itself, double encoding (`%25`), anything but printable ASCII
   unencoded (control characters, spaces, raw bytes), or percent-encoded bytes that are not UTF-8
-  (overlong forms). Where methods are narrowed, a request that asks for another
-  method by a method-override header or a `_method` parameter is refused.
+  (overlong forms), a segment of dots (`...`, `.. `), or a character Unicode normalises to another
+  (fullwidth dots). Where methods are narrowed, a request that asks for another method by an override
+  (message.py: a header, a `_method` parameter in the query or the body) is refused.
 - A request is allowed when any entry allows it; an empty or missing `hosts` allows nothing.
 - `allow_private`: networks (CIDR) that allowed hosts may resolve to although they are loopback,
   private, link-local or otherwise not public; every such address is refused unless listed here.
 - `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
   host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows. The
   path is read as a forge reads it: decoded (twice-encoded too), `\\` as `/`, `//`, `/./` and `..`
-  resolved, and compared without case (GitHub serves owner/repo case-insensitively).
+  resolved, `;parameters` dropped, trailing blanks and dots trimmed, and compared without case after
+  Unicode normalisation (GitHub serves owner/repo case-insensitively).
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
 Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
 public by the project's own table (SPECIAL_V4, SPECIAL_V6) or by Python's, and an IPv6 address that embeds
 an IPv4 one (EMBEDDED_V4: mapped, compatible, translated, NAT64, 6to4, Teredo) is judged as that IPv4
-address: which of these forms Python calls non-global depends on its patch level.
+address: which of these forms Python calls non-global depends on its patch level. Addresses under the
+local-use NAT64 prefix 64:ff9b:1::/48, whose layout each network chooses, are refused whole.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import ipaddress
 import json
 import re
 import socket
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes
@@ -172,6 +176,11 @@ class Rules:
             f'{",".join(sorted(h.methods)) if h.methods else "any method"} on '
             f'{" or ".join(h.paths) if h.paths else "any path"}' for h in for_host)
 
+    def narrows_methods(self, host: str) -> bool:
+        """Whether an entry for this host narrows methods (then a body may have to be read for an override)."""
+        host = normal_host(host)
+        return any(h.methods is not None for h in self.hosts if h.matches_host(host))
+
     def gated_refusal(self, host: str, path: str) -> str | None:
         """Why this request is refused as one for a gated repository, or None."""
         host = normal_host(host)
@@ -183,12 +192,12 @@ class Rules:
         """True for loopback, private, link-local, unspecified, multicast and other non-public
         addresses, unless `allow_private` lists their network. An IPv6 address that embeds IPv4 ones
         is refused when any of them is."""
-        if isinstance(address, ipaddress.IPv6Address):
+        if any(address.version == n.version and address in n for n in self.allow_private):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address not in NAT64_LOCAL:
             embedded = embedded_ipv4(address)
             if embedded:
                 return any(self.address_refused(v4) for v4 in embedded)
-        if any(address.version == n.version and address in n for n in self.allow_private):
-            return False
         return not_public(address)
 
 
@@ -278,21 +287,28 @@ def unambiguous_path(path: str) -> str | None:
         return None
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in decoded):
         return None
-    if any(segment in ('.', '..') for segment in decoded.split('/')):
-        return None
+    if unicodedata.normalize('NFKC', decoded) != decoded:
+        return None         # fullwidth dots and slashes, ligatures: a server may normalise them
+    if any(segment and not segment.strip(' \t.') for segment in decoded.split('/')):
+        return None         # `.`, `..`, `...`, `.. `: dots and blanks alone, which servers resolve or trim
     return decoded
 
 
 def forge_path(path: str) -> str:
     """The path as a forge resolves it, for gating (a denial, so generously): decoded until it stays the
-    same (at most a few times), `\\` as `/`, `//`, `.` and `..` segments resolved, lower case."""
+    same (at most a few times), `\\` as `/`, each segment without `;parameters` and trailing blanks and
+    dots, `//`, `.` and `..` segments resolved, Unicode-normalised (NFKC) and case-folded."""
     for _ in range(4):
         decoded = unquote(path, errors='replace')
         if decoded == path:
             break
         path = decoded
     resolved: list[str] = []
+    path = unicodedata.normalize('NFKC', path)
     for segment in path.replace('\\', '/').split('/'):
+        segment = segment.split(';', 1)[0].strip(' \t')
+        if segment.strip('.'):
+            segment = segment.rstrip(' \t.')       # `app.`, `app%20`: the name a forge trims them to
         if segment in ('', '.'):
             continue
         if segment == '..':
@@ -300,30 +316,12 @@ def forge_path(path: str) -> str:
                 resolved.pop()
             continue
         resolved.append(segment)
-    return '/' + '/'.join(resolved).lower()
+    return '/' + '/'.join(resolved).casefold()
 
 
 def _repo_segment(segment: str) -> str:
-    segment = segment.lower()
-    return segment[:-4] if segment.endswith('.git') else segment
-
-
-# Which method a request asks for besides its own: the usual override headers, and Rails' and others'
-# `_method` parameter.
-METHOD_OVERRIDE_HEADERS = ('x-http-method-override', 'x-http-method', 'x-method-override')
-
-
-def method_override(headers, query: str) -> str | None:
-    """The method a request asks for by a method-override header or a `_method` query parameter, if any.
-    `headers`: (name, value) pairs."""
-    for name, value in headers:
-        if name.lower() in METHOD_OVERRIDE_HEADERS:
-            return value.strip().upper() or '(empty)'
-    for pair in query.split('&'):
-        name, _, value = pair.partition('=')
-        if unquote(name).strip().lower() == '_method':
-            return unquote(value).strip().upper() or '(empty)'
-    return None
+    segment = unicodedata.normalize('NFKC', segment).casefold()
+    return segment[:-4].rstrip(' \t.') if segment.endswith('.git') else segment
 
 
 # --- addresses: the project's own table of what is not public, and of IPv6 forms that embed IPv4
@@ -334,7 +332,8 @@ SPECIAL_V4 = tuple(ipaddress.IPv4Network(n) for n in (
     '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4'))
 SPECIAL_V6 = tuple(ipaddress.IPv6Network(n) for n in (
     '::/128', '::1/128', '::/96', '::ffff:0:0/96', '::ffff:0:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48',
-    '100::/64', '2001::/23', '2001:db8::/32', '2002::/16', '3fff::/20', '5f00::/16', 'fc00::/7', 'fe80::/10',
+    '100::/64', '100:0:0:1::/64', '2001::/23', '2001:db8::/32', '2002::/16', '3fff::/20', '5f00::/16', 'fc00::/7',
+    'fe80::/10',
     'fec0::/10', 'ff00::/8'))
 
 
@@ -342,12 +341,9 @@ def _v4(value: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(value & 0xFFFFFFFF)
 
 
-def _nat64_local(value: int) -> list[ipaddress.IPv4Address]:
-    # RFC 6052 with a /48 prefix (64:ff9b:1::/48, RFC 8215): bits 48-63 and 72-87 hold the IPv4 address, the
-    # octet at bits 64-71 (u) is zero
-    high = (value >> 64) & 0xFFFF
-    low = (value >> 40) & 0xFFFF
-    return [_v4(high << 16 | low)]
+# The local-use NAT64 prefix (RFC 8215): where the IPv4 address sits in it depends on the length of the
+# prefix each network picks (RFC 6052), so no one reading is right; refused whole (SPECIAL_V6).
+NAT64_LOCAL = ipaddress.IPv6Network('64:ff9b:1::/48')
 
 
 # (network, the IPv4 addresses an address of it embeds)
@@ -355,7 +351,6 @@ EMBEDDED_V4 = (
     (ipaddress.IPv6Network('::ffff:0:0/96'), lambda v: [_v4(v)]),                 # IPv4-mapped
     (ipaddress.IPv6Network('::ffff:0:0:0/96'), lambda v: [_v4(v)]),               # IPv4-translated (SIIT)
     (ipaddress.IPv6Network('64:ff9b::/96'), lambda v: [_v4(v)]),                  # NAT64, well-known prefix
-    (ipaddress.IPv6Network('64:ff9b:1::/48'), _nat64_local),                      # NAT64, local-use prefix
     (ipaddress.IPv6Network('2002::/16'), lambda v: [_v4(v >> 80)]),               # 6to4
     (ipaddress.IPv6Network('2001::/32'), lambda v: [_v4(v >> 64), _v4(~v)]),      # Teredo: server, client
     (ipaddress.IPv6Network('::/96'), lambda v: [_v4(v)]),                         # IPv4-compatible (deprecated)

@@ -138,8 +138,9 @@ class Docker(Backend):
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
         # No network card; the door's directory, not its socket file, is mounted: a relay that
-        # recreates the socket after a restart is then reached again without a container restart.
-        args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}']
+        # recreates the socket after a restart is then reached again without a container restart. Read-only:
+        # guest root connects to the door but can neither replace it nor leave a file on the host.
+        args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}:ro']
         self._cli(*args, ref, *spec.workload)
 
     def _start(self, name: str):

@@ -67,7 +67,9 @@ KEYS: tuple[Key, ...] = (
     Key('network.allow_hosts', HOSTS, [],
         'what the bottle may reach: `api.github.com` (that name), `*.github.com` (that domain and every name '
         'under it), or `{host: api.github.com, methods: [GET, HEAD], paths: [/repos/acme/]}` (only those '
-        'methods and path prefixes); skills add theirs (`allow_hosts:` in their `SKILL.md` front matter). '
+        'methods and path prefixes; a path a server could read otherwise, such as `/repos/acme/..;/x` or `%2f`, '
+        'never matches, and an override of the method is refused: see the fence); skills add theirs '
+        '(`allow_hosts:` in their `SKILL.md` front matter). '
         'Enforced by the project\'s egress proxy, the bottle\'s only way out; a change applies at the next '
         'launch without recreating the machine', 'hosts'),
     Key('network.allow_private', ListOf(NETWORK, 'list of networks', unique=True), [],
