@@ -45,7 +45,7 @@ apt_install() {
 }
 
 command -v python3 >/dev/null 2>&1 || apt_install python3
-# The demo's host programs (podman, runc, socat, debootstrap, npm, git, ...), each from its Debian
+# The demo's host programs (podman, runc, debootstrap, npm, git, ...), each from its Debian
 # package; ca-certificates: pip and npm fetch over https; python3-venv: ensurepip, for the venv.
 packages=$(python3 -m daemons.hostprograms missing demo)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || packages="$packages ca-certificates"

@@ -4,11 +4,11 @@
     python bench/bench_proxy.py [--quick] [--keep]
 
 Everything is real and on loopback: a TLS upstream (tests/proxy_upstreams.py, TCP_NODELAY) on a
-127.x.y.z address, the project's proxy (daemons/proxy/serve.py: mitmproxy with the addon, a socat relay per
-door) and, standing in for the one inside a bottle, a guest-side socat relay from 127.0.0.1 to the
+127.x.y.z address, the project's proxy (daemons/proxy/serve.py: mitmproxy with the addon, listening on each
+door itself) and, standing in for the one inside a bottle, a guest-side socat relay from 127.0.0.1 to the
 door's Unix socket. So a proxied request goes
 
-    client -> guest relay (TCP) -> door (Unix socket) -> host relay -> proxy + addon -> upstream
+    client -> guest relay (TCP) -> door (Unix socket) -> proxy + addon -> upstream
 
 and the same client also talks to the same upstream directly. The client is Python's http.client
 (CONNECT tunnel via set_tunnel, TCP_NODELAY), the same code on every route, so its own cost is in
@@ -22,16 +22,17 @@ repetition's median, with the range of those medians.
     first streamed event  on a warm connection, GET of a server-sent event stream whose first event
                           is sent at once and the next one a second later: time until the first
                           event is read (a buffering proxy would show a second or more)
-    memory                VmRSS of the proxy, and of the socat relays (their PSS too: their shared
-                          pages are counted once), with 1 bottle and with 20 bottles (20 doors,
-                          one request through each), and after the whole workload
+    memory                VmRSS of the proxy, and of the guest-side socat relays (inside bottles in
+                          real use), with 1 bottle and with 20 bottles (20 doors, one request
+                          through each), and after the whole workload
 
-Then where the keep-alive time goes: the same requests over two socat hops without a proxy, to a
-the proxy without the addon (same options otherwise), and to the bottle's proxy listener
-without the relays, with the CPU each process used per request (utime + stime from /proc, relays'
-exited connection children included). Last, curl with many URLs in one invocation, offering
-HTTP/2 (curl's default, like git's libcurl) or HTTP/1.1 only, with the upstream connections each
-run made, through the door and through a proxy without the addon with and without
+Then where the keep-alive time goes: the same requests over two socat hops without a proxy, and to
+the proxy without the addon (same options otherwise, on a TCP listener), with the CPU each process used
+per request (utime + stime from /proc, relays' exited connection children included). Then another
+bottle's keep-alive requests before and while one bottle holds 300 silent connections to its door (the
+refused ones, the processes made, the proxy's open files). Last, curl with many URLs in one
+invocation, offering HTTP/2 (curl's default, like git's libcurl) or HTTP/1.1 only, with the upstream
+connections each run made, through the door and through a proxy without the addon with and without
 `http2=false`. The targets are printed beside the figures; missing one does not fail the bench.
 
 It runs as root, like the tests: the upstream listens on port 443, the only HTTPS port the proxy
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import shutil
@@ -277,27 +277,13 @@ def memory_kb(pid: int) -> tuple[int, int]:
 @dataclass
 class Memory:
     label: str
-    proxy_rss: float           # MB
-    host_relays_rss: float
-    host_relays_pss: float
+    host_total: float          # MB: the proxy's RSS, all the host runs for the doors
     guest_relays_rss: float
 
-    @property
-    def host_total(self) -> float:
-        """What the host spends: the relays' shared pages (libc, socat) once, not once per relay."""
-        return self.proxy_rss + self.host_relays_pss
 
-
-def memory(label: str, proxy: EgressProxy, host_relay_pids: list[int], guests: list[GuestRelay]) -> Memory:
+def memory(label: str, proxy: EgressProxy, guests: list[GuestRelay]) -> Memory:
     proxy_rss, _ = memory_kb(proxy.daemon().pid())
-    host = [memory_kb(pid) for pid in host_relay_pids]
-    guest = [memory_kb(relay.process.pid) for relay in guests]
-    return Memory(label, proxy_rss / 1024, sum(r for r, _ in host) / 1024,
-                  sum(p for _, p in host) / 1024, sum(r for r, _ in guest) / 1024)
-
-
-def relay_pid(bottle_dir: Path) -> int:
-    return json.loads((bottle_dir / 'door-relay.pid').read_text())['pid']
+    return Memory(label, proxy_rss / 1024, sum(memory_kb(relay.process.pid)[0] for relay in guests) / 1024)
 
 
 # --- the pieces not in the product: a proxy without the addon, two relays without a proxy -------
@@ -373,6 +359,53 @@ class Results:
     memory: list[Memory] = field(default_factory=list)
     curl: list[tuple[str, list[float], str, int]] = field(default_factory=list)
     proxy_requests: int = 0        # lines in the bottles' logs: one per request
+    flood: Flood | None = None
+
+
+@dataclass
+class Flood:
+    """Another bottle's keep-alive requests before and while one bottle holds FLOOD connections to its door."""
+    calm: Series
+    flooded: Series
+    held: int                      # of the FLOOD connections, the ones the door took
+    answered: int                  # the ones refused with a 503 (the rest: closed past the bound on refusals)
+    proxy_children: int            # processes the proxy made meanwhile
+    proxy_fds: tuple[int, int]     # the proxy's open files before and during
+
+
+FLOOD = 300
+
+
+def hold_connections(door: Path, count: int) -> tuple[list[socket.socket], int, int]:
+    """`count` connections to the door, held open and silent (half-open, as a hostile guest holds them); how
+    many the door took, and how many of the others it answered 503 (the rest it closed unanswered)."""
+    connections = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(door))
+        connections.append(sock)
+    time.sleep(3)          # past doors.REFUSAL_SECONDS: every refusal is done
+    held = answered = 0
+    for sock in connections:
+        sock.setblocking(False)
+        try:
+            answered += sock.recv(12) == b'HTTP/1.1 503'
+        except BlockingIOError:
+            held += 1
+        except OSError:
+            pass
+    return connections, held, answered
+
+
+def children_of(pid: int) -> int:
+    return sum(1 for entry in os.scandir('/proc') if entry.name.isdigit() and _parent(int(entry.name)) == pid)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
@@ -401,18 +434,19 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
             guests.append(guest)
             bottle_dirs.append(door.bottle_dir)
             route = Route('door', 'proxy', guest.port, proxy_context,
-                          {'proxy': lambda: [proxy.daemon().pid()],
-                           'relays': lambda: [relay_pid(door.bottle_dir), guest.process.pid]})
+                          {'proxy': lambda: [proxy.daemon().pid()], 'relays': lambda: [guest.process.pid]})
             new_connections(route, address, 1)
             return route
 
         door = open_bottle(0)
-        results.memory.append(memory('1 bottle', proxy, [relay_pid(bottle_dirs[0])], guests[:1]))
+        neighbour = None
+        results.memory.append(memory('1 bottle', proxy, guests[:1]))
 
         log(f'opening {BOTTLES - 1} more doors, one request through each ...')
         for index in range(1, BOTTLES):
-            open_bottle(index)
-        results.memory.append(memory(f'{BOTTLES} bottles', proxy, [relay_pid(d) for d in bottle_dirs], guests))
+            route = open_bottle(index)
+            neighbour = neighbour or route
+        results.memory.append(memory(f'{BOTTLES} bottles', proxy, guests))
 
         log('starting the comparison pieces: two relays without a proxy, a proxy without the addon ...')
         raw = raw_host_relay(tmp / 'raw' / 'door' / 'egress.sock', address)
@@ -426,7 +460,6 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
         for daemon in (plain, http1):
             daemons.append(daemon)
             daemon.start()
-        listener_port = json.loads(proxy.doors_file.read_text())['bottles']['b00']['port']
         direct_context = ssl.create_default_context(cafile=str(upstream_ca))
         routes = [
             Route('direct', 'direct', 443, direct_context),
@@ -434,8 +467,6 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
                   {'relays': lambda: [raw.pid(), raw_guest.process.pid]}),
             Route('proxy without addon', 'proxy', plain_port, ssl.create_default_context(cafile=str(plain_ca)),
                   {'proxy': lambda: [plain.pid()]}),
-            Route('bottle listener, no relays', 'proxy', listener_port, proxy_context,
-                  {'proxy': lambda: [proxy.daemon().pid()]}),
             door,
         ]
         for route in routes:       # each route answers before anything is timed
@@ -452,6 +483,21 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
         results.latency['first streamed event'] = interleaved(
             [routes[0], door], lambda r: first_events(r, address, shape.events), shape.reps, shape.budget, log,
             'first streamed event')
+
+        log(f'a neighbour: keep-alive through b01, then again while b00 holds {FLOOD} connections ...')
+        calm = interleaved([neighbour], lambda r: keep_alive(r, address, shape.keep_alive), shape.reps,
+                           shape.budget, log, 'neighbour, calm')['door']
+        pid = proxy.daemon().pid()
+        fds_before = len(os.listdir(f'/proc/{pid}/fd'))
+        held, taken, answered = hold_connections(tmp / 'doors' / 'b00' / 'egress.sock', FLOOD)
+        try:
+            fds_during, children = len(os.listdir(f'/proc/{pid}/fd')), children_of(pid)
+            flooded = interleaved([neighbour], lambda r: keep_alive(r, address, shape.keep_alive), shape.reps,
+                                  shape.budget, log, 'neighbour, flooded')['door']
+        finally:
+            for sock in held:
+                sock.close()
+        results.flood = Flood(calm, flooded, taken, answered, children, (fds_before, fds_during))
 
         log(f'curl: {shape.curl_reps} x {shape.curl_urls} URLs per invocation ...')
         curl_routes = [   # name, the proxy's port (None: direct), the CA curl trusts, curl's options
@@ -472,8 +518,7 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
         for name, (medians, versions, connections) in runs.items():
             results.curl.append((name, medians, ','.join(sorted(versions)), max(connections)))
 
-        results.memory.append(memory(f'{BOTTLES} bottles, after the bench', proxy,
-                                     [relay_pid(d) for d in bottle_dirs], guests[:BOTTLES]))
+        results.memory.append(memory(f'{BOTTLES} bottles, after the bench', proxy, guests[:BOTTLES]))
         results.proxy_requests = sum(len((d / 'egress.log').read_text().splitlines()) for d in bottle_dirs)
     finally:
         for relay in guests:
@@ -503,7 +548,7 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
         'claude-bottle egress proxy bench (everything on loopback)',
         f'machine:  {platform.system()} {platform.machine()}, {cpus} CPUs ({usable} usable), '
         f'Python {platform.python_version()}; load average {load_start} at start, {load_end} at the end',
-        'door:     client -> guest socat relay (TCP) -> door (Unix socket) -> host socat relay -> '
+        'door:     client -> guest socat relay (TCP) -> door (Unix socket) -> '
         'proxy + addon -> TLS upstream',
         f'client:   Python http.client, the same on every route; {shape.reps} repetitions (fewer if the '
         f'{shape.budget:.0f} s budget of a measurement ran out): {shape.keep_alive} keep-alive requests, '
@@ -528,18 +573,15 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
                f'{"streamed" if slowest < BUFFERED_SECONDS else "HELD BACK: the next event comes 1 s later"})')
     out.append('')
 
-    head = (f'{"memory, MB":<32}{"proxy":>10}{"host relays":>13}{"PSS":>8}{"host total":>12}'
-            f'{"guest relays":>14}{"target":>10}{"met":>5}')
+    head = f'{"memory, MB":<32}{"proxy = host total":>20}{"guest relays":>14}{"target":>10}{"met":>5}'
     out += [head, '-' * len(head)]
     for m in results.memory:
         is_target = m.label == f'{BOTTLES} bottles'
-        out.append(f'{m.label:<32}{m.proxy_rss:>10.1f}{m.host_relays_rss:>13.1f}{m.host_relays_pss:>8.1f}'
-                   f'{m.host_total:>12.1f}{m.guest_relays_rss:>14.1f}'
+        out.append(f'{m.label:<32}{m.host_total:>20.1f}{m.guest_relays_rss:>14.1f}'
                    f'{(f"< {TARGET_MEMORY_MB:g}" if is_target else ""):>10}'
                    f'{(verdict(m.host_total, TARGET_MEMORY_MB) if is_target else ""):>5}')
-    out.append(f'(RSS, and PSS for the relays; host total = proxy RSS + host relays PSS; the proxy had '
-               f'handled {results.proxy_requests} requests by the end, per its logs; guest relays run inside '
-               'the bottles)')
+    out.append(f'(RSS; the proxy is all the host runs for the doors (no relay process); it had handled '
+               f'{results.proxy_requests} requests by the end, per its logs; guest relays run inside the bottles)')
     out.append('')
 
     out.append('where the time goes: every route, same client, same repetitions; CPU per request from '
@@ -558,8 +600,19 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
                    f'{ms(nc.median):>13}{ms(added(lat["new connection"], name)[0]):>8}{cpu(nc, "proxy"):>11}'
                    f'{cpu(nc, "relays"):>12}')
     out.append(f'(ms per request or connection; CPU: ms per request or connection, from {TICKS} ticks a second '
-               'summed over all repetitions; relays CPU: both socat relays with their per-connection children)')
+               'summed over all repetitions; relays CPU: the socat relays on the route with their per-connection '
+               'children)')
     out.append('')
+
+    if results.flood:
+        f = results.flood
+        out.append(f'another bottle while one holds {FLOOD} connections to its door: keep-alive '
+                   f'{ms(f.flooded.median)} ms [{ms(min(f.flooded.medians))}-{ms(max(f.flooded.medians))}] '
+                   f'against {ms(f.calm.median)} ms [{ms(min(f.calm.medians))}-{ms(max(f.calm.medians))}] before; '
+                   f'the door took {f.held} of the {FLOOD}, answered {f.answered} of the rest 503 and closed the others, '
+                   f'{f.proxy_children} processes made, '
+                   f'the proxy\'s open files {f.proxy_fds[0]} -> {f.proxy_fds[1]}')
+        out.append('')
 
     head = (f'{"curl, many URLs in one invocation":<40}{"ms/request":>12}{"range":>16}{"HTTP":>8}'
             f'{"upstream conns":>16}')

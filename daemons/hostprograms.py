@@ -45,7 +45,7 @@ PROGRAMS = {p.name: p for p in (
     _program('runc', 'runc', 'demo tests', 'podman\'s container runtime (demo.sh configures podman to use it)'),
     _program('docker', 'docker.io', 'bottle tests', 'the docker backend'),
     _program('dockerd', 'docker.io', 'tests', 'the Docker engine the suite starts for itself'),
-    _program('socat', 'socat', 'bottle demo tests', 'the bottles\' doors (a relay per bottle)'),
+    _program('socat', 'socat', 'tests', 'the tests\' stand-in for the relay inside a bottle'),
     _program('debootstrap', 'debootstrap', 'bottle demo tests', 'image bases built without a registry'),
     _program('tar', 'tar', 'bottle demo tests', 'packing debootstrap bases'),
     _program('npm', 'npm', 'bottle demo tests', 'fetching Claude Code (npm pack)'),

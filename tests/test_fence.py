@@ -89,9 +89,10 @@ class Fence:
         return (f'{AS_AGENT} ANTHROPIC_BASE_URL={self.url} ANTHROPIC_API_KEY=test-key '
                 f'CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 {env} timeout 300 claude {arguments} < /dev/null')
 
-    def listener_ports(self) -> dict[str, int]:
-        doors = json.loads((self.bottles.root / '.bottle' / 'egress' / 'doors.json').read_text())['bottles']
-        return {bottle: entry['port'] for bottle, entry in doors.items()}
+    def service_ports(self) -> list[int]:
+        """Where the project's services listen (loopback TCP, each refusing a request without its key)."""
+        doors = json.loads((self.bottles.root / '.bottle' / 'egress' / 'doors.json').read_text())
+        return [entry['port'] for entry in doors.get('services', {}).values()]
 
 
 @pytest.fixture(scope='module')
@@ -293,10 +294,94 @@ def test_an_allowed_name_resolving_to_loopback_and_the_hosts_own_services_are_re
     # localhost is allowed for `open`, but it resolves to 127.0.0.1, which its manifest does not list
     status, body = fence.curl('open', '--noproxy', '', 'https://localhost/')
     assert status == 403 and 'localhost' in body
-    for port in fence.listener_ports().values():       # every bottle's listener, its own included
-        status, _ = fence.curl('open', '--noproxy', '', f'http://127.0.0.1:{port}/')
-        assert status == 403, port
     assert fence.curl('open', '--noproxy', '', 'http://127.0.0.1/')[0] == 403
+    for port in fence.service_ports():                  # the git gate's and the supervisor's
+        assert fence.curl('open', '--noproxy', '', f'http://127.0.0.1:{port}/')[0] == 403, port
+
+
+@pytest.mark.extended         # an attack on the door
+def test_guest_root_flooding_its_door_makes_no_host_process_and_leaves_other_bottles_served(fence):
+    """300 connections held open by guest root through its door: no host process is made for them (the proxy
+    listens on the door itself; it has no TCP listener another user could reach either), the bottle gets at
+    most its share (the rest are refused with a reason it can read, in its log too), and another bottle is
+    served meanwhile. When the guest lets go, its door serves again."""
+    pid = fence.proxy_pid()
+    assert tcp_listeners(pid) == []
+    fds = len(list(Path(f'/proc/{pid}/fd').iterdir()))
+    flood = fence.bottles.guest_process('shut', 'rm -f /tmp/stop-flood; for i in $(seq 300); do (sleep 60 | socat - '
+                                                'UNIX-CONNECT:/run/bottle/egress.sock >/dev/null 2>&1 &); done; '
+                                                'while [ ! -e /tmp/stop-flood ]; do sleep 0.2; done; kill 0')
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(Path(f'/proc/{pid}/fd').iterdir())) < fds + 64:
+            assert time.monotonic() < deadline and flood.poll() is None, flood.stderr.read() if flood.poll() else ''
+            time.sleep(0.2)
+        time.sleep(3)       # the flood's connections past the bound are answered and closed (doors.py)
+        status, body = fence.curl('shut', 'http://denied.example/')
+        assert status == 503 and 'connections open through its door' in body, (status, body)
+        assert fence.curl('open', f'{fence.url}/while-flooded') == (200, 'upstream saw GET /while-flooded')
+        assert [line for line in fence.log('shut') if line['status'] == 503]
+        assert not children(pid)
+        assert len(list(Path(f'/proc/{pid}/fd').iterdir())) < fds + 2 * 64 + 16
+    finally:       # the flood's shell kills its process group (in a container, an exec's children outlive it)
+        fence.bottles.guest('shut', 'touch /tmp/stop-flood')
+        try:
+            flood.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            flood.kill()
+            flood.wait()
+    deadline = time.monotonic() + 30
+    while fence.curl('shut', 'http://denied.example/')[0] != 403:
+        assert time.monotonic() < deadline, 'the door did not serve again'
+        time.sleep(0.5)
+
+
+@pytest.mark.extended         # an attack on the door
+def test_no_other_local_user_reaches_any_socket_of_the_proxy(fence):
+    """As `nobody` on the host, against every listener the proxy holds: no TCP port (there is none), and each
+    Unix socket (the bottles' doors) refuses the connection. So no other local user can speak as a bottle."""
+    pid = fence.proxy_pid()
+    assert tcp_listeners(pid) == []
+    doors = unix_listeners(pid)
+    assert sorted(doors) == sorted(str(fence.bottles.door_dir(a) / 'egress.sock') for a in ('open', 'narrow', 'shut'))
+    for door in doors:
+        connect = f'import socket; socket.socket(socket.AF_UNIX).connect({door!r})'
+        tried = subprocess.run(['setpriv', '--reuid', 'nobody', '--regid', 'nogroup', '--clear-groups',
+                                '/usr/bin/python3', '-c', connect],
+                               capture_output=True, text=True, timeout=30)
+        assert tried.returncode != 0 and 'PermissionError' in tried.stderr, (door, tried.stderr)
+    assert fence.curl('open', f'{fence.url}/still') == (200, 'upstream saw GET /still')
+
+
+def unix_listeners(pid: int) -> list[str]:
+    """The paths of the listening Unix sockets the process holds (its fds matched against /proc/net/unix)."""
+    inodes = _socket_inodes(pid)
+    rows = (line.split() for line in Path(f'/proc/{pid}/net/unix').read_text().splitlines()[1:])
+    return [fields[7] for fields in rows if len(fields) > 7 and fields[3] == '00010000' and fields[6] in inodes]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    return {os.readlink(fd)[8:-1] for fd in Path(f'/proc/{pid}/fd').iterdir()
+            if fd.is_symlink() and os.readlink(fd).startswith('socket:[')}
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP sockets in LISTEN state the process holds (its fds matched against /proc/net/tcp and tcp6)."""
+    inodes = _socket_inodes(pid)
+    return [fields[1] for table in ('tcp', 'tcp6')
+            for fields in (line.split() for line in Path(f'/proc/{pid}/net/{table}').read_text().splitlines()[1:])
+            if fields[3] == '0A' and fields[9] in inodes]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for proc in Path('/proc').iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
 
 
 @pytest.mark.extended         # an attack on the fence
@@ -419,7 +504,7 @@ def test_guest_root_cannot_change_its_door_and_a_hostile_door_does_not_hang_the_
             server.kill()
             server.wait()
             door.unlink(missing_ok=True)
-    fence.bottles.doit('launch:shut')            # the door's relay is made again
+    fence.bottles.doit('launch:shut')            # the proxy listens on the door again
     assert 'egress door open' in fence.bottles.doit('status').output
     assert fence.curl('shut', 'https://denied.example/')[0] == 403
 

@@ -50,10 +50,11 @@ def test_a_missing_program_is_one_line_naming_its_package(monkeypatch, tmp_path)
     monkeypatch.setattr('daemons.hostprograms.SBIN', ())
     with pytest.raises(HostProgramMissing) as missing:
         require('socat')
-    assert str(missing.value) == ("socat is not installed on this host: it is needed for the bottles' doors (a relay "
-                                  "per bottle); install it (apt-get install socat) and run the same command again")
+    assert str(missing.value) == ("socat is not installed on this host: it is needed for the tests' stand-in for the "
+                                  "relay inside a bottle; install it (apt-get install socat) and run the same command "
+                                  "again")
     assert '\n' not in str(missing.value)
-    assert missing_packages('demo') == ['podman', 'runc', 'socat', 'debootstrap', 'tar', 'npm', 'git']
+    assert missing_packages('demo') == ['podman', 'runc', 'debootstrap', 'tar', 'npm', 'git']
     assert 'docker.io' in missing_packages('tests') and missing_packages('tests').count('docker.io') == 1
 
 

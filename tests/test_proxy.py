@@ -11,7 +11,9 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from daemons.lifecycle import Daemon, DaemonError
-from daemons.proxy.control import EgressProxy, ProxyError, ensure_venv, write_rules
+from daemons.proxy.control import EgressProxy, ProxyError, door_answers, ensure_venv, write_rules
 from daemons.proxy.rules import RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
                                    random_loopback_address, read_all)
@@ -277,13 +279,14 @@ sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / 'daemons' / 'pr
 from mitmproxy.test import tflow
 import addon
 fence = addon.EgressFence()
-fence.bottles[4242] = addon.Bottle('b', 4242, {str(tmp_path / 'rules.json')!r}, {str(tmp_path / 'egress.log')!r})
+fence.bottles['b'] = addon.Bottle('b', {str(tmp_path)!r}, {str(tmp_path / 'rules.json')!r},
+                                  {str(tmp_path / 'egress.log')!r})
 async def broken(flow, bottle):
     raise RuntimeError('a bug')
 fence.refusal = broken
 flow = tflow.tflow()
 flow.request.content = b''      # a GET with a body would be refused before the broken check
-flow.client_conn.sockname = ('127.0.0.1', 4242)
+fence.clients[flow.client_conn.id] = 'b'        # as its door says
 asyncio.run(fence.requestheaders(flow))
 print(json.dumps([flow.response.status_code, flow.response.get_text(), 'bottle_allowed' in flow.metadata]))
 """
@@ -311,11 +314,37 @@ def test_an_allowed_name_that_resolves_to_loopback_is_denied(setup):
     s = setup
     status, body = status_and_body(curl(s, s.alpha, 'https://localhost/'))
     assert status == 403 and 'resolves to' in body and 'network.allow_private' in body
-    # The proxy's own listener and the doors are on loopback too: never reachable through it.
-    port = json.loads(s.proxy.doors_file.read_text())['bottles']['beta']['port']
-    sock, answer = connect_through(s.alpha, f'127.0.0.1:{port}')
-    sock.close()
-    assert answer.startswith(b'HTTP/1.1 403')
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP sockets in LISTEN state the process holds (its fds matched against /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in Path(f'/proc/{pid}/fd').iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ''
+        if target.startswith('socket:['):
+            inodes.add(target[8:-1])
+    listening = []
+    for table in ('tcp', 'tcp6'):
+        for line in Path(f'/proc/{pid}/net/{table}').read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == '0A' and fields[9] in inodes:       # 0A: LISTEN
+                listening.append(fields[1])
+    return listening
+
+
+def test_no_tcp_port_speaks_for_a_bottle_and_only_the_projects_user_reaches_a_door(setup):
+    """A bottle is known only by its door: the proxy holds no TCP listener another local user could reach,
+    and the door (a 0600 socket in a 0700 directory) refuses every other user."""
+    s = setup
+    pid = s.proxy.daemon().pid()
+    assert tcp_listeners(pid) == []
+    door = s.root / 'doors' / 'alpha' / 'egress.sock'
+    assert stat.S_IMODE(door.stat().st_mode) == 0o600 and stat.S_IMODE(door.parent.stat().st_mode) == 0o700
+    as_nobody = subprocess.run(['setpriv', '--reuid', 'nobody', '--regid', 'nogroup', '--clear-groups',
+                                '/usr/bin/python3', '-c', f'import socket; socket.socket(socket.AF_UNIX).connect({str(door)!r})'],
+                               capture_output=True, text=True, timeout=30)
+    assert as_nobody.returncode != 0 and 'PermissionError' in as_nobody.stderr
+    assert not [p for p in Path('/proc').iterdir() if p.name.isdigit() and _parent(p) == pid]    # no relay, no child
 
 
 def test_sni_or_host_header_naming_another_host_is_refused(setup):
@@ -364,6 +393,16 @@ def test_a_request_head_a_server_could_read_otherwise_is_refused(setup, case):
     answer = exchange_through(s, s.alpha, head.encode())
     assert answer.startswith((b'HTTP/1.1 403', b'HTTP/1.1 400')) and says.encode() in answer, answer
     assert (s.upstream.connections, len(s.upstream.requests)) == before
+
+
+def test_a_request_head_that_never_ends_is_cut_off_and_the_proxy_serves_on(setup):
+    """A head that never ends would grow the one proxy every bottle shares: past 64 KiB it is answered 431."""
+    s = setup
+    before = s.upstream.connections, len(s.upstream.requests)
+    answer = exchange_through(s, s.alpha, f'GET /pad HTTP/1.1\r\nHost: {s.address}\r\nX-Pad: '.encode() + b'a' * 80_000)
+    assert answer.startswith(b'HTTP/1.1 431') and b'head is longer than 65536 bytes' in answer, answer[:300]
+    assert (s.upstream.connections, len(s.upstream.requests)) == before
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/after-pad')) == (200, 'upstream saw GET /after-pad')
 
 
 def test_what_goes_up_carries_the_proxys_own_host_for_the_checked_target(setup):
@@ -419,6 +458,9 @@ def test_where_methods_are_narrowed_a_body_asking_for_another_method_is_refused(
         assert status == 403 and 'by an override' in body, (args, body)
     status, body = status_and_body(curl(s, poster, url, '-H', 'Transfer-Encoding: chunked', '-d', 'a=1'))
     assert status == 403 and 'Content-Length of at most' in body
+    deep = '{"_method": "DELETE", "x": ' + '[' * 5000 + ']' * 5000 + '}'     # Python's json gives up; Node's does not
+    status, body = status_and_body(curl(s, poster, url, '-H', 'Content-Type: application/json', '-d', deep))
+    assert status == 403 and 'JSON body cannot be read' in body, body
     assert s.upstream.requests[before:] == []
     for args in (['-d', 'a=1&payment_method=card'], ['-H', 'Content-Type: application/json', '-d', '{"a": 1}'],
                  ['-H', 'Content-Type: application/octet-stream', '--data-binary', '@-']):
@@ -508,16 +550,73 @@ def test_a_killed_proxy_is_unhealthy_and_restarted_by_ensure_running(setup):
     assert s.proxy.ensure_running() is False
 
 
-def test_a_killed_door_relay_is_restarted_without_restarting_the_proxy(setup):
+def test_a_removed_door_is_opened_again_without_restarting_the_proxy(setup):
+    """A cleaner of /tmp may remove a door's socket: the proxy notices and listens there again."""
     s = setup
     proxy_pid = s.proxy.daemon().pid()
-    relay_pid = json.loads((s.root / 'bottles' / 'beta' / 'door-relay.pid').read_text())['pid']
-    os.kill(relay_pid, signal.SIGKILL)
-    assert wait_for(lambda: not s.proxy.door_healthy('beta'))
-    assert s.proxy.door_healthy('alpha')
-    assert s.proxy.ensure_running() is False                       # the proxy was fine
-    assert s.proxy.door_healthy('beta') and s.proxy.daemon().pid() == proxy_pid
+    (s.root / 'doors' / 'beta' / 'egress.sock').unlink()
+    assert wait_for(lambda: s.proxy.door_healthy('beta'))
+    assert s.proxy.door_healthy('alpha') and s.proxy.daemon().pid() == proxy_pid
     assert status_and_body(curl(s, s.beta, f'https://{s.address}/public/back'))[0] == 200
+
+
+def test_a_bottles_connections_are_bounded_in_number_and_idle_time_and_make_no_process(venv, tmp_path):
+    """Through one door at most N connections at a time (the next is refused with a reason and logged), one with
+    no traffic is closed after the idle bound, half-open or not; another bottle is served all along, and no
+    connection makes a host process. A proxy with small bounds (the defaults: doors.py)."""
+    proxy = EgressProxy(tmp_path / 'proxy', venv, door_connections=5, door_idle=2)
+    try:
+        for name in ('busy', 'calm'):
+            door = proxy.open_door(name, tmp_path / 'bottles' / name, tmp_path / 'doors' / name)
+            write_rules(door.rules, {'hosts': []})
+        busy, calm = (str(tmp_path / 'doors' / name / 'egress.sock') for name in ('busy', 'calm'))
+        pid = proxy.daemon().pid()
+        held = [socket.socket(socket.AF_UNIX) for _ in range(5)]
+        for sock in held:
+            sock.connect(busy)
+        held[0].sendall(b'CONNECT example.com:443 HTTP/1.1\r\n\r\n')   # one in a tunnel, the rest half-open
+        assert wait_for(lambda: _open_fds(pid) >= 5)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(10)
+            extra.connect(busy)
+            refused = read_all(extra)
+        assert refused.startswith(b'HTTP/1.1 503') and b'5 connections open through its door' in refused
+        log = [json.loads(line) for line in (tmp_path / 'bottles' / 'busy' / 'egress.log').read_text().splitlines()]
+        assert log[-1]['status'] == 503 and 'the most one bottle may hold' in log[-1]['reason']
+        assert door_answers(Path(calm), 'calm')                          # the other bottle is served meanwhile
+        assert not [p for p in Path('/proc').iterdir() if p.name.isdigit() and _parent(p) == pid]
+        assert all(closed_by_peer(sock, 20) for sock in held)           # the idle bound closes every one
+        assert door_answers(Path(busy), 'busy')                          # and the door takes new ones
+    finally:
+        for sock in locals().get('held', []):
+            sock.close()
+        proxy.stop()
+
+
+def closed_by_peer(sock: socket.socket, seconds: float) -> bool:
+    """The other end closes the connection within `seconds` (whatever it sent before)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def _open_fds(pid: int) -> int:
+    return len(list(Path(f'/proc/{pid}/fd').iterdir()))
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_the_ca_is_right_and_its_key_is_in_its_0600_file_only(setup):

@@ -29,6 +29,7 @@ NARROWED = rules.Rules.from_json({'hosts': [
     'gated': [{'host': 'github.com', 'path': '/acme/app'}]})
 
 SAFE = st.text(alphabet='abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~', min_size=1, max_size=8)
+PLAIN_NAMES = SAFE.filter(lambda name: not message.is_override_name(name))     # parameters that ask for no method
 # Forms a server may read otherwise than a prefix check does: dot segments hidden or encoded, encoded
 # separators, matrix parameters, NUL, double encoding, overlong UTF-8, backslashes.
 TRICKS = st.sampled_from([
@@ -77,7 +78,7 @@ def test_a_plain_path_under_the_prefix_passes_encoded_or_not(segments, encode):
 
 @SETTINGS
 @given(header=st.sampled_from(OVERRIDE_HEADERS), case=st.sampled_from([str.lower, str.upper, str.title]),
-       method=st.sampled_from(['DELETE', 'PUT', 'POST', 'get']), query=st.lists(SAFE, max_size=2))
+       method=st.sampled_from(['DELETE', 'PUT', 'POST', 'get']), query=st.lists(PLAIN_NAMES, max_size=2))
 def test_a_method_override_is_refused_where_methods_are_narrowed(header, case, method, query):
     by_header = message.method_override([(case(header), method)], '&'.join(query))
     assert by_header == method.upper()
@@ -96,7 +97,7 @@ OVERRIDE_NAMES = st.sampled_from(['_method', '.method', '[method', '%2emethod', 
 
 
 @SETTINGS
-@given(name=OVERRIDE_NAMES, form=NAME_FORMS, query=st.lists(SAFE, max_size=2), separator=st.sampled_from('&;'))
+@given(name=OVERRIDE_NAMES, form=NAME_FORMS, query=st.lists(PLAIN_NAMES, max_size=2), separator=st.sampled_from('&;'))
 def test_an_override_parameter_is_found_however_its_name_is_spelled(name, form, query, separator):
     spelled = form.format(n=name)
     pairs = separator.join([*query, f'{spelled}=DELETE'])
@@ -107,7 +108,7 @@ def test_an_override_parameter_is_found_however_its_name_is_spelled(name, form, 
 
 
 @SETTINGS
-@given(name=OVERRIDE_NAMES, other=st.lists(SAFE, max_size=3))
+@given(name=OVERRIDE_NAMES, other=st.lists(PLAIN_NAMES, max_size=3))
 def test_an_override_in_a_multipart_or_json_body_is_found(name, other):
     name = name.replace('%2e', '.')
     fields = [*other, name]
@@ -123,6 +124,39 @@ def test_an_override_in_a_multipart_or_json_body_is_found(name, other):
     assert message.body_override('application/json', plain) is None
     form = b'&'.join(f.encode() + b'=1' for f in other)
     assert message.body_override('application/x-www-form-urlencoded', form) is None
+
+
+@SETTINGS
+@given(media=st.sampled_from(['application/x-www-form-urlencoded, text/plain', 'application/x-www-form-urlencoded x',
+                              'Application/X-WWW-Form-Urlencoded;charset=utf-8', '']),
+       header=st.sampled_from(['X.HTTP.Method.Override', 'X~HTTP~Method~Override', 'X-HTTP-Method.Override',
+                               'x http method', 'X__Method__Override']))
+def test_a_form_is_read_whatever_follows_its_type_and_an_override_header_however_a_gateway_spells_it(media, header):
+    """Rack ends a media type at `,`, PHP at a blank too; lighttpd maps every non-alphanumeric character of a
+    header name to `_`, PHP `.` and blanks."""
+    assert message.body_checked(media) and message.body_override(media, b'a=1&_method=DELETE') == 'DELETE'
+    assert message.method_override([(header, 'DELETE')], '') == 'DELETE'
+
+
+@pytest.mark.parametrize('content_type, body', [
+    ('multipart/mixed; boundary=B', b'--B\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--B--'),
+    ('multipart/related; boundary=B', b'--B\r\nContent-ID: <_method>\r\n\r\nDELETE\r\n--B--'),
+    ('multipart/form-data; boundary=B', b"--B\r\nContent-Disposition: form-data; name='_method'\r\n\r\nPUT\r\n--B--"),
+    ('application/json5', b'{"_method": "DELETE"}'),
+    ('text/x-json', b'{"a": 1, "_method": "DELETE"}'),
+    ('application/json', b'{"_method": "DELETE", "n": ' + b'1' * 5000 + b'}'),      # past Python's int digits
+    ('application/json', b'{"_method": "GET", "_method": "DELETE"}'),                  # the last one wins there
+])
+def test_every_body_a_framework_reads_parameters_from_is_read(content_type, body):
+    assert message.body_checked(content_type)
+    assert message.body_override(content_type, body) is not None, content_type
+
+
+@pytest.mark.parametrize('body', [b'{"_method": "DELETE", "x": ' + b'[' * 5000 + b']' * 5000 + b'}',
+                                  b'{"_method": "DELETE"', b'\xff\xfe{}'])
+def test_a_json_body_the_proxy_cannot_read_is_refused_not_passed(body):
+    with pytest.raises(message.UnreadableBody):
+        message.body_override('application/json', body)
 
 
 def test_a_parameter_that_only_contains_the_word_is_not_an_override():
@@ -143,9 +177,9 @@ def test_a_host_header_names_the_target_only_in_the_strict_form(trick, case):
     host = 'api.example.com'
     value = trick.format(h=case(host))
     fields = [(b'Host', value.encode())]
-    assert message.head_refusal('HTTP/1.1', 'GET', fields, 'https', host, 443) is not None, value
+    assert message.head_refusal('HTTP/1.1', 'GET', '/', fields, 'https', host, 443) is not None, value
     for good in (case(host), f'{case(host)}:443', f'{host}.'):
-        assert message.head_refusal('HTTP/1.1', 'GET', [(b'Host', good.encode())], 'https', host, 443) is None, good
+        assert message.head_refusal('HTTP/1.1', 'GET', '/', [(b'Host', good.encode())], 'https', host, 443) is None, good
     assert message.named(value, 'https') != (host, 443)
 
 
@@ -154,9 +188,9 @@ def test_a_host_header_names_the_target_only_in_the_strict_form(trick, case):
        control=st.sampled_from([b'\r', b'\n', b'\x00', b'\r\n ', b'\x0b', b'\x7f']))
 def test_a_head_with_another_version_or_a_control_character_in_a_value_is_refused(version, control):
     fields = [(b'Host', b'api.example.com'), (b'X-Note', b'a' + control + b'Host: evil.test')]
-    assert message.head_refusal('HTTP/1.1', 'GET', fields, 'https', 'api.example.com', 443) is not None
+    assert message.head_refusal('HTTP/1.1', 'GET', '/', fields, 'https', 'api.example.com', 443) is not None
     clean = [(b'Host', b'api.example.com')]
-    assert (message.head_refusal(version, 'GET', clean, 'https', 'api.example.com', 443) is None) == \
+    assert (message.head_refusal(version, 'GET', '/', clean, 'https', 'api.example.com', 443) is None) == \
         (version in ('HTTP/1.1', 'HTTP/1.0'))
 
 
@@ -183,6 +217,15 @@ def test_a_gated_repository_is_matched_as_a_forge_resolves_its_path(flips, git, 
 def test_a_gated_repository_is_matched_whatever_a_forge_trims_or_normalises(repo_form, owner_form, tail):
     path = f'/{owner_form}/{repo_form}{tail}'
     assert NARROWED.gated_refusal('github.com', path) is not None, path
+
+
+@pytest.mark.parametrize('path', ['/acme/app#x', '/acme/app.git#/other', '/acme/app/blob/main/README.md/../../../../..',
+                                  '/acme/app/x/../../..'])
+def test_a_gated_repository_is_matched_before_a_fragment_and_unresolved_as_well(path):
+    """Servers end a path at a raw `#`; one that does not resolve `..` reads the path under the repository."""
+    assert NARROWED.gated_refusal('github.com', path) is not None, path
+    if '#' in path:     # and the proxy refuses a raw # in any request-target
+        assert 'raw #' in message.head_refusal('HTTP/1.1', 'GET', path, [], 'https', 'github.com', 443)
 
 
 PRIVATE_V4 = st.one_of(

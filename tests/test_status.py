@@ -14,6 +14,9 @@ def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):
     with open(standin.root / '.bottle/agents/stale/egress.log', 'a') as log:
         log.write('{"time": "2026-11-27T21:00:00Z", "bottle": "stale", "method": "GET", "host": "example.com", '
                   '"path": "/x", "allowed": false, "reason": "example.com is not an allowed host"}\n')
+        # and one whose path the agent made of raw bytes and a terminal escape (the proxy logs it as it came)
+        log.write('{"time": "2026-11-27T21:00:01Z", "bottle": "stale", "method": "GET", "host": "example.com", '
+                  '"path": "/\\udcc0\\u001b[2J", "allowed": false, "reason": "not allowed"}\n')
 
     run = standin.doit('status')
     assert run.kinds == {'probe': 1}, run.calls
@@ -27,5 +30,6 @@ def test_status_shows_a_stale_and_an_up_to_date_agent_with_one_probe(standin):
     assert '    provision_prompt:stale: prompt.md is remade by prompt:stale' in stale
     assert 'provision_skill' not in stale and 'machine:stale' not in stale
     assert 'blocked: 2026-11-27T21:00:00Z GET example.com/x: example.com is not an allowed host' in stale
+    assert 'blocked: 2026-11-27T21:00:01Z GET example.com/\\xc0\\x1b[2J: not allowed' in stale      # escaped, never raw
     # status changed nothing: the stale agent still needs exactly its prompt
     assert standin.doit('launch:stale').executed == {'prompt:stale', 'provision_prompt:stale', 'launch:stale'}

@@ -162,10 +162,9 @@ def test_the_human_answers_and_denies_from_the_command_line(standin):
 
 
 def daemon_pids(bottles) -> dict[str, int]:
-    """The pids the project's pid files name: the proxy, the supervisor and a's door relay."""
+    """The pids the project's pid files name: the proxy and the supervisor."""
     state = bottles.root / '.bottle'
-    files = {'proxy': state / 'egress' / 'proxy.pid', 'supervisor': state / 'supervise' / 'supervise.pid',
-             'relay': state / 'agents' / 'a' / 'door-relay.pid'}
+    files = {'proxy': state / 'egress' / 'proxy.pid', 'supervisor': state / 'supervise' / 'supervise.pid'}
     return {name: json.loads(path.read_text())['pid'] for name, path in files.items()}
 
 

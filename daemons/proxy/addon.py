@@ -2,14 +2,14 @@
 
 Runs inside mitmproxy's own environment (standard library, mitmproxy and the sibling `rules.py`).
 
-Which bottle a connection belongs to comes only from the listener it arrived on: each bottle has
-its own `regular@127.0.0.1:PORT` listener, reached only through that bottle's door (a host Unix
-socket relayed to the port), never from anything the client sends. The doors file (option
-`bottle_doors`) maps bottles to listeners and files; the addon reads it at start and polls it,
-changing the `mode` option live so adding or removing a bottle never restarts the proxy:
+Which bottle a connection belongs to comes only from the door it came through: each bottle's door is a
+Unix socket this process listens on itself (doors.py; no TCP listener, no relay), never from anything
+the client sends. The doors file (option `bottle_doors`) maps bottles to doors and files; the addon reads
+it at start and polls it, opening and closing doors live, so adding or removing a bottle never restarts
+the proxy:
 
-    {"bottles": {"<bottle>": {"port": 41234, "rules": "/abs/egress-rules.json",
-                              "log": "/abs/egress.log"}},
+    {"bottles": {"<bottle>": {"door": "/abs/door-dir", "rules": "/abs/egress-rules.json",
+                              "log": "/abs/egress.log", ...}},
      "services": {"gate": {"port": 41240, "key_file": "/abs/gate/key"}, "supervise": {...}}}
                                                   (the project's services that run, rules.SERVICES)
 
@@ -61,6 +61,7 @@ from mitmproxy import ctx, http
 
 import message
 import rules as bottle_rules
+from doors import CONNECTIONS, IDLE_SECONDS, Door, RateLimited
 from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES
 
 DOORS_POLL_SECONDS = 0.25
@@ -68,9 +69,13 @@ DOORS_POLL_SECONDS = 0.25
 log = logging.getLogger(__name__)
 
 
+DOOR_SOCKET = 'egress.sock'     # in the door's directory
+
+
 class Bottle:
-    def __init__(self, name: str, port: int, rules_file: Path, log_file: Path):
-        self.name, self.port, self.rules_file, self.log_file = name, port, rules_file, log_file
+    def __init__(self, name: str, door: Path, rules_file: Path, log_file: Path):
+        self.name, self.door, self.rules_file, self.log_file = name, door, rules_file, log_file
+        self.refused_connection = RateLimited(self.record_connection_refused)
         self._rules_key = None
         self._rules: bottle_rules.Rules | str = 'no rules read yet'
         self._log = None
@@ -98,6 +103,14 @@ class Bottle:
                 'path': '' if flow.request.method == 'CONNECT' else flow.request.path.split('?', 1)[0],
                 'allowed': allowed, 'reason': reason, 'status': status, 'bytes': response_bytes,
                 'address': address, 'authority': flow.request.authority or None}
+        self._write(line)
+
+    def record_connection_refused(self, reason: str):
+        self._write({'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'bottle': self.name,
+                     'method': None, 'host': None, 'port': None, 'path': '', 'allowed': False, 'reason': reason,
+                     'status': 503, 'bytes': None, 'address': None, 'authority': None})
+
+    def _write(self, line: dict):
         try:
             self._log_stream().write(json.dumps(line) + '\n')
         except OSError as err:
@@ -147,7 +160,10 @@ class ByteCounter:
 
 class EgressFence:
     def __init__(self):
-        self.bottles: dict[int, Bottle] = {}
+        self.bottles: dict[str, Bottle] = {}
+        self.doors: dict[str, Door] = {}
+        self.clients: dict[str, str] = {}                # mitmproxy's client id -> its bottle, set by its door
+        self._door_errors: dict[str, str] = {}
         self.services: dict[str, Service] = {}        # by the name the guest uses
         self._doors_key = None
         self._watch: asyncio.Task | None = None
@@ -157,7 +173,11 @@ class EgressFence:
         self._connecting: dict[str, tuple[str, int]] = {}
 
     def load(self, loader):
-        loader.add_option('bottle_doors', str, '', 'The JSON file mapping bottles to listeners, rules and logs.')
+        loader.add_option('bottle_doors', str, '', 'The JSON file mapping bottles to doors, rules and logs.')
+        loader.add_option('bottle_door_connections', int, CONNECTIONS,
+                          'The most connections one bottle may hold open through its door.')
+        loader.add_option('bottle_door_idle', int, int(IDLE_SECONDS),
+                          'Seconds without traffic after which a connection through a door is closed.')
 
     def configure(self, updated):
         if 'bottle_doors' in updated:
@@ -169,16 +189,40 @@ class EgressFence:
     def done(self):
         if self._watch:
             self._watch.cancel()
+        for door in self.doors.values():
+            door.close()
         for bottle in self.bottles.values():
             bottle.close()
 
     async def watch_doors(self):
         while True:
-            await asyncio.sleep(DOORS_POLL_SECONDS)
             try:
                 self.read_doors()
+                await self.open_doors()
             except Exception:       # keep watching: the next write of the file may be good
                 log.exception('cannot apply the doors file')
+            await asyncio.sleep(DOORS_POLL_SECONDS)
+
+    async def open_doors(self):
+        """Listen on the door of every bottle in the doors file, and on no other; a door whose socket was
+        removed (a cleaner of /tmp) is opened again."""
+        for name in [n for n, door in self.doors.items()      # gone, moved, or its socket removed or replaced
+                     if n not in self.bottles or door.path != self.bottles[n].door / DOOR_SOCKET or not door.intact()]:
+            self.doors.pop(name).close()
+        for name, bottle in self.bottles.items():
+            if name in self.doors:
+                continue
+            door = Door(name, bottle.door / DOOR_SOCKET, self.clients, bottle.refused_connection,
+                        ctx.options.bottle_door_connections, ctx.options.bottle_door_idle)
+            try:
+                await door.open()
+            except OSError as err:      # tried again at the next poll; said once
+                if self._door_errors.get(name) != str(err):
+                    log.error(f'cannot open the door of bottle {name} at {door.path}: {err}')
+                self._door_errors[name] = str(err)
+                continue
+            self._door_errors.pop(name, None)
+            self.doors[name] = door
 
     def read_doors(self):
         path = Path(ctx.options.bottle_doors)
@@ -197,10 +241,10 @@ class EgressFence:
                         for name, entry in data.get('services', {}).items()}
             bottles = {}
             for name, door in doors.items():
-                new = Bottle(name, int(door['port']), Path(door['rules']), Path(door['log']))
-                old = self.bottles.get(new.port)
-                same = old and (old.name, old.rules_file, old.log_file) == (new.name, new.rules_file, new.log_file)
-                bottles[new.port] = old if same else new     # keeps the parsed rules
+                new = Bottle(name, Path(door['door']), Path(door['rules']), Path(door['log']))
+                old = self.bottles.get(name)
+                same = old and (old.door, old.rules_file, old.log_file) == (new.door, new.rules_file, new.log_file)
+                bottles[name] = old if same else new     # keeps the parsed rules
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
             return
@@ -209,13 +253,10 @@ class EgressFence:
         for gone in set(self.bottles.values()) - set(bottles.values()):
             gone.close()
         self.bottles = bottles
-        modes = [f'regular@{LISTEN_HOST}:{port}' for port in sorted(bottles)]
-        if modes != list(ctx.options.mode):
-            ctx.options.update(mode=modes)
 
     def bottle_of(self, flow: http.HTTPFlow) -> Bottle | None:
-        sockname = flow.client_conn.sockname
-        return self.bottles.get(sockname[1]) if sockname else None
+        name = self.clients.get(flow.client_conn.id)
+        return self.bottles.get(name) if name else None
 
     def http_connect(self, flow: http.HTTPFlow):
         bottle = self.bottle_of(flow)
@@ -257,7 +298,7 @@ class EgressFence:
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name, 'services': routes}),
                                                {'Content-Type': 'application/json'})
             return
-        reason = message.head_refusal(request.http_version, request.method, request.headers.fields,
+        reason = message.head_refusal(request.http_version, request.method, request.path, request.headers.fields,
                                       request.scheme, host, request.port)
         if reason:
             deny(flow, bottle, Refusal(reason))
@@ -271,20 +312,33 @@ class EgressFence:
 
     def request(self, flow: http.HTTPFlow):
         """A body held for an override check (refusal) is whole now: refused here when it asks for another
-        method, before any connection upstream."""
+        method or cannot be read, before any connection upstream; failing to judge it refuses it too."""
         if not flow.metadata.pop('bottle_check_body', False) or flow.response:
             return
-        bottle, request = flow.metadata['bottle_allowed'], flow.request
-        override = message.body_override(request.headers.get('content-type'), request.raw_content or b'')
+        bottle = flow.metadata.pop('bottle_allowed')
+        try:
+            refusal = self.body_override_refusal(flow, bottle)
+        except Exception as err:        # fail closed, as requestheaders
+            log.exception('cannot check the body of a request of bottle %s', bottle.name)
+            refusal = Refusal(f'the egress proxy could not check this request (its body: {type(err).__name__})')
+        if refusal:
+            deny(flow, bottle, refusal)
+        else:
+            flow.metadata['bottle_allowed'] = bottle
+
+    @staticmethod
+    def body_override_refusal(flow: http.HTTPFlow, bottle: Bottle) -> Refusal | None:
+        request = flow.request
+        try:
+            override = message.body_override(request.headers.get('content-type'), request.raw_content or b'')
+        except message.UnreadableBody as err:
+            return Refusal(f'where methods are narrowed on {request.host}, a body is read for a method override, '
+                           f'and {err}', ALLOW_HOSTS)
         rules = bottle.rules()
         if isinstance(rules, str):
-            refusal = Refusal(rules, RELAUNCH)
-        else:
-            reason = rules.refusal(request.method, request.host, request.path.partition('?')[0], override)
-            refusal = Refusal(reason, ALLOW_HOSTS) if reason else None
-        if refusal:
-            del flow.metadata['bottle_allowed']
-            deny(flow, bottle, refusal)
+            return Refusal(rules, RELAUNCH)
+        reason = rules.refusal(request.method, request.host, request.path.partition('?')[0], override)
+        return Refusal(reason, ALLOW_HOSTS) if reason else None
 
     def to_service(self, flow: http.HTTPFlow, bottle: Bottle, host: str):
         service = self.services.get(host)
@@ -428,7 +482,7 @@ RELAUNCH = 'Launching agent {bottle} again writes its rules anew.'
 GATED = ('Clone, fetch and push it with git by the URL in the git: list of agent {bottle}; git sends those '
          'through the git gate.')
 NO_SERVICE = 'Launching agent {bottle} again starts the services its manifest asks for (git:, supervise).'
-NO_BOTTLE = Refusal('this listener belongs to no bottle')
+NO_BOTTLE = Refusal('this connection came through no bottle\'s door')
 
 
 def port_refusal(port: int) -> Refusal:

@@ -1,22 +1,22 @@
 """The egress proxy of a project, host side: mitmproxy's environment, the CA, the doors, the daemon.
 
-One mitmproxy process (serve.py) serves every bottle of the project; each bottle has a door (a host Unix socket,
-relayed by socat to the bottle's own listener on 127.0.0.1) and its own rules and log. Files:
+One mitmproxy process (serve.py) serves every bottle of the project; each bottle has a door (a host Unix socket
+the proxy itself listens on: doors.py) and its own rules and log. The proxy has no TCP listener: a bottle is
+known only by its door, which only this user can reach. Files:
 
     <state_dir>/                      the project's proxy directory (for example .bottle/egress)
         proxy.pid, proxy.log          the proxy daemon (daemons.lifecycle)
-        doors.json                    bottle -> listener port, rules file, log file, and where the
+        doors.json                    bottle -> door directory, rules file, log file, and where the
                                       project's services (git gate, supervisor) listen; read live by the addon
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
     <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
                                       socket path holds 107 bytes): mount the directory into a container
-                                      (a directory mount keeps working when the relay recreates the
-                                      socket), or pass the socket to smolvm --mount-socket
+                                      (a directory mount keeps working when a restarted proxy recreates
+                                      the socket), or pass the socket to smolvm --mount-socket
     <bottle_dir>/                     the bottle's own directory, given to open_door
         egress-rules.json             the rules (daemons/proxy/rules.py), written with write_rules
         egress.log                    one JSON line per request decision
-        door-relay.pid, door-relay.log  the socat relay daemon
 
 The proxy (serve.py, with the addon addon.py) and the CA maker (ca.py) run with the environment's
 Python; this module runs with the project's.
@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -38,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemons.atomic import write_atomic
-from daemons.hostprograms import HostProgramMissing, require
 from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_json
-from daemons.proxy.rules import HEALTH_HOST, LISTEN_HOST, Rules
+from daemons.proxy.rules import HEALTH_HOST, Rules
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
@@ -121,12 +119,16 @@ class Door:
 
 
 class EgressProxy:
-    def __init__(self, state_dir: Path, venv: Path, upstream_ca: Path | None = None):
+    def __init__(self, state_dir: Path, venv: Path, upstream_ca: Path | None = None, *,
+                 door_connections: int | None = None, door_idle: int | None = None):
         """`upstream_ca`: a PEM file of extra CAs the proxy trusts for upstream servers, besides
-        the system's (an internal registry's CA; the tests' loopback servers)."""
+        the system's (an internal registry's CA; the tests' loopback servers). `door_connections`,
+        `door_idle`: instead of the addon's bounds (doors.py: connections one bottle holds at once,
+        seconds an idle connection stays)."""
         self.state_dir = Path(state_dir)
         self.venv = Path(venv)
         self.upstream_ca = Path(upstream_ca) if upstream_ca else None
+        self.door_bounds = {'bottle_door_connections': door_connections, 'bottle_door_idle': door_idle}
         self.doors_file = self.state_dir / 'doors.json'
         self.ca_dir = self.state_dir / 'ca'
 
@@ -155,30 +157,27 @@ class EgressProxy:
         door = Door(bottle, Path(bottle_dir).resolve(), Path(door_dir))
         _check_socket_path(door.socket)
         with self._locked():
+            _private_dir(door.directory)
+            _stop_old_relay(door)
             doors = self._doors()
-            known = doors.get(bottle, {})
-            # A listener port is kept for the same bottle; a doors file copied with another project's state
-            # names that project's ports, which its own proxy holds.
-            port = known.get('port') if known.get('dir') == str(door.bottle_dir) else None
-            entry = {'port': port or _free_port(), 'door': str(door.directory),
-                     'dir': str(door.bottle_dir), 'rules': str(door.rules), 'log': str(door.log)}
+            entry = {'door': str(door.directory), 'dir': str(door.bottle_dir), 'rules': str(door.rules),
+                     'log': str(door.log)}
             if doors.get(bottle) != entry:
                 doors[bottle] = entry
                 self._write_doors(doors)
-                proxy = self.daemon()
-                if proxy.pid() is not None:        # the addon picks the new listener up by itself
-                    _wait(lambda: _listener_answers(entry['port'], bottle), LISTENER_WAIT_SECONDS)
+                if self.daemon().pid() is not None:        # the addon opens the new door by itself
+                    _wait(lambda: door_answers(door.socket, bottle), LISTENER_WAIT_SECONDS)
             self._ensure_running(doors)
         return door
 
     def close_door(self, bottle: str) -> None:
-        """Stop the bottle's relay and remove its door and listener; the proxy stops with the last door."""
+        """Remove the bottle's door (the proxy stops listening on it); the proxy stops with the last door."""
         with self._locked():
             doors = self._doors()
             entry = doors.pop(bottle, None)
             if entry:
                 door = Door.of(bottle, entry)
-                self._relay(door, entry['port']).stop()
+                _stop_old_relay(door)
                 door.socket.unlink(missing_ok=True)
                 try:
                     door.directory.rmdir()
@@ -189,34 +188,31 @@ class EgressProxy:
                 self.daemon().stop()
 
     def ensure_running(self) -> bool:
-        """Start the proxy and relays that are not healthy (after a crash, a reboot); True when the
-        proxy itself was (re)started. With no doors, nothing runs."""
+        """Start the proxy when it is not healthy (after a crash, a reboot), which opens every door; True
+        when it was (re)started. With no doors, nothing runs."""
         with self._locked():
             return self._ensure_running(self._doors())
 
     def healthy(self) -> bool:
-        """The proxy is ours, current, and every door's listener answers for its bottle. Never raises."""
+        """The proxy is ours, current, and every door answers for its bottle. Never raises."""
         return self.daemon().healthy()
 
     def door_open(self, bottle: str) -> bool:
-        """The bottle's relay and the proxy are ours and current, and the door and the proxy's listener for it
-        take a connection: the up-to-date check of a bottle's door, cheap and with no backend call. Never
-        raises."""
+        """The proxy is ours and current and the bottle's door takes a connection: the up-to-date check of a
+        bottle's door, cheap and with no backend call. Never raises."""
         try:
             entry = self._doors().get(bottle)
-            return (bool(entry) and self.daemon().current() and connects((LISTEN_HOST, entry['port']))
-                    and self._relay(Door.of(bottle, entry), entry['port']).running())
-        except (ProxyError, OSError, HostProgramMissing):
+            return bool(entry) and self.daemon().current() and connects(str(Door.of(bottle, entry).socket))
+        except (ProxyError, OSError):
             return False
 
     def door_healthy(self, bottle: str) -> bool:
-        """The bottle's relay is ours and a health request through its door is answered for it, by a
-        current proxy (for `doit status`). No backend call; never raises."""
+        """A health request through the bottle's door is answered for it by a current proxy (for `doit
+        status`). No backend call; never raises."""
         try:
             entry = self._doors().get(bottle)
-            return (bool(entry) and self.daemon().current()
-                    and self._relay(Door.of(bottle, entry), entry['port']).healthy())
-        except (ProxyError, OSError, HostProgramMissing):
+            return bool(entry) and self.daemon().current() and door_answers(Door.of(bottle, entry).socket, bottle)
+        except (ProxyError, OSError):
             return False
 
     def route_service(self, name: str, port: int | None, key_file: Path | None) -> None:
@@ -229,7 +225,7 @@ class EgressProxy:
                 del services[name]
             doors = self._doors()
             self._write_doors(doors, services=services or None)
-            listener = next(((bottle, entry['port']) for bottle, entry in doors.items()), None)
+            listener = next(((bottle, Door.of(bottle, entry).socket) for bottle, entry in doors.items()), None)
             # A proxy started from other code or another CA is restarted by the next egress:<agent>,
             # and reads the route at its start: only a current one is waited for.
             if listener and self.daemon().current() and not _wait(
@@ -245,15 +241,14 @@ class EgressProxy:
             return None
 
     def stop(self) -> None:
-        """Stop the proxy and every relay; the doors stay registered for the next ensure_running."""
+        """Stop the proxy; the doors stay registered for the next ensure_running."""
         with self._locked():
-            for bottle, entry in self._doors().items():
-                self._relay(Door.of(bottle, entry), entry['port']).stop()
             self.daemon().stop()
 
     def daemon(self) -> Daemon:
-        return Daemon('proxy', self.state_dir, self._argv(), self._listeners_answer, config=self._config(),
-                      connect=lambda: all(connects((LISTEN_HOST, e['port'])) for e in self._doors_or_none().values()))
+        return Daemon('proxy', self.state_dir, self._argv(), self._doors_answer, config=self._config(),
+                      connect=lambda: all(connects(str(Door.of(b, e).socket))
+                                          for b, e in self._doors_or_none().items()))
 
     def _config(self) -> str:
         """What the proxy reads only at start: a changed CA or upstream CA file, or addon, restarts it."""
@@ -271,10 +266,10 @@ class EgressProxy:
             self.daemon().stop()
             return False
         self._make_ca()
-        started = self.daemon().ensure_running()
         for bottle, entry in doors.items():
-            self._relay(Door.of(bottle, entry), entry['port']).ensure_running()
-        return started
+            _private_dir(Door.of(bottle, entry).directory)      # gone after a reboot when it is in /tmp
+            _stop_old_relay(Door.of(bottle, entry))
+        return self.daemon().ensure_running()
 
     def _argv(self) -> list[str]:
         settings = [f'confdir={self.ca_dir}',
@@ -288,21 +283,13 @@ class EgressProxy:
                     f'bottle_doors={self.doors_file}']
         if self.upstream_ca:
             settings.append(f'ssl_verify_upstream_trusted_ca={self.upstream_ca}')
-        for entry in sorted(self._doors_or_none().values(), key=lambda e: e['port']):
-            settings.append(f'mode=regular@{LISTEN_HOST}:{entry["port"]}')
+        settings += [f'{name}={value}' for name, value in self.door_bounds.items() if value is not None]
         argv = [self.venv / 'bin' / 'python', SERVE, *settings]
         return [str(a) for a in argv]
 
-    def _relay(self, door: Door, port: int) -> Daemon:
-        argv = [require('socat'), f'UNIX-LISTEN:{door.socket},fork,unlink-early,perm=0600',
-                f'TCP:{LISTEN_HOST}:{port},nodelay']     # without nodelay, about 40 ms per request
-        _private_dir(door.directory)
-        return Daemon('door-relay', door.bottle_dir, argv, lambda: door_answers(door.socket, door.bottle),
-                      connect=lambda: connects(str(door.socket)))
-
-    def _listeners_answer(self) -> bool:
+    def _doors_answer(self) -> bool:
         doors = self._doors_or_none()
-        return bool(doors) and all(_listener_answers(e['port'], b) for b, e in doors.items())
+        return bool(doors) and all(door_answers(Door.of(b, e).socket, b) for b, e in doors.items())
 
     def _make_ca(self, *flags: str) -> None:
         if not flags and (self.ca_dir / 'mitmproxy-ca.pem').exists() and self.ca_cert.exists():
@@ -346,23 +333,26 @@ class EgressProxy:
 
 def door_answers(door_socket: Path, bottle: str) -> bool:
     """A health request through the door reaches the proxy and is answered for this bottle."""
-    return _health(bottle, door=str(door_socket)) is not None
+    return _health(bottle, str(door_socket)) is not None
 
 
-def _listener_answers(port: int, bottle: str) -> bool:
-    return _health(bottle, port=port) is not None
+def _routes(bottle: str, door_socket: Path) -> dict:
+    """The services the addon routes now, as its health answer through the bottle's door says."""
+    return (_health(bottle, str(door_socket)) or {}).get('services', {})
 
 
-def _routes(bottle: str, port: int) -> dict:
-    """The services the addon routes now, as its health answer on the bottle's listener says."""
-    return (_health(bottle, port=port) or {}).get('services', {})
-
-
-def _health(bottle: str, *, port: int | None = None, door: str | None = None) -> dict | None:
-    """The proxy's health answer for the bottle, asked on its listener's port or through its door, or None
-    when it gives none (within PROBE_SECONDS and a size bound: whatever answers on the door is not trusted)."""
-    answer = probe_json(door if door is not None else (LISTEN_HOST, port), f'http://{HEALTH_HOST}/', PROBE_SECONDS)
+def _health(bottle: str, door: str) -> dict | None:
+    """The proxy's health answer for the bottle through its door, or None when it gives none (within
+    PROBE_SECONDS and a size bound: whatever answers on the door is not trusted)."""
+    answer = probe_json(door, f'http://{HEALTH_HOST}/', PROBE_SECONDS)
     return answer if answer is not None and answer.get('bottle') == bottle else None
+
+
+def _stop_old_relay(door: Door) -> None:
+    """A socat relay an earlier version ran for this door (its pid file in the bottle's directory) is
+    stopped: the proxy listens on the door itself now."""
+    if (door.bottle_dir / 'door-relay.pid').exists():
+        Daemon('door-relay', door.bottle_dir, []).stop()
 
 
 def _check_socket_path(path: Path) -> None:
@@ -370,9 +360,6 @@ def _check_socket_path(path: Path) -> None:
     if len(text.encode()) > UNIX_PATH_MAX:
         raise ProxyError(f'the door {text} is {len(text.encode())} bytes long; a Unix socket path holds at '
                          f'most {UNIX_PATH_MAX}: move the project to a shorter path')
-    if any(c in text for c in ',:!"\'\\'):
-        raise ProxyError(f'the door {text} has a character socat cannot take (, : ! quotes or \\); '
-                         'move the project to a path without them')
 
 
 def _private_dir(path: Path) -> None:
@@ -389,12 +376,6 @@ def _private_dir(path: Path) -> None:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise ProxyError(f'{directory} must be a directory of yours that no one else can use (mode 0700); '
                              'remove it and launch again')
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LISTEN_HOST, 0))
-        return probe.getsockname()[1]
 
 
 def _wait(condition: Callable[[], bool], seconds: float) -> bool:

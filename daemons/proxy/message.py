@@ -15,13 +15,18 @@ what these checks see, provided that:
   what goes up then carries the proxy's own Host for that host and port;
 - no header that makes a server route elsewhere (ROUTING_HEADERS) is present;
 - a GET, HEAD, OPTIONS or TRACE has no body: a server that ignores its length would read the body as a
-  second request the proxy never checked.
+  second request the proxy never checked;
+- the request-target holds no raw `#` (servers end the path there; the proxy would check what follows).
 
-A method override is any of METHOD_OVERRIDE_HEADERS (`_` read as `-`, as CGI and others do), a parameter
-named by OVERRIDE_PARAMETERS in the query, or in a body a framework reads as parameters (a form, a JSON
-object, or no declared type: Rack reads a POST without one as a form). Parameter names are read as PHP
-keys them, generously: cut at NUL, blanks around dropped, ` `, `.` and `[` as `_`, `name[...]` as `name`,
-any case.
+A method override is any of METHOD_OVERRIDE_HEADERS (every character but a letter or digit read as `-`:
+CGI gateways map `_`, lighttpd all of them, PHP `.`), an override parameter in the query, or in a body a
+framework reads as parameters: a form (no declared type too: Rack reads a POST without one as a form),
+any multipart body (a part's name, quoted either way, or its Content-ID, which Rack names a part by), or
+JSON (any type that says json: Laravel reads `*/json*`). A JSON body the proxy cannot read is refused.
+The media type ends at `;`, `,` or a blank (Rack splits at `,`, PHP at a blank too). Parameter names are
+read as PHP keys them, generously: cut at NUL, blanks around dropped, ` `, `.` and `[` as `_`,
+`name[...]` as `name`, any case; an override parameter is `_method` with any leading punctuation,
+`_HttpMethod`, or a header's name.
 """
 from __future__ import annotations
 
@@ -42,11 +47,16 @@ _AUTHORITY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._~!$
                         r"(?::(?P<port>[0-9]{1,5}))?")
 
 METHOD_OVERRIDE_HEADERS = ('x-http-method-override', 'x-http-method', 'x-method-override')
-OVERRIDE_PARAMETERS = ('_method', '_httpmethod', *METHOD_OVERRIDE_HEADERS)
+_OVERRIDE_PARAMETER = re.compile(r'[^a-z0-9]+(?:http)?method')
 # A body the proxy reads for an override: at most this long, sent with a Content-Length (stream_large_bodies
 # is 1m: up to it the body is held until it is whole), not encoded.
 BODY_LIMIT = 1 << 20
-_FORM_TYPES = ('', 'application/x-www-form-urlencoded', 'multipart/form-data')
+_FORM_TYPES = ('', 'application/x-www-form-urlencoded')
+_PART_NAMES = re.compile(rb"(?i)(?:\bname\*?\s*=\s*|content-id\s*:\s*)([^;\r\n]*)")
+
+
+class UnreadableBody(ValueError):
+    """A body a framework could read an override from that the proxy cannot read: refused."""
 
 
 def default_port(scheme: str) -> int:
@@ -78,11 +88,14 @@ def shown(value: bytes | str, limit: int = 80) -> str:
     return text + ('...' if len(value) > limit else '')
 
 
-def head_refusal(version: str, method: str, fields, scheme: str, host: str, port: int) -> str | None:
-    """Why this request head could be read otherwise by a server than by the proxy, or None. `fields`:
-    the (name, value) byte pairs as received; `host`, `port`: the checked target."""
+def head_refusal(version: str, method: str, target: str, fields, scheme: str, host: str, port: int) -> str | None:
+    """Why this request head could be read otherwise by a server than by the proxy, or None. `target`: the
+    request-target's path and query; `fields`: the (name, value) byte pairs as received; `host`, `port`:
+    the checked target."""
     if version not in VERSIONS:
         return f'the request line says {shown(version)}; the proxy speaks HTTP/1.1 and HTTP/1.0 only'
+    if '#' in target:
+        return 'the request-target holds a raw #, where a server ends the path'
     hosts, seen = [], {}
     for name, value in fields:
         if not _TOKEN.fullmatch(name):
@@ -123,8 +136,13 @@ def parameter_key(name: str) -> tuple[str, ...]:
             name.replace('[', '_').strip())
 
 
+def _canonical(name: str) -> str:
+    """A header name as gateways make it a variable: every run of characters but letters and digits a `-`."""
+    return re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')
+
+
 def is_override_name(name: str) -> bool:
-    return any(key in OVERRIDE_PARAMETERS or key.replace('_', '-') in METHOD_OVERRIDE_HEADERS
+    return any(_OVERRIDE_PARAMETER.fullmatch(key) or _canonical(key) in METHOD_OVERRIDE_HEADERS
                for key in parameter_key(name))
 
 
@@ -132,7 +150,7 @@ def method_override(headers, query: str) -> str | None:
     """The method a request asks for by a method-override header or query parameter, if any. `headers`:
     (name, value) pairs."""
     for name, value in headers:
-        if name.lower().replace('_', '-') in METHOD_OVERRIDE_HEADERS:
+        if _canonical(name) in METHOD_OVERRIDE_HEADERS:
             return _asked(value)
     for name, value in _pairs(query):
         if is_override_name(name):
@@ -147,32 +165,39 @@ def _pairs(text: str):
         yield unquote_plus(name, errors='surrogateescape'), unquote_plus(value, errors='surrogateescape')
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type as the most lenient framework reads it: up to `;`, `,` or a blank, without case."""
+    return re.split(r'[;,\s]', (content_type or '').strip().lower(), maxsplit=1)[0]
+
+
 def body_checked(content_type: str | None) -> bool:
     """Whether a framework could read parameters, and so a `_method`, from a body of this type."""
-    media = (content_type or '').split(';', 1)[0].strip().lower()
-    return media in _FORM_TYPES or media == 'application/json' or media.endswith('+json')
+    media = media_type(content_type)
+    return media in _FORM_TYPES or media.startswith('multipart/') or 'json' in media
 
 
 def body_override(content_type: str | None, body: bytes) -> str | None:
-    """The method a body asks for by an override field, if any (body_checked says which bodies)."""
-    media = (content_type or '').split(';', 1)[0].strip().lower()
-    if media == 'multipart/form-data':       # every name= anywhere, RFC 2231 forms too: generous, as a denial
-        for match in re.finditer(rb'(?i)name\*?\s*=\s*"?([^";\r\n]*)', body):
-            raw = match[1].decode('latin-1')
-            if is_override_name(raw) or is_override_name(unquote_plus(raw.rpartition("'")[2])):
-                return '(a form field)'
+    """The method a body asks for by an override field, if any (body_checked says which bodies); UnreadableBody
+    for a JSON body the proxy cannot read."""
+    media = media_type(content_type)
+    if media.startswith('multipart/'):       # every part's name and Content-ID: generous, as a denial
+        for match in _PART_NAMES.finditer(body):
+            for raw in re.findall(r"[^\s\"'<>]+", match[1].decode('latin-1')):
+                if is_override_name(raw) or is_override_name(unquote_plus(raw.rpartition("'")[2])):
+                    return '(a form field)'
         return None
     if media in _FORM_TYPES:
         for name, value in _pairs(body.decode('latin-1')):
             if is_override_name(name):
                 return _asked(value)
         return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(data, dict):
-        for name, value in data.items():
-            if is_override_name(name):
-                return _asked(value)
+    try:        # numbers as text: Python refuses integers of over 4300 digits, which PHP and Node read
+        pairs = json.loads(body, object_pairs_hook=lambda pairs: pairs, parse_int=str, parse_float=str,
+                           parse_constant=str)
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise UnreadableBody(f'its JSON body cannot be read ({type(err).__name__})') from None
+    if isinstance(pairs, list):
+        for item in pairs:
+            if isinstance(item, tuple) and is_override_name(item[0]):
+                return _asked(item[1])
     return None

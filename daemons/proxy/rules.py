@@ -28,8 +28,8 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
   private, link-local or otherwise not public; every such address is refused unless listed here.
 - `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
   host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows. The
-  path is read as a forge reads it: decoded (twice-encoded too), `\\` as `/`, `//`, `/./` and `..`
-  resolved, `;parameters` dropped, trailing blanks and dots trimmed, and compared without case after
+  path is read as a forge reads it: up to a `#`, decoded (twice-encoded too), `\\` as `/`, `//`, `/./`
+  and `..` resolved (and, for a server that does not resolve `..`, not), `;parameters` dropped, trailing blanks and dots trimmed, and compared without case after
   Unicode normalisation (GitHub serves owner/repo case-insensitively).
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
 Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
@@ -112,8 +112,8 @@ class GatedRepo:
         if host != self.host:
             return False
         repo = [_repo_segment(s) for s in self.path.split('/') if s]
-        asked = [_repo_segment(s) for s in forge_path(path).split('/') if s]
-        return asked[:len(repo)] == repo
+        return any([_repo_segment(s) for s in forge_path(path, resolve).split('/') if s][:len(repo)] == repo
+                   for resolve in (True, False))      # a server that does not resolve `..` reads it unresolved
 
     def to_json(self) -> dict:
         return {'host': self.host, 'path': self.path}
@@ -294,10 +294,12 @@ def unambiguous_path(path: str) -> str | None:
     return decoded
 
 
-def forge_path(path: str) -> str:
-    """The path as a forge resolves it, for gating (a denial, so generously): decoded until it stays the
-    same (at most a few times), `\\` as `/`, each segment without `;parameters` and trailing blanks and
-    dots, `//`, `.` and `..` segments resolved, Unicode-normalised (NFKC) and case-folded."""
+def forge_path(path: str, resolve: bool = True) -> str:
+    """The path as a forge resolves it, for gating (a denial, so generously): up to a `#`, decoded until it
+    stays the same (at most a few times), `\\` as `/`, each segment without `;parameters` and trailing
+    blanks and dots, `//` and `.` segments dropped, `..` resolved (or, without `resolve`, kept as a name),
+    Unicode-normalised (NFKC) and case-folded."""
+    path = path.split('#', 1)[0]
     for _ in range(4):
         decoded = unquote(path, errors='replace')
         if decoded == path:
@@ -311,7 +313,7 @@ def forge_path(path: str) -> str:
             segment = segment.rstrip(' \t.')       # `app.`, `app%20`: the name a forge trims them to
         if segment in ('', '.'):
             continue
-        if segment == '..':
+        if segment == '..' and resolve:
             if resolved:
                 resolved.pop()
             continue

@@ -9,11 +9,18 @@ mitmdump loads some 35 addons and mitmproxy hands every event to each of them; i
 dispatch was about 40% of the proxy's CPU. Here the Master has the addons that serve a regular-mode
 proxy with TLS interception and nothing else: no scripts, flow dumping, replay, rewriting, DNS mode
 or onboarding app. Warnings and errors go to stderr (the daemon log); SIGTERM shuts down cleanly.
+
+It listens on no TCP port: mitmproxy's `mode` list is empty, and the bottles' doors (Unix sockets, doors.py)
+are opened by the addon. Files it makes are its user's only (umask 077: a door is 0600), and its open-file
+limit is raised to the hard limit (two descriptors a connection, doors.CONNECTIONS a bottle), and no HTTP/1
+head it reads may grow past doors.HEAD_BYTES.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import signal
 import sys
 
@@ -21,6 +28,7 @@ from mitmproxy import exceptions, log, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 
 import addon
+import doors
 
 
 def needed_addons() -> list:
@@ -36,9 +44,14 @@ async def serve(settings: list[str], fence: list) -> int:
     to_stderr.setFormatter(log.MitmFormatter(colorize=False))
     logging.getLogger().addHandler(to_stderr)
 
+    os.umask(0o077)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     proxy = master.Master(options.Options())
     proxy.addons.add(*needed_addons(), *fence)
     try:
+        proxy.options.update(mode=[])       # no listener of mitmproxy's own: the doors are the addon's
         proxy.options.set(*settings)
     except exceptions.OptionsError as err:
         print(f'the egress proxy cannot start: {err}', file=sys.stderr)
@@ -51,6 +64,7 @@ async def serve(settings: list[str], fence: list) -> int:
 
 
 def main() -> int:
+    doors.bound_heads()
     return asyncio.run(serve(sys.argv[1:], addon.addons))
 
 

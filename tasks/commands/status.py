@@ -14,6 +14,7 @@ from doit.globals import Globals
 from doit.loader import load_tasks
 
 from daemons.gate import review
+from daemons.proxy.message import shown
 from daemons.proxy.refusals import refusals
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
@@ -117,6 +118,7 @@ def _short(text: str, limit: int = 100) -> str:
 
 
 def _blocked(log: Path) -> list[str]:
-    """The last refusals in the bottle's egress log, oldest first."""
-    return [f'{r["time"] or "?"} {r["method"] or ""} {r["host"] or ""}{r["path"] or ""}: {r["reason"] or ""}'
-            for r in reversed(refusals(log, BLOCKED_SHOWN))]
+    """The last refusals in the bottle's egress log, oldest first; what the guest sent in them (a path, a
+    host) shown as printable ASCII, escaped otherwise, never raw to the terminal."""
+    return [shown(f'{r["time"] or "?"} {r["method"] or ""} {r["host"] or ""}{r["path"] or ""}: {r["reason"] or ""}',
+                  1000) for r in reversed(refusals(log, BLOCKED_SHOWN))]
