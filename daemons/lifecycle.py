@@ -231,11 +231,11 @@ class _DeadlineSocket(socket.socket):
         return super().recv_into(buffer, nbytes, flags)
 
 
-def probe_json(address: tuple[str, int] | str, url: str, seconds: float, headers: Mapping[str, str] | None = None,
-               limit: int = PROBE_BYTES) -> dict | None:
-    """GET `url` (a path, or an absolute URL for a proxy) over a TCP (host, port) or a Unix socket path: the JSON
-    object answered with status 200, or None for anything else. The whole exchange within `seconds` and
-    `limit` bytes of body, whatever the other end does (it may not be what it should be). Never raises."""
+def probe_http(address: tuple[str, int] | str, url: str, seconds: float, headers: Mapping[str, str] | None = None,
+               limit: int = PROBE_BYTES) -> tuple[int, dict[str, str], bytes] | None:
+    """GET `url` (a path, or an absolute URL for a proxy) over a TCP (host, port) or a Unix socket path: (status,
+    headers with lower-case names, body), or None when no whole answer came. The whole exchange within `seconds`
+    and `limit` bytes of body, whatever the other end does (it may not be what it should be). Never raises."""
     import http.client      # asked at a start and by `doit status`, never by a no-op run
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     connection = http.client.HTTPConnection('localhost')
@@ -246,14 +246,26 @@ def probe_json(address: tuple[str, int] | str, url: str, seconds: float, headers
         connection.request('GET', url, headers=dict(headers or {}))
         response = connection.getresponse()
         body = response.read(limit + 1)
-        if response.status != 200 or len(body) > limit:
+        if len(body) > limit:
             return None
-        answer = json.loads(body)
-        return answer if isinstance(answer, dict) else None
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, body
     except (OSError, ValueError, http.client.HTTPException):
         return None
     finally:
         connection.close()
+
+
+def probe_json(address: tuple[str, int] | str, url: str, seconds: float, headers: Mapping[str, str] | None = None,
+               limit: int = PROBE_BYTES) -> dict | None:
+    """The JSON object `probe_http` got with status 200, or None for anything else. Never raises."""
+    answer = probe_http(address, url, seconds, headers, limit)
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        data = json.loads(answer[2])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _passes(check: Callable[[], bool]) -> bool:

@@ -340,8 +340,9 @@ def test_no_tcp_port_speaks_for_a_bottle_and_only_the_projects_user_reaches_a_do
     assert tcp_listeners(pid) == []
     door = s.root / 'doors' / 'alpha' / 'egress.sock'
     assert stat.S_IMODE(door.stat().st_mode) == 0o600 and stat.S_IMODE(door.parent.stat().st_mode) == 0o700
+    connect = f'import socket; socket.socket(socket.AF_UNIX).connect({str(door)!r})'
     as_nobody = subprocess.run(['setpriv', '--reuid', 'nobody', '--regid', 'nogroup', '--clear-groups',
-                                '/usr/bin/python3', '-c', f'import socket; socket.socket(socket.AF_UNIX).connect({str(door)!r})'],
+                                '/usr/bin/python3', '-c', connect],
                                capture_output=True, text=True, timeout=30)
     assert as_nobody.returncode != 0 and 'PermissionError' in as_nobody.stderr
     assert not [p for p in Path('/proc').iterdir() if p.name.isdigit() and _parent(p) == pid]    # no relay, no child
@@ -403,6 +404,49 @@ def test_a_request_head_that_never_ends_is_cut_off_and_the_proxy_serves_on(setup
     assert answer.startswith(b'HTTP/1.1 431') and b'head is longer than 65536 bytes' in answer, answer[:300]
     assert (s.upstream.connections, len(s.upstream.requests)) == before
     assert status_and_body(curl(s, s.alpha, f'https://{s.address}/after-pad')) == (200, 'upstream saw GET /after-pad')
+
+
+def test_a_chunk_line_that_never_ends_is_cut_off_too(setup):
+    """h11 holds a chunk-size line or a trailer until it ends: past 64 KiB the request is answered 400."""
+    s = setup
+    head = f'POST /chunks HTTP/1.1\r\nHost: {s.address}\r\nTransfer-Encoding: chunked\r\n\r\n'.encode()
+    for endless in (b'1;' + b'x' * 80_000, b'0\r\nX-Trailer: ' + b'x' * 80_000):
+        answer = exchange_through(s, s.alpha, head + endless)
+        assert answer.startswith(b'HTTP/1.1 400') and b'longer than 65536 bytes' in answer, answer[:300]
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/after-chunks'))[0] == 200
+
+
+def test_a_client_hello_that_never_ends_fails_the_handshake_and_stays_out_of_the_log(setup):
+    """mitmproxy holds up to 16 MiB of a ClientHello, parses it again on every read and logs what it cannot parse
+    in hex: past 16 KiB (or 16 records) the handshake fails, and the log line is cut."""
+    s = setup
+    log = s.proxy.daemon().log_file
+    before = log.stat().st_size
+    for record, count in ((16_000, 3), (1, 40)):              # a few large records; many one-byte ones
+        sock, answer = connect_through(s.alpha, f'{s.address}:443')
+        body = b'\x01' + (1 << 20).to_bytes(3, 'big')          # the head of a ClientHello of 1 MiB
+        records = b''.join(b'\x16\x03\x01' + len(part).to_bytes(2, 'big') + part
+                           for part in [body] + [b'\x00' * record] * count)
+        with sock:
+            try:
+                sock.sendall(records)
+            except OSError:
+                pass            # closed on us already: what should happen
+            assert closed_by_peer(sock, 10), (record, count)        # not held until the idle bound
+    assert log.stat().st_size - before < 16 * 1024, log.read_text()[-2000:]
+    assert status_and_body(curl(s, s.alpha, f'https://{s.address}/after-hello'))[0] == 200
+
+
+def test_a_refused_request_with_a_large_body_is_answered_without_a_crash(setup):
+    s = setup
+    log = s.proxy.daemon().log_file
+    before = log.stat().st_size
+    proc = subprocess.run(['curl', '-sS', '--max-time', '60', '--proxy', s.beta.url, '--cacert', str(s.proxy.ca_cert),
+                           '-w', '\n%{http_code}', '-H', 'Transfer-Encoding: chunked', '--data-binary', '@-',
+                           f'https://{s.address}/private/upload'], input=b'x' * (5 << 20), capture_output=True,
+                          timeout=90)
+    assert proc.stdout.endswith(b'\n403'), proc.stdout[-300:]
+    assert 'has crashed' not in log.read_text()[before:]
 
 
 def test_what_goes_up_carries_the_proxys_own_host_for_the_checked_target(setup):
@@ -585,6 +629,8 @@ def test_a_bottles_connections_are_bounded_in_number_and_idle_time_and_make_no_p
         assert log[-1]['status'] == 503 and 'the most one bottle may hold' in log[-1]['reason']
         assert door_answers(Path(calm), 'calm')                          # the other bottle is served meanwhile
         assert not [p for p in Path('/proc').iterdir() if p.name.isdigit() and _parent(p) == pid]
+        # A full door is one the proxy answers: the shared proxy is not restarted for a busy bottle.
+        assert door_answers(Path(busy), 'busy') and proxy.ensure_running() is False and proxy.daemon().pid() == pid
         assert all(closed_by_peer(sock, 20) for sock in held)           # the idle bound closes every one
         assert door_answers(Path(busy), 'busy')                          # and the door takes new ones
     finally:

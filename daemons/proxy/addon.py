@@ -411,6 +411,8 @@ class EgressFence:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError) as err:
                 return Refusal(f'{host} does not resolve ({err})')
+            if flow.client_conn.id not in self.clients:      # gone meanwhile: nothing to remember it for
+                return Refusal('the connection closed while its host was resolved')
             addresses = [info[4][0].split('%', 1)[0] for info in infos]
         else:
             addresses = [address]

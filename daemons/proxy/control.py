@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemons.atomic import write_atomic
-from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_json
+from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_http, probe_json
 from daemons.proxy.rules import HEALTH_HOST, Rules
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
@@ -47,6 +47,7 @@ CA_MAKER = HERE / 'ca.py'
 PROBE_SECONDS = 3.0
 LISTENER_WAIT_SECONDS = 10.0
 UNIX_PATH_MAX = 107                # sun_path holds 108 bytes with the terminating NUL
+DOOR_FULL_HEADER = 'X-Claude-Bottle-Door-Full'     # doors.FULL_HEADER (that module runs in mitmproxy's environment)
 
 
 class ProxyError(Exception):
@@ -332,8 +333,18 @@ class EgressProxy:
 
 
 def door_answers(door_socket: Path, bottle: str) -> bool:
-    """A health request through the door reaches the proxy and is answered for this bottle."""
-    return _health(bottle, str(door_socket)) is not None
+    """A health request through the door reaches the proxy and is answered for this bottle: its health, or the
+    refusal of a door holding as many connections as it may (the proxy answers; the bottle is busy)."""
+    answer = probe_http(str(door_socket), f'http://{HEALTH_HOST}/', PROBE_SECONDS)
+    if answer is None:
+        return False
+    status, headers, body = answer
+    if status == 503:
+        return headers.get(DOOR_FULL_HEADER.lower()) == bottle
+    try:
+        return status == 200 and json.loads(body).get('bottle') == bottle
+    except (ValueError, AttributeError):
+        return False
 
 
 def _routes(bottle: str, door_socket: Path) -> dict:

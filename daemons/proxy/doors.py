@@ -13,9 +13,8 @@ byte. So no other local user can speak as a bottle, and no connection makes a ho
 
 A bottle's load stays in its bottle: at most `limit` connections through one door at a time (a connection
 beyond it is answered 503 with the reason and closed at once), a connection with no traffic either
-way for `idle` seconds is closed (mitmproxy's own watchdog, shortened), half-open ones included, and a
-request or response head may hold at most HEAD_BYTES (bound_heads: mitmproxy 11.0.2 buffers a head
-without bound until it ends).
+way for `idle` seconds is closed (mitmproxy's own watchdog, shortened), half-open ones included; what one
+connection may cost the proxy besides is bounded in bounds.py.
 """
 from __future__ import annotations
 
@@ -27,16 +26,19 @@ import time
 from pathlib import Path
 
 from mitmproxy import ctx
-from mitmproxy.proxy import commands, events, layers, mode_specs
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy import layers, mode_specs
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
+
+from bounds import HEAD_BYTES
 
 CONNECTIONS = 64            # open at once through one door: npm opens up to 15 per registry, Claude Code a few
 IDLE_SECONDS = 300.0        # no byte either way for this long closes a connection
 REFUSAL_SECONDS = 2.0      # a refused connection is answered and closed within this
 FIRST_BYTES_SECONDS = 0.5  # how long a refusal waits for the client's request before it answers
 IN_USE_SECONDS = 1.0
-HEAD_BYTES = 64 * 1024      # a request or response head (the line and its headers) at most
+# On the 503 past the bound, naming the bottle: the host's health check through a door counts a full door as
+# one the proxy answers (a bottle holding its connections must not get the proxy every bottle shares restarted).
+FULL_HEADER = 'X-Claude-Bottle-Door-Full'
 
 log = logging.getLogger(__name__)
 REGULAR = mode_specs.ProxyMode.parse('regular')
@@ -152,7 +154,8 @@ class Door:
                 except asyncio.TimeoutError:
                     pass            # a silent client is answered all the same
                 writer.write(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n'
-                             b'Connection: close\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
+                             b'%s: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s'
+                             % (FULL_HEADER.encode(), self.bottle.encode(), len(body), body))
                 writer.write_eof()
                 await writer.drain()
         except (OSError, asyncio.TimeoutError):
@@ -173,26 +176,3 @@ class RateLimited:
             self._last = now
             self.write(*args)
 
-
-def bound_heads() -> None:
-    """Bound every HTTP/1 head mitmproxy reads to HEAD_BYTES: past it, without the head's end, a request is
-    answered 431 and a response 502, and the connection is closed. (mitmproxy 11.0.2's read_headers holds a
-    head that never ends in memory for ever: one connection could grow the proxy every bottle shares.)"""
-    for connection, status, what in ((_http1.Http1Server, 431, 'request'), (_http1.Http1Client, 502, 'response')):
-        if getattr(connection.read_headers, 'bounded', False):
-            continue
-        connection.read_headers = _bounded(connection.read_headers, status, what)
-
-
-def _bounded(read_headers, status: int, what: str):
-    def bounded_read_headers(self, event):
-        yield from read_headers(self, event)
-        if self.state == self.read_headers and isinstance(event, events.DataReceived) and len(self.buf) > HEAD_BYTES:
-            message = f'the {what} head is longer than {HEAD_BYTES} bytes'
-            if status == 431:
-                yield commands.SendData(self.conn, _http1.make_error_response(status, message))
-            yield commands.Log(f'{self.conn.peername}: {message}; connection closed', logging.WARNING)
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
-    bounded_read_headers.bounded = True
-    return bounded_read_headers

@@ -29,8 +29,9 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
 - `gated`: repositories the bottle reaches only through the git gate: a request for that path on that
   host (`/acme/app`, `/acme/app.git`, or anything below either) is refused whatever `hosts` allows. The
   path is read as a forge reads it: up to a `#`, decoded (twice-encoded too), `\\` as `/`, `//`, `/./`
-  and `..` resolved (and, for a server that does not resolve `..`, not), `;parameters` dropped, trailing blanks and dots trimmed, and compared without case after
-  Unicode normalisation (GitHub serves owner/repo case-insensitively).
+  and `..` resolved (and, for a server that does not resolve `..`, not), `;parameters` dropped, trailing
+  blanks and dots trimmed, and compared without case after Unicode normalisation (GitHub serves
+  owner/repo case-insensitively).
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
 Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
 public by the project's own table (SPECIAL_V4, SPECIAL_V6) or by Python's, and an IPv6 address that embeds

@@ -12,8 +12,9 @@ or onboarding app. Warnings and errors go to stderr (the daemon log); SIGTERM sh
 
 It listens on no TCP port: mitmproxy's `mode` list is empty, and the bottles' doors (Unix sockets, doors.py)
 are opened by the addon. Files it makes are its user's only (umask 077: a door is 0600), and its open-file
-limit is raised to the hard limit (two descriptors a connection, doors.CONNECTIONS a bottle), and no HTTP/1
-head it reads may grow past doors.HEAD_BYTES.
+limit is raised to the hard limit (two descriptors a connection, doors.CONNECTIONS a bottle); what one
+connection may cost it is bounded (bounds.py), and so is its log: a line at most LOG_LINE_BYTES, at most
+LOG_LINES lines a minute (mitmproxy logs a failed TLS handshake with the guest's bytes in hex).
 """
 from __future__ import annotations
 
@@ -28,7 +29,35 @@ from mitmproxy import exceptions, log, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 
 import addon
-import doors
+import bounds
+
+LOG_LINE_BYTES = 1024
+LOG_LINES = 60           # a minute; past it, lines are counted and the count logged when the minute is over
+
+
+class BoundedLog(logging.Filter):
+    """Each record cut to LOG_LINE_BYTES, at most LOG_LINES a minute: what a guest sends can reach a log line
+    (mitmproxy writes a ClientHello it cannot parse in hex), and the log is on the host's disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.window, self.lines, self.dropped = 0, 0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        minute = int(record.created // 60)
+        if minute != self.window:
+            if self.dropped:
+                record.msg = f'({self.dropped} log lines left out in the minute before) {record.getMessage()}'
+                record.args = ()
+            self.window, self.lines, self.dropped = minute, 0, 0
+        self.lines += 1
+        if self.lines > LOG_LINES:
+            self.dropped += 1
+            return False
+        message = record.getMessage()
+        if len(message) > LOG_LINE_BYTES:
+            record.msg, record.args = message[:LOG_LINE_BYTES] + f'... ({len(message)} characters, cut)', ()
+        return True
 
 
 def needed_addons() -> list:
@@ -42,6 +71,7 @@ async def serve(settings: list[str], fence: list) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)
     to_stderr.setFormatter(log.MitmFormatter(colorize=False))
+    to_stderr.addFilter(BoundedLog())
     logging.getLogger().addHandler(to_stderr)
 
     os.umask(0o077)
@@ -64,7 +94,7 @@ async def serve(settings: list[str], fence: list) -> int:
 
 
 def main() -> int:
-    doors.bound_heads()
+    bounds.apply()
     return asyncio.run(serve(sys.argv[1:], addon.addons))
 
 
