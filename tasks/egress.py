@@ -14,7 +14,8 @@ allowlist:<agent>     .bottle/agents/<agent>/egress-rules.json, the bottle's rul
 egress:<agent>        the bottle's door open: the project's proxy running (one process for all
                       bottles, state in .bottle/egress/) and the bottle's socket answering. Up to
                       date while a health request through the door is answered for the bottle,
-                      which costs no backend call; a crashed proxy or relay is started again.
+                      which costs no backend call; a crashed proxy is started again (it listens on
+                      every door itself: no relay, no TCP port).
 machine:<agent> depends on egress:<agent>, so every launch checks the door first; teardown:<agent>
 closes it, and the proxy stops with the last one.
 
@@ -67,7 +68,7 @@ def door_socket(project: Project, agent_name: str) -> Path:
 
 
 class DoorOpen:
-    """The bottle's relay and the project's proxy run (ours, current) and take connections."""
+    """The project's proxy runs (ours, current) and the bottle's door takes connections."""
 
     def __init__(self, project: Project, agent: Agent):
         self.project, self.agent = project, agent

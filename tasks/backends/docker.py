@@ -137,7 +137,7 @@ class Docker(Backend):
             args += ['--label', f'{key}={value}']
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
-        # No network card; the door's directory, not its socket file, is mounted: a relay that
+        # No network card; the door's directory, not its socket file, is mounted: a proxy that
         # recreates the socket after a restart is then reached again without a container restart. Read-only:
         # guest root connects to the door but can neither replace it nor leave a file on the host.
         args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}:ro']
