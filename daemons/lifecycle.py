@@ -3,7 +3,7 @@
 A daemon has a name and a state directory, where it keeps:
 
     <name>.pid    JSON {"pid", "start_time", "argv", "state_dir", "config"}, replaced atomically
-    <name>.log    its stdout and stderr, appended across restarts, with a line per start
+    <name>.log    its stdout and stderr, appended across restarts, with a line per start; older lines in <name>.log.1
     <name>.lock   serialises starting and stopping between processes (parallel doit runs)
 
 A process is this daemon only when it is exactly what this state directory started: the pid file's
@@ -19,6 +19,12 @@ Two checks, neither of which makes a backend call or raises:
              is not complete until it answers, and for `doit status`.
 A daemon started with another `config` (a fingerprint of what it was started with: files it read
 at start, say) is neither, so `ensure_running` restarts it with the current one.
+
+The log is on the host's disk, and a guest can make a daemon print (a refused TLS hello in the proxy, a failed
+fetch in the git gate, an odd call to the supervisor). It is bounded twice: each start finds the file at most
+logbound.DAEMON_LOG_BYTES (a bigger one becomes <name>.log.1), which bounds any daemon across restarts; and
+the project's daemons bound it while they run (logbound.bound_output, first thing in their main), since the
+file they hold open cannot be renamed away from them from here.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daemons.atomic import write_atomic
+from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 
 POLL_SECONDS = 0.05
 CONNECT_SECONDS = 2.0
@@ -125,10 +132,16 @@ class Daemon:
             self._stop()
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return '\n'.join(self.log_file.read_text(errors='replace').splitlines()[-lines:])
-        except OSError:
-            return '(no log)'
+        """The last `lines` lines of the log, from its rotated file too when the live one has fewer."""
+        found = []
+        for path in (self.log_file, rotated(self.log_file)):
+            try:
+                found = path.read_text(errors='replace').splitlines()[-(lines - len(found)):] + found
+            except OSError:
+                continue
+            if len(found) >= lines:
+                break
+        return '\n'.join(found) if found else '(no log)'
 
     def _locked(self):
         return locked(self.lock_file)
@@ -153,6 +166,11 @@ class Daemon:
         return _alive(record['pid'], record['start_time']) and _cmdline(record['pid']) == record['argv']
 
     def _start(self) -> int:
+        try:
+            if self.log_file.stat().st_size > DAEMON_LOG_BYTES:
+                os.replace(self.log_file, rotated(self.log_file))
+        except FileNotFoundError:
+            pass
         with open(self.log_file, 'a') as log:
             log.write(f'--- {time.strftime("%Y-%m-%dT%H:%M:%S%z")} starting {self.name}: {" ".join(self.argv)}\n')
         log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)

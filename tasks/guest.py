@@ -57,6 +57,17 @@ def supervise_registration(agent: Agent) -> str:
                        'timeout': (agent.supervise_wait + SUPERVISE_TIMEOUT_MARGIN) * 1000})
 
 
+def writable_paths(agent: Agent) -> dict[str, str]:
+    """What the guest may write, on its bounded disk (tasks/backends/disk.py), each with the owner it gets
+    when the image lacks it: the user's home, the scratch directories, where provisioning writes as root
+    (/etc: the trust store, /etc/environment, the system gitconfig; /root; the CA's directory), and the
+    skills directory wherever it is (the agent's, as provisioning would make it)."""
+    agent_owned = f'{agent.user.uid}:{agent.user.uid}'
+    root = '0:0'
+    return {agent.user.home: agent_owned, '/tmp': root, '/var/tmp': root, '/etc': root, '/root': root,
+            os.path.dirname(CA_CERT): root, skills_dir(agent): agent_owned}
+
+
 def prompt_path(agent: Agent) -> str:
     return f'{agent.user.home}/.claude-bottle/system-prompt.md'
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from tasks import egress, guest
+from tasks.backends import confine
+from tasks.backends.disk import outermost
 from tasks.backends.pick import backend
 from tasks.backends.protocol import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, MachineSpec
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
@@ -34,9 +36,11 @@ def tasks(project: Project):
     for agent in project.agents.values():
         image = image_of(project, agent.recipe)
         config = {'name': agent.machine, 'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
+                  'disk_gib': agent.disk_gib, 'writable': outermost(guest.writable_paths(agent)),   # skills in /tmp: no change
                   'env': machine_env(agent), 'backend': agent.backend,
                   'door': [str(egress.door_socket(project, agent.name)), guest.DOOR],
                   'door_mount': 'read-only',       # machines made before the door was read-only are made again
+                  'confinement': confine.LEVEL,    # and those made with another kernel surface (backends/confine.py)
                   'workload': list(guest.DOOR_RELAY)}
         yield {
             'name': agent.name,
@@ -129,11 +133,17 @@ def create(project: Project, agent: Agent, image: Image):
     backend(agent.backend).create(MachineSpec(
         name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
         memory_mib=agent.memory_mib, env=machine_env(agent), door=egress.door_socket(project, agent.name),
-        guest_door=guest.DOOR, workload=guest.DOOR_RELAY,
+        guest_door=guest.DOOR, workload=guest.DOOR_RELAY, disk_gib=agent.disk_gib,
+        disk=disk_file(project, agent), writable=guest.writable_paths(agent),
         labels={AGENT_LABEL: agent.name, PROJECT_LABEL: project.label, IMAGE_LABEL: image.key,
                 ID_LABEL: identity}))
     write_json(placement(project, agent), {'backend': agent.backend, 'machine': agent.machine})
     return {'machine_id': identity}
+
+
+def disk_file(project: Project, agent: Agent) -> Path:
+    """Where the bottle's disk lives on the host (tasks/backends/disk.py), beside its other state."""
+    return project.agent_dir(agent.name).resolve() / 'disk.img'
 
 
 @action

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.backends.disk import release_under
 from tasks.manifest import default_project_name, is_local_base, machine_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -768,6 +769,7 @@ class DockerFamily(LoggedCli):
 
     def close(self, project_label):
         self.engine.remove_containers(project_label)
+        release_under(self.log.parent)      # their disks, which the engine's `rm -f` leaves mounted
 
 
 class Podman(DockerFamily):

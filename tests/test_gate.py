@@ -8,6 +8,7 @@ bottle's name and the gate's key as headers, and the upstream's URL rewritten to
 that is made by tests/gate_setup.py."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import pytest
 from daemons.gate.control import GateError
 from daemons.gate.review import ReviewError, approve, held, reject
 from daemons.gate.store import ZERO
+from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 from tests.gate_setup import PASSWORD, Setup, commit, held_id, host_git
 
 pytestmark = pytest.mark.fast
@@ -220,6 +222,40 @@ def test_only_the_proxy_may_speak_to_the_gate(s, tmp_path):
     assert proc.returncode != 0
     assert 'remote: gate: refused: only the egress proxy may speak to the git gate' in proc.stderr
     assert s.gate.key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_what_a_guest_reaches_of_the_gate_names_no_pid_port_or_host_path(s):
+    """A guest reaches every answer of the gate, /health included (the proxy adds the key to what it sends): the
+    health answer proves to the host's probe that the recorded process answers, without its pid or port, and an
+    error names no file of the host; the record of pid and port is its user's only."""
+    s.add_repo('told')
+    key = s.gate.key_file.read_text()
+    record = json.loads(s.gate.port_file.read_text())
+    health = f'http://127.0.0.1:{s.gate.port()}/health'
+    with urllib.request.urlopen(urllib.request.Request(health, headers={'X-Claude-Bottle-Gate-Key': key}),
+                                timeout=10) as answer:
+        told = json.loads(answer.read())
+    assert list(told) == ['instance'] and told['instance'] == record['instance']
+    assert told['instance'] not in (record['pid'], record['port'])
+    assert s.gate.healthy() and s.gate.port_file.stat().st_mode & 0o777 == 0o600
+    # The daemon's log, grown to its bound: the error the guest makes it print starts a new one.
+    log = s.gate.state_dir / 'gate.log'
+    with open(log, 'a') as grown:
+        grown.write('filler\n' * (DAEMON_LOG_BYTES // 7))
+    saved = s.gate.bottles_file.read_text()
+    s.gate.bottles_file.write_text('{"bottles": not json')
+    try:
+        refs = f'http://127.0.0.1:{s.gate.port()}/{s.address}/git/told.git/info/refs?service=git-upload-pack'
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(urllib.request.Request(refs, headers={'X-Claude-Bottle-Gate-Key': key,
+                                                                         'X-Claude-Bottle': 'a'}), timeout=10)
+        said = failed.value.read().decode()
+    finally:
+        s.gate.bottles_file.write_text(saved)
+    assert failed.value.code == 500 and 'cannot read what it serves' in said
+    assert str(s.gate.state_dir) not in said and 'bottles.json' not in said
+    assert str(s.gate.bottles_file) in log.read_text()      # the whole error, for the host
+    assert log.stat().st_size < 4096 and rotated(log).read_text().endswith('filler\n')
 
 
 def test_a_bottle_reaches_only_its_own_repositories(s, tmp_path):

@@ -54,7 +54,7 @@ def test_a_missing_program_is_one_line_naming_its_package(monkeypatch, tmp_path)
                                   "relay inside a bottle; install it (apt-get install socat) and run the same command "
                                   "again")
     assert '\n' not in str(missing.value)
-    assert missing_packages('demo') == ['podman', 'runc', 'debootstrap', 'tar', 'npm', 'git']
+    assert missing_packages('demo') == ['podman', 'runc', 'e2fsprogs', 'mount', 'debootstrap', 'tar', 'npm', 'git']
     assert 'docker.io' in missing_packages('tests') and missing_packages('tests').count('docker.io') == 1
 
 

@@ -269,6 +269,23 @@ def test_the_same_host_is_allowed_for_one_bottle_and_not_for_the_other(setup):
     assert status_and_body(curl(s, s.beta, f'https://{s.address}/private/x'))[0] == 403
 
 
+def test_a_service_that_does_not_answer_is_named_to_the_guest_not_its_address(setup, tmp_path):
+    """mitmproxy's own answer to a failed connect names the address and port it tried: for a project's service,
+    a loopback port of the host. The guest is told the service's name instead."""
+    s = setup
+    with socket.socket() as unused:
+        unused.bind(('127.0.0.1', 0))
+        port = unused.getsockname()[1]      # free once closed: nothing listens there
+    (tmp_path / 'key').write_text('key')
+    s.proxy.route_service('gate', port, tmp_path / 'key')
+    try:
+        status, body = status_and_body(curl(s, s.alpha, 'http://git.bottle.invalid/some/repo.git/info/refs'))
+    finally:
+        s.proxy.route_service('gate', None, None)
+    assert status == 502 and 'the project&#x27;s gate service does not answer' in body, body
+    assert str(port) not in body and '127.0.0.1' not in body
+
+
 def test_a_request_the_addon_fails_to_judge_is_refused_not_passed(venv, tmp_path):
     """Fail closed: whatever goes wrong while a request is judged (here the check itself raises), the request
     gets a 403 and is not marked allowed, so it never goes up, not even on an upstream connection an

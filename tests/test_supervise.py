@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -22,6 +23,7 @@ from daemons.gate.review import held
 from daemons.lifecycle import DaemonError
 from daemons.proxy import rules
 from daemons.proxy.control import EgressProxy, ensure_venv, write_rules
+from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
 from daemons.supervise.control import Supervisor
@@ -215,6 +217,35 @@ def test_a_bottle_cannot_check_or_see_another_bottles_requests(s):
     assert missing.is_error and "this bottle has no request 'deadbeef'" in missing.content[0].text
     assert own == f'still pending as request {request_id}; call check_request later'
     assert request_id not in {r.id for r in requests.pending(s.sup.state_dir, 'b')}
+
+
+def test_what_an_agent_reads_of_the_supervisor_names_no_host_path_pid_or_port(s):
+    """An error naming a file of the host (here its bottles file, broken) reaches the agent without the path; the
+    whole error is in the daemon's log on the host. The record of pid and ports is its user's only."""
+    bottles_file = s.sup.state_dir / 'bottles.json'
+    saved = bottles_file.read_text()
+    record = json.loads(s.sup.port_file.read_text())
+
+    async def ask():
+        async with s.client('a') as client:
+            return await client.call_tool('ask_human', {'question': 'May I?'})
+
+    # The daemon's log, grown to its bound: the error the agent makes it print starts a new one.
+    log = s.sup.state_dir / 'supervise.log'
+    with open(log, 'a') as grown:
+        grown.write('filler\n' * (DAEMON_LOG_BYTES // 7))
+    bottles_file.write_text('{"bottles": not json')
+    try:
+        failed = asyncio.run(ask())
+    finally:
+        bottles_file.write_text(saved)
+    told = failed.content[0].text
+    assert failed.is_error and 'is not the supervisor\'s bottles file' in told and '(a file on the host)' in told
+    assert str(s.sup.state_dir) not in told and 'bottles.json' not in told
+    assert not {str(record[key]) for key in ('pid', 'port', 'page_port')} & set(re.findall(r'\d+', told))
+    assert str(bottles_file) in log.read_text()        # the whole error, for the host
+    assert log.stat().st_size < 4096 and rotated(log).read_text().endswith('filler\n')
+    assert s.sup.port_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_without_the_key_or_the_token_nothing_is_served(s):

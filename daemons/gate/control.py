@@ -76,13 +76,14 @@ class GitGate(KeyedService):
                                 f'machine. git said:\n{err}') from None
 
     def probe(self) -> bool:
-        """The gate at the recorded port answers /health with our key, as the recorded process."""
+        """The gate at the recorded port answers /health with our key, as the process that wrote the record: with
+        the instance it drew at its start (a guest reaches /health too, and learns nothing of the host from it)."""
         record = self.recorded()       # at its start and for `doit status`; doit's up-to-date check only connects
-        if not record:
+        if not record or 'instance' not in record:
             return False
         try:
             key = self.key_file.read_text().strip()
         except OSError:
             return False
         answer = probe_json((LISTEN_HOST, record['port']), '/health', PROBE_SECONDS, {GATE_KEY_HEADER: key})
-        return answer is not None and answer.get('pid') == record['pid']
+        return answer is not None and answer.get('instance') == record['instance']

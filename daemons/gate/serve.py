@@ -2,10 +2,16 @@
 
     python -P -m daemons.gate.serve STATE_DIR
 
-It binds 127.0.0.1 on a port the kernel picks and records it in STATE_DIR/gate.json. Only the egress
-proxy speaks to it: every request carries the key (STATE_DIR/key) and the bottle's name, which the proxy
-sets. A bottle reaches only its own mirrors (store.py), and only for clone, fetch and push.
-The daemon's own environment is the host's: host-side git commands run with it (upstream.py).
+It binds 127.0.0.1 on a port the kernel picks and records it in STATE_DIR/gate.json (0600), with its pid and
+a random number drawn at this start, its `instance`. Only the egress proxy speaks to it: every request carries
+the key (STATE_DIR/key) and the bottle's name, which the proxy sets. A bottle reaches only its own mirrors
+(store.py), and only for clone, fetch and push.
+
+A guest reaches every answer, /health included (through the proxy, which adds the key): so /health tells the
+instance, which proves to the host's probe that the recorded process answers and tells the guest nothing, and
+no answer carries a host path (the state directory is named `the gate` in git's errors); the whole error
+goes to the daemon's log. The daemon's own environment is the host's: host-side git commands run with it
+(upstream.py). Its stdout and stderr (gate.log) are bounded (logbound.bound_output): a guest makes it print.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -25,8 +32,9 @@ import uvicorn
 
 from daemons.atomic import write_atomic
 from daemons.gate.config import BottlesError, Repo, load_bottles
-from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.store import LOCK_SECONDS, LockTimeout, mirror_dir, mirror_lock
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
@@ -41,10 +49,14 @@ GIT_ROUTES = {
 }
 
 
+INSTANCE_BITS = 63     # the instance is a whole number, as every value of the record (service.KeyedService)
+
+
 class Gate:
-    def __init__(self, state_dir: Path, key: str, environ: dict[str, str]):
+    def __init__(self, state_dir: Path, key: str, environ: dict[str, str], instance: int):
         self.state_dir = state_dir
         self.key = key.encode()
+        self.instance = instance
         self.host_env = host_env(environ)
         self.refreshed: dict[Path, float] = {}    # mirror -> when its last good refresh started (monotonic)
 
@@ -55,12 +67,14 @@ class Gate:
         if not hmac.compare_digest(headers.get(GATE_KEY_HEADER.lower(), '').encode(), self.key):
             return await answer(send, 403, 'gate: refused: only the egress proxy may speak to the git gate')
         if scope['path'] == '/health':
-            return await answer(send, 200, json.dumps({'pid': os.getpid()}), 'application/json')
+            return await answer(send, 200, json.dumps({'instance': self.instance}), 'application/json')
         bottle = headers.get(BOTTLE_HEADER.lower(), '')
         try:
             repos = load_bottles(self.state_dir / 'bottles.json').get(bottle)
         except BottlesError as err:
-            return await answer(send, 500, f'gate: {err}')
+            print(f'bottle {bottle}: {err}', file=sys.stderr, flush=True)
+            return await answer(send, 500, 'gate: the git gate cannot read what it serves (see its log on the '
+                                           'host); launching the agent again writes it anew')
         if repos is None:
             return await answer(send, 404, f'gate: bottle {bottle!r} has no repositories at the gate: its '
                                            'manifest has no git: list')
@@ -88,10 +102,16 @@ class Gate:
         except UpstreamError as err:
             print(f'bottle {bottle}, {repo.upstream}: {err}', file=sys.stderr, flush=True)
             await answer(send, 502, f'gate: cannot fetch {repo.upstream} with the host\'s credentials, and serves '
-                                    f'nothing stale. git said:\n{err}\ngate: a person on the host can try '
-                                    f'`git ls-remote {repo.upstream}` there')
+                                    f'nothing stale. git said:\n{self.for_guest(str(err))}\ngate: a person on the '
+                                    f'host can try `git ls-remote {repo.upstream}` there')
         except LockTimeout as err:
-            await answer(send, 503, f'gate: {err}')
+            print(f'bottle {bottle}: {err}', file=sys.stderr, flush=True)
+            await answer(send, 503, f'gate: {repo.path} stayed locked for {LOCK_SECONDS:g} s by another push or '
+                                    'refresh; try again')
+
+    def for_guest(self, text: str) -> str:
+        """`text` (git's words) without the gate's state directory, a host path the guest has no use for."""
+        return text.replace(str(self.state_dir), 'the gate')
 
     def _ensure(self, mirror: Path, repo: Repo) -> None:
         if not mirror.is_dir():
@@ -153,7 +173,7 @@ class Gate:
             if not end:
                 await backend.wait()
                 return await answer(send, 500, 'gate: git http-backend failed: '
-                                               + (await errors).decode(errors='replace').strip())
+                                               + self.for_guest((await errors).decode(errors='replace').strip()))
             status, headers = parse_cgi_head(output[:end[0]])
             await send({'type': 'http.response.start', 'status': status, 'headers': headers})
             body = output[end[1]:]
@@ -235,15 +255,18 @@ async def locked(mirror: Path):
 
 
 def main(argv: list[str]) -> int:
+    logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
     key = (state_dir / 'key').read_text().strip()
+    instance = secrets.randbits(INSTANCE_BITS)
     listener = socket.socket()
     # Inherited by each connection: without it, a response's last small write waits about 40 ms.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind((LISTEN_HOST, 0))
     listener.listen(128)
-    write_atomic(state_dir / 'gate.json', json.dumps({'port': listener.getsockname()[1], 'pid': os.getpid()}) + '\n')
-    config = uvicorn.Config(Gate(state_dir, key, dict(os.environ)), lifespan='off', access_log=False,
+    write_atomic(state_dir / 'gate.json', json.dumps({'port': listener.getsockname()[1], 'pid': os.getpid(),
+                                                      'instance': instance}) + '\n', mode=0o600)
+    config = uvicorn.Config(Gate(state_dir, key, dict(os.environ), instance), lifespan='off', access_log=False,
                             log_level='warning', timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[listener])
     return 0

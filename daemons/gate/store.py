@@ -3,7 +3,7 @@
     <state_dir>/
         key                   the secret only the egress proxy sends along (0600)
         bottles.json          what the gate serves (config.py)
-        gate.json             {"port", "pid"} of the running daemon, written by it
+        gate.json             {"port", "pid", "instance"} of the running daemon, written by it (0600)
         gate.pid, gate.log    the daemon (daemons.lifecycle)
         receipts.jsonl        one JSON line per push, approval and rejection
         held/<id>.json        pushes held for review

@@ -43,7 +43,10 @@ Raw TCP is never relayed. Responses are streamed to the client as they arrive (s
 large downloads). Each decision is one JSON line in the bottle's log: time, bottle, method, host,
 port, path (without the query, which may hold secrets), allowed, reason, status, bytes (response
 body bytes sent to the client), address (the upstream address connected to), and authority (the one the
-request-target named, when a request in absolute form named one: what was asked).
+request-target named, when a request in absolute form named one: what was asked). The guest chooses much of
+that line and how often it is written, and the log is on the host's disk: each text field is cut at
+logbound.FIELD_BYTES with its length noted, and the live log holds at most `bottle_log_bytes` (default
+logbound.EGRESS_LOG_BYTES) before it becomes egress.log.1 (logbound.RotatingLog).
 """
 from __future__ import annotations
 
@@ -59,12 +62,14 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, http
 
+import logbound
 import message
 import rules as bottle_rules
 from doors import CONNECTIONS, IDLE_SECONDS, Door, RateLimited
 from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES
 
 DOORS_POLL_SECONDS = 0.25
+SERVICE_CONNECT_SECONDS = 2.0     # a project's service on the host's loopback answers at once, or is down
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +78,13 @@ DOOR_SOCKET = 'egress.sock'     # in the door's directory
 
 
 class Bottle:
-    def __init__(self, name: str, door: Path, rules_file: Path, log_file: Path):
+    def __init__(self, name: str, door: Path, rules_file: Path, log_file: Path,
+                 log_bytes: int = logbound.EGRESS_LOG_BYTES):
         self.name, self.door, self.rules_file, self.log_file = name, door, rules_file, log_file
         self.refused_connection = RateLimited(self.record_connection_refused)
         self._rules_key = None
         self._rules: bottle_rules.Rules | str = 'no rules read yet'
-        self._log = None
-        self._log_id: tuple[int, int] | None = None
+        self._log = logbound.RotatingLog(log_file, log_bytes)
 
     def rules(self) -> bottle_rules.Rules | str:
         """The current rules, or why there are none (then everything is denied)."""
@@ -112,30 +117,13 @@ class Bottle:
 
     def _write(self, line: dict):
         try:
-            self._log_stream().write(json.dumps(line) + '\n')
+            self._log.write(json.dumps(logbound.cut_fields(line)))
         except OSError as err:
             self.close()
             log.warning(f'cannot write the egress log of bottle {self.name}: {err}')
 
-    def _log_stream(self):
-        """The log file, kept open (line-buffered: each line is written as it is made); opened again
-        when the file at its path is another one (removed with the bottle's directory, then made anew)."""
-        try:
-            st = os.stat(self.log_file)
-            at_path = (st.st_dev, st.st_ino)
-        except FileNotFoundError:
-            at_path = None
-        if self._log is None or at_path != self._log_id:
-            self.close()
-            self._log = open(self.log_file, 'a', buffering=1)
-            st = os.fstat(self._log.fileno())
-            self._log_id = (st.st_dev, st.st_ino)
-        return self._log
-
     def close(self):
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._log.close()
 
 
 class Service(NamedTuple):
@@ -178,6 +166,8 @@ class EgressFence:
                           'The most connections one bottle may hold open through its door.')
         loader.add_option('bottle_door_idle', int, int(IDLE_SECONDS),
                           'Seconds without traffic after which a connection through a door is closed.')
+        loader.add_option('bottle_log_bytes', int, logbound.EGRESS_LOG_BYTES,
+                          'The most bytes of a bottle\'s live egress log; past it, it becomes egress.log.1.')
 
     def configure(self, updated):
         if 'bottle_doors' in updated:
@@ -241,7 +231,8 @@ class EgressFence:
                         for name, entry in data.get('services', {}).items()}
             bottles = {}
             for name, door in doors.items():
-                new = Bottle(name, Path(door['door']), Path(door['rules']), Path(door['log']))
+                new = Bottle(name, Path(door['door']), Path(door['rules']), Path(door['log']),
+                             ctx.options.bottle_log_bytes)
                 old = self.bottles.get(name)
                 same = old and (old.door, old.rules_file, old.log_file) == (new.door, new.rules_file, new.log_file)
                 bottles[name] = old if same else new     # keeps the parsed rules
@@ -423,11 +414,18 @@ class EgressFence:
         self.checked[key] = addresses[0]
         return None
 
-    def server_connect(self, data):
+    async def server_connect(self, data):
         host, port = data.server.address
         address = self.checked.get((data.client.id, host, port))
         if address is None:      # every allowed request was checked first; anything else is refused
             data.server.error = f'the egress proxy did not check {host}:{port}'
+            return
+        service = next((s for s in self.services.values() if (LISTEN_HOST, s.port) == (host, port)), None)
+        if service and not await _accepts(port):
+            # mitmproxy's answer to a failed connect names the address and port it tried: on the host, for a
+            # service, which the guest has no use for. Said here instead, by the name the guest uses.
+            data.server.error = (f'the project\'s {service.name} service does not answer; launching an agent '
+                                 'again starts it')
             return
         self._connecting[data.server.id] = (host, port)
         data.server.address = (address, port)
@@ -508,6 +506,16 @@ def deny(flow: http.HTTPFlow, bottle: Bottle | None, refusal: Refusal):
 
 def normal_host(host: str) -> str:
     return bottle_rules.normal_host(host)
+
+
+async def _accepts(port: int) -> bool:
+    """A service on LISTEN_HOST takes a connection at `port` within SERVICE_CONNECT_SECONDS."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(LISTEN_HOST, port), SERVICE_CONNECT_SECONDS)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _peer(flow: http.HTTPFlow) -> str | None:

@@ -14,7 +14,8 @@ It listens on no TCP port: mitmproxy's `mode` list is empty, and the bottles' do
 are opened by the addon. Files it makes are its user's only (umask 077: a door is 0600), and its open-file
 limit is raised to the hard limit (two descriptors a connection, doors.CONNECTIONS a bottle); what one
 connection may cost it is bounded (bounds.py), and so is its log: a line at most LOG_LINE_BYTES, at most
-LOG_LINES lines a minute (mitmproxy logs a failed TLS handshake with the guest's bytes in hex).
+LOG_LINES lines a minute (mitmproxy logs a failed TLS handshake with the guest's bytes in hex), and the file
+(its stdout and stderr, proxy.log) at most logbound.DAEMON_LOG_BYTES before it is rotated to proxy.log.1.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 
 import addon
 import bounds
+import logbound
 
 LOG_LINE_BYTES = 1024
 LOG_LINES = 60           # a minute; past it, lines are counted and the count logged when the minute is over
@@ -94,6 +96,7 @@ async def serve(settings: list[str], fence: list) -> int:
 
 
 def main() -> int:
+    logbound.bound_output()     # first: the log handler made in serve() takes the bounded sys.stderr
     bounds.apply()
     return asyncio.run(serve(sys.argv[1:], addon.addons))
 

@@ -8,6 +8,10 @@ port takes only requests with the key (STATE_DIR/key), which the egress proxy ad
 bottle's name: that header is the only source of which bottle asks. The page port takes only requests
 with the user's token (STATE_DIR/page-token). Requests live in sqlite (store.py), so a restart loses none.
 The daemon's environment is the host's: an approved push goes upstream with its credentials.
+
+What an agent reads (a tool's answer or error) names no host path, pid or port: an error that names a host
+file goes to the daemon's log whole and to the agent with the path left out (told_to_agent). The daemon's
+stdout and stderr (supervise.log) are bounded (logbound.bound_output): an agent's calls can make it print.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -26,6 +31,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from daemons.atomic import write_atomic
+from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, LISTEN_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
 from daemons.supervise.page import page_app
@@ -94,13 +100,24 @@ def mcp_server(state_dir: Path) -> MCPServer:
     return server
 
 
+# An absolute path on the host as the supervisor's errors name one: a slash at the start or after a space, quote
+# or parenthesis (so not the slashes of a URL the agent sent), then at least two parts.
+HOST_PATH = re.compile(r'(?<![^\s\'"(])/[^\s\'"/]+(?:/[^\s\'"/]+)+/?')
+HIDDEN_PATH = '(a file on the host)'
+
+
 @contextmanager
 def told_to_agent():
-    """A SuperviseError reaches the agent as the tool's error text (the SDK hides other exceptions)."""
+    """A SuperviseError reaches the agent as the tool's error text (the SDK hides other exceptions), without the
+    host paths it names (the agent has no use for them: a person on the host fixes such a file); the whole
+    error goes to the daemon's log."""
     try:
         yield
     except SuperviseError as err:
-        raise ToolError(str(err)) from None
+        told = HOST_PATH.sub(HIDDEN_PATH, str(err))
+        if told != str(err):
+            print(f'told an agent: {err}', file=sys.stderr, flush=True)
+        raise ToolError(told) from None
 
 
 def bottle_of(ctx: Context) -> str:
@@ -176,6 +193,7 @@ def listen() -> socket.socket:
 
 
 def main(argv: list[str]) -> int:
+    logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
     key = (state_dir / 'key').read_text().strip()
     token = (state_dir / 'page-token').read_text().strip()
@@ -185,7 +203,8 @@ def main(argv: list[str]) -> int:
     mcp_app = mcp_server(state_dir).streamable_http_app(stateless_http=True, host=LISTEN_HOST)
     app = ByPort(KeyRequired(mcp_app, key), page_app(state_dir, token, page_port), page_port)
     write_atomic(state_dir / 'supervise.json', json.dumps({'port': mcp_listener.getsockname()[1],
-                                                           'page_port': page_port, 'pid': os.getpid()}) + '\n')
+                                                           'page_port': page_port, 'pid': os.getpid()}) + '\n',
+                 mode=0o600)
     config = uvicorn.Config(app, lifespan='on', access_log=False, log_level='warning', timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[mcp_listener, page_listener])
     return 0

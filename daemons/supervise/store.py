@@ -5,7 +5,7 @@
         page-token           the user's token for the page and its API (0600)
         bottles.json         {"gate": <gate state dir> | null, "bottles": {<bottle>: {"rules", "approved",
                              "log", "wait_seconds"}}}: what the server serves, read on each use
-        supervise.json       {"port", "page_port", "pid"} of the running daemon, written by it
+        supervise.json       {"port", "page_port", "pid"} of the running daemon, written by it (0600)
         supervise.pid, .log  the daemon (daemons.lifecycle)
         requests.db          sqlite: every request and its answer, and the bottles' status reports
 

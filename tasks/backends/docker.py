@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import posixpath
 import shutil
+import sys
 from pathlib import Path
 
+from tasks.backends import confine, disk
 from tasks.backends.detect import alternatives
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
                                      run)
@@ -20,7 +22,9 @@ from tasks.progress import progress
 
 # One JSON object per container, with only what the probe needs: `{{json .}}` would make
 # docker compute every container's disk usage as well.
-DOCKER_PS_FORMAT = '{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}}'
+# docker joins the labels with commas; the disk's file, a host path, is asked for by itself.
+DOCKER_PS_FORMAT = ('{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}, '
+                    f'"disk": {{{{json (.Label "{disk.FILE_LABEL}")}}}}}}')
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
 STOP = ['--stop-signal', 'SIGKILL']
 
@@ -88,6 +92,9 @@ class Docker(Backend):
             # docker prints the labels joined by commas: a value with a comma in it (only
             # another tool's) comes out cut, one of ours never does.
             labels = dict(kv.split('=', 1) for kv in m['labels'].split(',') if '=' in kv)
+            labels.pop(disk.FILE_LABEL, None)
+            if m.get('disk'):
+                labels[disk.FILE_LABEL] = m['disk']
             machines[m['name']] = Machine(m['name'], _state(m['state']), labels)
         return machines
 
@@ -126,14 +133,16 @@ class Docker(Backend):
         self._cli('rmi', image_ref(key))
         return True
 
-    def _create(self, spec: MachineSpec):
+    def _create(self, spec: MachineSpec) -> dict[str, str]:
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):
             progress(f'loading {ref} into {self.name} from {spec.image}')
             self._cli('load', '-i', str(spec.image))
         args = ['create', '--name', spec.name, *STOP, '--cpus', str(spec.cpus),
                 '--memory', f'{spec.memory_mib}m']
-        for key, value in spec.labels.items():
+        disk_flags, disk_labels = self._disk(spec, ref)
+        args += disk_flags
+        for key, value in {**spec.labels, **disk_labels}.items():
             args += ['--label', f'{key}={value}']
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
@@ -141,16 +150,59 @@ class Docker(Backend):
         # recreates the socket after a restart is then reached again without a container restart. Read-only:
         # guest root connects to the door but can neither replace it nor leave a file on the host.
         args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}:ro']
-        self._cli(*args, ref, *spec.workload)
+        args += confine.create_flags(self.name)     # the least kernel surface (confine.py); not for build machines
+        try:
+            self._cli(*args, ref, *spec.workload)
+        except BackendError:
+            self._release_disk(disk_labels)
+            raise
+        return disk_labels
+
+    def _disk(self, spec: MachineSpec, ref: str) -> tuple[list[str], dict[str, str]]:
+        """The flags and labels of the machine's disk: made, mounted and seeded from the image when
+        it can be bounded here (disk.py), said once and labelled when not."""
+        if spec.disk is None or spec.disk_gib is None:
+            return [], {}
+        bounded = disk.Disk(spec.disk)
+        why = disk.why_not_bounded()
+        if not why:
+            progress(f'making the {spec.disk_gib} GiB disk of {spec.name}')
+            try:
+                disk.make(bounded, spec.disk_gib)
+            except BackendError as err:     # no loop device here, say: the host cannot bound it
+                disk.release(bounded)
+                why = str(err).replace('\n', ' ')
+        if why:
+            print(f'note: the disk of {spec.name} is not bounded: {why}', file=sys.stderr, flush=True)
+            return [], {disk.DISK_LABEL: f'{disk.NOT_BOUNDED}: {why}'.replace(',', ';')}
+        writable = disk.outermost(spec.writable)
+        try:
+            self._cli(*disk.seed_argv(bounded, ref, writable))
+        except BaseException:
+            disk.release(bounded)
+            raise
+        return disk.mount_flags(bounded, writable), {disk.DISK_LABEL: f'{spec.disk_gib} GiB',
+                                                     disk.FILE_LABEL: str(bounded.image)}
+
+    @staticmethod
+    def _release_disk(labels):
+        if labels.get(disk.FILE_LABEL):
+            disk.release(disk.Disk(Path(labels[disk.FILE_LABEL])))
 
     def _start(self, name: str):
+        known = self.machine(name)
+        if known and known.labels.get(disk.FILE_LABEL):
+            disk.mount(disk.Disk(Path(known.labels[disk.FILE_LABEL])))    # after a restart of the host
         self._cli('start', name)
 
     def _stop(self, name: str):
         self._cli('stop', name)
 
     def _delete(self, name: str):
+        known = self.machine(name)
         self._cli('rm', '-f', name)
+        if known:
+            self._release_disk(known.labels)
 
     def copy_in(self, name: str, src: Path, dest: str, *, mode: int, uid: int, gid: int):
         self.exec(name, ['sh', '-c', RECEIVE_FILE, 'sh', dest, f'{uid}:{gid}', f'{mode:o}'],

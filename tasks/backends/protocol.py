@@ -61,6 +61,10 @@ class MachineSpec:
     door: Path                       # the bottle's one way out: a Unix socket on the host...
     guest_door: str                  # ...where the guest finds it; the machine has no network card
     workload: tuple[str, ...]        # the machine's main process, run again on every start
+    disk_gib: int | None = None      # what the guest may write, in GiB (None: not bounded)...
+    disk: Path | None = None         # ...on a filesystem in this host file
+    writable: Mapping[str, str] = field(default_factory=dict)   # guest paths it may write (the rest of its
+    #                                root is read-only), each with the uid:gid it gets if the image lacks it
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,8 @@ class Backend(ABC):
                 self._machines[name] = machine
 
     def create(self, spec: MachineSpec):
-        self._create(spec)
-        self._remember(spec.name, Machine(spec.name, 'created', dict(spec.labels)))
+        added = self._create(spec) or {}
+        self._remember(spec.name, Machine(spec.name, 'created', {**spec.labels, **added}))
 
     def start(self, name: str):
         self._start(name)
@@ -180,7 +184,8 @@ class Backend(ABC):
         """Build machine from the base, run the setup, stop, pack into build.artifact."""
 
     @abstractmethod
-    def _create(self, spec: MachineSpec): ...
+    def _create(self, spec: MachineSpec) -> dict[str, str] | None:
+        """Make the machine; return the labels it got besides spec.labels, if any."""
 
     @abstractmethod
     def _start(self, name: str): ...

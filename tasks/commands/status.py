@@ -18,6 +18,7 @@ from daemons.proxy.message import shown
 from daemons.proxy.refusals import refusals
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
+from tasks.backends.disk import DISK_LABEL, NOT_BOUNDED
 from tasks.backends.pick import backend
 from tasks.image import image_of
 from tasks.project import Project, action
@@ -55,6 +56,9 @@ def status(project: Project, dodo: dict):
               + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else '')
               + (f'; supervisor {supervisor_state}, {waiting.count(agent.name)} request(s) waiting (doit supervise)'
                  if agent.supervise else ''))
+        disk = (machine.labels.get(DISK_LABEL) if machine else None)
+        if disk and disk.startswith(NOT_BOUNDED):
+            print(f'  disk {_short(disk, 300)}')
         pending = list(_would_run(f'launch:{agent.name}', tasks, producers))
         if pending:
             print('  next launch runs:')

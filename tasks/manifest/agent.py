@@ -44,6 +44,7 @@ class Agent:
     recipe: Recipe
     cpus: int
     memory_mib: int
+    disk_gib: int
     hosts: tuple[HostEntry, ...]
     allow_private: tuple[str, ...]
     claude_code_hosts: tuple[HostEntry, ...]

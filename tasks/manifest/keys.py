@@ -64,6 +64,11 @@ KEYS: tuple[Key, ...] = (
         'extra setup steps, run as root after the rest', 'recipe.run'),
     Key('resources.cpus', Integer(1, 64), 2, 'virtual CPUs', 'cpus'),
     Key('resources.memory', Integer(256, 1 << 20, 'MiB'), 2048, 'memory', 'memory_mib'),
+    Key('resources.disk', Integer(1, 1 << 14, 'GiB'), 20,
+        'what the guest may write, all paths together (its home, `/tmp`, `/var/tmp`, `/etc`, `/root`); past it '
+        'a write fails in the guest with "No space left on device". On docker and podman the rest of its root '
+        'is read-only; where the host cannot bound it (not root) launch and `doit status` say so. A change '
+        'makes the machine again, and what the guest wrote goes with it', 'disk_gib'),
     Key('network.allow_hosts', HOSTS, [],
         'what the bottle may reach: `api.github.com` (that name), `*.github.com` (that domain and every name '
         'under it), or `{host: api.github.com, methods: [GET, HEAD], paths: [/repos/acme/]}` (only those '
