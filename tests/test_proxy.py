@@ -23,7 +23,7 @@ import pytest
 
 from daemons.lifecycle import Daemon, DaemonError
 from daemons.proxy.control import EgressProxy, ProxyError, door_answers, ensure_venv, write_rules
-from daemons.proxy.rules import RulesError
+from daemons.proxy.rules import HEALTH_HOST, RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
                                    random_loopback_address, read_all)
 
@@ -280,10 +280,13 @@ def test_a_service_that_does_not_answer_is_named_to_the_guest_not_its_address(se
     s.proxy.route_service('gate', port, tmp_path / 'key')
     try:
         status, body = status_and_body(curl(s, s.alpha, 'http://git.bottle.invalid/some/repo.git/info/refs'))
+        # the guest asks the proxy's health answer, as the host does, through its own door
+        health = json.loads(status_and_body(curl(s, s.alpha, f'http://{HEALTH_HOST}/'))[1])
     finally:
         s.proxy.route_service('gate', None, None)
     assert status == 502 and 'the project&#x27;s gate service does not answer' in body, body
     assert str(port) not in body and '127.0.0.1' not in body
+    assert set(health['services']) == {'gate'} and str(port) not in json.dumps(health), health
 
 
 def test_a_request_the_addon_fails_to_judge_is_refused_not_passed(venv, tmp_path):

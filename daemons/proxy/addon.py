@@ -15,8 +15,8 @@ the proxy:
 
 For every request, in this order:
 - `health.bottle.invalid` (a reserved name that can never resolve) is answered here with
-  {"bottle": <name>, "services": {<service>: <port>}}: the health check through a door, with no
-  upstream, which also tells which services the addon routes now;
+  {"bottle": <name>, "services": {<service>: <route tag>}}: the health check through a door, with no
+  upstream, which also tells which services the addon routes now (rules.route_tag: not the port);
 - `http://git.bottle.invalid/...` goes to the project's git gate, and `http://supervise.bottle.invalid/...`
   to its supervisor, with the bottle's name and that service's key in headers the guest cannot set
   (a service refuses a request without its key);
@@ -66,7 +66,7 @@ import logbound
 import message
 import rules as bottle_rules
 from doors import CONNECTIONS, IDLE_SECONDS, Door, RateLimited
-from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES
+from rules import BOTTLE_HEADER, HEALTH_HOST, LISTEN_HOST, PORTS, SERVICES, route_tag
 
 DOORS_POLL_SECONDS = 0.25
 SERVICE_CONNECT_SECONDS = 2.0     # a project's service on the host's loopback answers at once, or is down
@@ -285,7 +285,7 @@ class EgressFence:
             deny(flow, bottle, NO_BOTTLE)
             return
         if host == HEALTH_HOST:
-            routes = {service.name: service.port for service in self.services.values()}
+            routes = {service.name: route_tag(service.port, service.key) for service in self.services.values()}
             flow.response = http.Response.make(200, json.dumps({'bottle': bottle.name, 'services': routes}),
                                                {'Content-Type': 'application/json'})
             return

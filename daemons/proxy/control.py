@@ -38,7 +38,7 @@ from pathlib import Path
 
 from daemons.atomic import write_atomic
 from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_http, probe_json
-from daemons.proxy.rules import HEALTH_HOST, Rules
+from daemons.proxy.rules import HEALTH_HOST, Rules, route_tag
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
 HERE = Path(__file__).resolve().parent
@@ -227,10 +227,11 @@ class EgressProxy:
             doors = self._doors()
             self._write_doors(doors, services=services or None)
             listener = next(((bottle, Door.of(bottle, entry).socket) for bottle, entry in doors.items()), None)
+            tag = route_tag(port, key_file.read_text().strip()) if port and key_file else None
             # A proxy started from other code or another CA is restarted by the next egress:<agent>,
             # and reads the route at its start: only a current one is waited for.
             if listener and self.daemon().current() and not _wait(
-                    lambda: _routes(*listener).get(name) == port, LISTENER_WAIT_SECONDS):
+                    lambda: _routes(*listener).get(name) == tag, LISTENER_WAIT_SECONDS):
                 raise ProxyError(f'the egress proxy of {self.state_dir} did not take the route to the {name} service '
                                  f'within {LISTENER_WAIT_SECONDS} s; see {self.daemon().log_file}')
 

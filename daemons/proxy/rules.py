@@ -41,6 +41,7 @@ local-use NAT64 prefix 64:ff9b:1::/48, whose layout each network chooses, are re
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -67,6 +68,12 @@ GATE_KEY_HEADER = 'X-Claude-Bottle-Gate-Key'
 SUPERVISE_KEY_HEADER = 'X-Claude-Bottle-Supervise-Key'
 # The project's own services a bottle reaches through its door, by name: (host, key header).
 SERVICES = {'gate': (GATE_HOST, GATE_KEY_HEADER), 'supervise': (SUPERVISE_HOST, SUPERVISE_KEY_HEADER)}
+
+
+def route_tag(port: int, key: str) -> str:
+    """How the proxy's health answer names the route it takes to a service: the host compares it with what
+    it asked for, and the guest, which can ask the same through its door, learns nothing of the port."""
+    return hashlib.sha256(f'claude-bottle route\0{port}\0{key}'.encode()).hexdigest()[:16]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
