@@ -50,7 +50,9 @@ def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(
     create = next(c for c in run.calls if c[0] == 'create' and engine.machine('a') in c)
     assert create[create.index('--cpus') + 1] == '1' and create[create.index('--memory') + 1] == '1024m'
     assert create[create.index('--network') + 1] == 'none'
-    assert create[create.index('-v') + 1] == f'{engine.door_dir("a")}:/run/bottle:ro'   # the door's directory
+    mounts = [create[i + 1] for i, arg in enumerate(create) if arg == '-v']
+    assert f'{engine.door_dir("a")}:/run/bottle:ro' in mounts     # the door's directory
+    assert '--read-only' in create and any(m.endswith('/disk/home/agent:/home/agent') for m in mounts)   # the disk
     assert 'claude-bottle.agent=a' in create and 'MODE=review' in create
     assert engine.guest('a', 'echo $MODE; cat /proc/net/dev | tail -n +3 | cut -d: -f1').split() == ['review', 'lo']
 
