@@ -67,6 +67,14 @@ class Browser:
             time.sleep(POLL_SECONDS)
         raise AssertionError(f'the page never showed {css}')
 
+    def text(self, element: str) -> str:
+        """What the element shows (its rendered text)."""
+        return self.call('GET', f'{self.session}/element/{element}/text')
+
+    def script(self, body: str, *args):
+        """The value of a script run in the page (the body of a function of `args`)."""
+        return self.call('POST', f'{self.session}/execute/sync', {'script': body, 'args': list(args)})
+
     def click(self, element: str) -> None:
         self.call('POST', f'{self.session}/element/{element}/click', {})
 

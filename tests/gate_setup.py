@@ -128,3 +128,19 @@ def held_id(stderr: str) -> str:
     found = re.search(r'remote: gate: \S+ is held for review as (\w+)', stderr)
     assert found, stderr
     return found.group(1)
+
+
+# Subjects that split a line for Python's splitlines or move a terminal's cursor.
+TRICKY_SUBJECT = b'looks fine\r\x1b[2Kapproved\x0bv\x0cf\x1c\x1d\x1e \xc2\x85 \xe2\x80\xa8 \xe2\x80\xae'
+
+
+def hiding_commits(work, branch: str, count: int) -> None:
+    """`count` empty commits on `branch`, on top of HEAD, by one `git fast-import`; the newest has TRICKY_SUBJECT."""
+    stream = []
+    for n in range(count):
+        message = TRICKY_SUBJECT + b'\n' if n == count - 1 else b'nothing to see %d\n' % n
+        stream.append(b'commit refs/heads/%s\ncommitter Agent <agent@example.invalid> %d +0000\ndata %d\n%s%s\n'
+                      % (branch.encode(), 1_700_000_000 + n, len(message), message,
+                         b'from HEAD^0\n' if n == 0 else b''))
+    subprocess.run(['git', 'fast-import', '--quiet'], cwd=work, input=b''.join(stream), check=True,
+                   capture_output=True, env={'PATH': os.environ['PATH'], 'GIT_CONFIG_NOSYSTEM': '1', 'HOME': str(work)})

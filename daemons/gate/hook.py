@@ -23,8 +23,6 @@ from daemons.gate import review, upstream
 from daemons.gate.config import Repo
 from daemons.gate.store import ZERO, append_receipt, now
 
-COMMITS_LISTED = 1000
-
 
 @dataclass(frozen=True)
 class Update:
@@ -61,6 +59,11 @@ def say(text: str) -> None:
 def local_git(*args: str) -> subprocess.CompletedProcess:
     """git on the mirror with the hook's own environment: it sees the pushed objects in quarantine."""
     return subprocess.run(['git', *args], capture_output=True, text=True, errors='replace')
+
+
+def git_text(*args: str) -> str:
+    """What git on the mirror prints, exactly (text=True would turn every CR into a line break)."""
+    return subprocess.run(['git', *args], capture_output=True).stdout.decode('utf-8', 'replace')
 
 
 def pre_receive(push: Push) -> int:
@@ -138,12 +141,11 @@ def post_receive(push: Push) -> None:
 
 
 def hold(push: Push, update: Update) -> review.Held:
-    """Record the push for review, with the commits it would add to the upstream's branches and tags."""
-    exclude = [f'--exclude={pattern}' for pattern in push.repo.push]
-    listed = local_git('log', f'--max-count={COMMITS_LISTED}', '--format=%H %s', update.new, '--not', *exclude,
-                       '--all').stdout.splitlines()
+    """Record the push for review, with what it would add to the upstream's branches and tags."""
+    not_known = ['--not', *(f'--exclude={pattern}' for pattern in push.repo.push), '--all']
+    summary = review.summarise(git_text, update.new, not_known)
     item = review.Held(id=review.new_id(), bottle=push.bottle, repo=push.repo.upstream, ref=update.ref,
-                       old=update.old, new=update.new, time=now(), commits=listed, path=push.repo.path)
+                       old=update.old, new=update.new, time=now(), path=push.repo.path, **summary)
     review.record_held(push.state_dir, item)
     return item
 

@@ -3,6 +3,12 @@ fast-forward only) or reject it. doit's tasks and the supervisor call these func
 
 A held push is a file held/<id>.json in the gate's state directory, written by the post-receive hook
 once the push is in the gate. Approving or rejecting removes it and appends a receipt.
+
+What a person reviews is computed here from the objects, never taken from what the agent says: how many
+commits the push adds to what the upstream's branches hold, the newest of them (the rest counted), the files
+the whole push changes against its base with their line counts, and the whole diff on request (`diff`).
+The base is where the push's first-parent line leaves what is known (the parent of its oldest commit on
+that line), or the empty tree for a history of its own.
 """
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ import secrets
 import subprocess
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from daemons.atomic import write_atomic
@@ -33,8 +40,52 @@ class Held:
     old: str
     new: str
     time: str
-    commits: list[str]      # "sha subject", newest first: what the push adds to the upstream's branches
+    commits: list[str]      # "sha subject", newest first, at most COMMITS_KEPT of the `count` the push adds
     path: str               # where the gate serves the repository (its mirror)
+    count: int = 0          # every commit the push adds to what the upstream's branches and tags hold
+    base: str = ''          # what the files are compared against (EMPTY_TREE for a history of its own)
+    files: list = field(default_factory=list)   # [path, added, deleted] (None, None for a binary file)
+    files_more: int = 0     # files changed beyond those listed
+    added: int = 0          # lines, over every text file
+    deleted: int = 0
+
+
+COMMITS_KEPT = 50
+FILES_KEPT = 300
+SUBJECT_CHARS = 200
+PATH_CHARS = 300
+EMPTY_TREE = '4b825dc642cb6eb9a060e54bf8d69288fbee4904'
+DIFF = ('diff', '--no-color', '--no-ext-diff', '--no-textconv', '--no-renames')      # no host-configured driver
+
+
+def summarise(git: Callable[..., str], new: str, not_known: list[str]) -> dict:
+    """The fields of a Held that describe the push to `new`, from the objects: `git(*args)` runs git on the
+    repository holding them and returns its output; `not_known` ends the revisions (`--not ... --all`)."""
+    count = int(git('rev-list', '--count', new, *not_known).strip() or 0)
+    listed = git('log', '-z', f'--max-count={COMMITS_KEPT}', '--format=%H %s', new, *not_known).split('\0')
+    line = git('rev-list', '--first-parent', '--reverse', new, *not_known).split()
+    parents = git('rev-list', '--parents', '-n', '1', line[0]).split()[1:] if line else [new]
+    base = parents[0] if parents else EMPTY_TREE
+    files, added, deleted = [], 0, 0
+    for entry in filter(None, git(*DIFF, '--numstat', '-z', base, new).split('\0')):
+        plus, minus, path = entry.split('\t', 2)
+        binary = plus == '-'
+        files.append([path[:PATH_CHARS], None if binary else int(plus), None if binary else int(minus)])
+        added, deleted = added + (0 if binary else int(plus)), deleted + (0 if binary else int(minus))
+    return {'count': count, 'commits': [commit[:41 + SUBJECT_CHARS] for commit in listed if commit],
+            'base': base, 'files': files[:FILES_KEPT], 'files_more': max(0, len(files) - FILES_KEPT),
+            'added': added, 'deleted': deleted}
+
+
+def diff(state_dir: Path, item: Held) -> str:
+    """The whole change of a held push against its base, as git shows it (no driver of the host's)."""
+    mirror = mirror_dir(state_dir, item.bottle, item.path)
+    proc = subprocess.run(['git', '--git-dir', str(mirror), *DIFF, '--stat', '--patch', item.base or EMPTY_TREE,
+                           item.new], capture_output=True)       # bytes: text=True would turn a CR into a line
+    if proc.returncode != 0:
+        raise ReviewError(f'the diff of held push {item.id} cannot be made: '
+                          f'{proc.stderr.decode(errors="replace").strip()[:500]}')
+    return proc.stdout.decode('utf-8', 'replace')
 
 
 def new_id() -> str:
@@ -43,6 +94,12 @@ def new_id() -> str:
 
 def record_held(state_dir: Path, item: Held) -> None:
     write_atomic(held_file(state_dir, item.id), json.dumps(asdict(item), indent=2) + '\n')
+
+
+def find(state_dir: Path, held_id: str) -> Held | None:
+    """The held push with that id, or None."""
+    path = held_file(state_dir, held_id)
+    return _read(path) if held_id.isalnum() and path.is_file() else None
 
 
 def held(state_dir: Path) -> list[Held]:

@@ -3,7 +3,9 @@ line call. A decision takes effect here, whoever makes it: an approved host join
 an approved push goes upstream through the gate.
 
 Every decision is bound to one request: it is made once (a decided request stays decided), recorded
-with who made it ("page", or the OS user on the command line) and when.
+with who made it ("page", or the OS user on the command line) and when. What an agent asks is checked
+first (asked.py): a bottle has a bounded number of requests waiting, and the same thing asked again is
+the request already waiting. What a decision granted is said from the stored request (`granted`).
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 
 from daemons.gate import review
 from daemons.proxy import rules
-from daemons.supervise import approved
+from daemons.shown import host as shown_host
+from daemons.supervise import approved, asked
 from daemons.supervise.store import (PENDING, Request, SuperviseError, connect, insert, load_bottles, now,
                                      row_request)
 
-RECENT = 50             # decided requests shown besides the pending ones
+RECENT = 20             # decided requests shown besides the pending ones
 
 
 def bottle_entry(state_dir: Path, bottle: str) -> dict:
@@ -30,27 +33,34 @@ def bottle_entry(state_dir: Path, bottle: str) -> dict:
 
 def ask_egress(state_dir: Path, bottle: str, host: str, reason: str) -> Request:
     bottle_entry(state_dir, bottle)
+    name = asked.host(host)
     try:
-        rules.Rules.from_json({'hosts': [{'host': host}]})
-    except rules.RulesError:
-        raise SuperviseError(f'{host!r} is not a host name; ask for a name such as "pypi.org", without a scheme, '
-                             'port or path') from None
-    return insert(state_dir, bottle, 'egress', {'host': rules.normal_host(host), 'reason': reason})
+        rules.Rules.from_json({'hosts': [{'host': name}]})
+    except rules.RulesError as err:
+        raise SuperviseError(f'{name!r} cannot be allowed: {err}') from None
+    return _insert(state_dir, bottle, 'egress', {'host': name, 'reason': asked.bounded('reason', reason,
+                                                                                         asked.REASON_CHARS)}, ('host',))
 
 
 def ask_push(state_dir: Path, bottle: str, review_id: str) -> Request:
     bottle_entry(state_dir, bottle)
-    item = _held(state_dir, review_id)
+    item = review.find(_gate(state_dir), review_id) if isinstance(review_id, str) else None
     if item is None or item.bottle != bottle:
-        raise SuperviseError(f'no push of this bottle is held for review as {review_id!r}; the id is the one '
-                             '`git push` printed ("held for review as ...")')
-    return insert(state_dir, bottle, 'push', {'review_id': item.id, 'repo': item.repo, 'ref': item.ref,
-                                              'new': item.new, 'commits': item.commits})
+        raise SuperviseError(f'no push of this bottle is held for review as {str(review_id)[:40]!r}; the id is the '
+                             'one `git push` printed ("held for review as ...")')
+    return _insert(state_dir, bottle, 'push', {'review_id': item.id, 'repo': item.repo, 'ref': item.ref,
+                                               'new': item.new}, ('review_id',))
 
 
 def ask_question(state_dir: Path, bottle: str, question: str, choices: list[str] | None) -> Request:
     bottle_entry(state_dir, bottle)
-    return insert(state_dir, bottle, 'question', {'question': question, 'choices': choices or []})
+    return _insert(state_dir, bottle, 'question', {'question': asked.bounded('question', question,
+                                                                              asked.QUESTION_CHARS),
+                                                   'choices': asked.choices(choices)}, ('question', 'choices'))
+
+
+def _insert(state_dir: Path, bottle: str, kind: str, payload: dict, same: tuple[str, ...]) -> Request:
+    return insert(state_dir, bottle, kind, payload, same, asked.PENDING_PER_BOTTLE, asked.too_many)
 
 
 def get(state_dir: Path, request_id: str, bottle: str | None = None) -> Request | None:
@@ -62,21 +72,27 @@ def get(state_dir: Path, request_id: str, bottle: str | None = None) -> Request 
     return row_request(row)
 
 
-def pending(state_dir: Path, bottle: str | None = None) -> list[Request]:
-    """The requests waiting for the human, oldest first."""
+def pending(state_dir: Path, bottle: str | None = None, offset: int = 0, limit: int = -1) -> list[Request]:
+    """The requests waiting for the human, oldest first: `limit` of them from `offset` (all by default)."""
     with connect(state_dir) as db:
-        rows = db.execute('SELECT * FROM requests WHERE state = ? AND (? IS NULL OR bottle = ?) ORDER BY created, id',
-                          (PENDING, bottle, bottle)).fetchall()
+        rows = db.execute('SELECT * FROM requests WHERE state = ? AND (? IS NULL OR bottle = ?) ORDER BY created, id '
+                          'LIMIT ? OFFSET ?', (PENDING, bottle, bottle, limit, offset)).fetchall()
     return [row_request(row) for row in rows]
 
 
-def recent(state_dir: Path, bottle: str | None = None, limit: int = RECENT) -> list[Request]:
-    """The pending requests and the `limit` last decided ones, newest first."""
+def pending_count(state_dir: Path) -> dict[str, int]:
+    """How many requests of each bottle wait for the human."""
     with connect(state_dir) as db:
-        rows = db.execute('SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state = ? UNION ALL '
-                          'SELECT * FROM (SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state != ? '
-                          'ORDER BY created DESC, rowid DESC LIMIT ?) ORDER BY created DESC',
-                          (bottle, bottle, PENDING, bottle, bottle, PENDING, limit)).fetchall()
+        rows = db.execute('SELECT bottle, count(*) AS n FROM requests WHERE state = ? GROUP BY bottle',
+                          (PENDING,)).fetchall()
+    return {row['bottle']: row['n'] for row in rows}
+
+
+def recent(state_dir: Path, bottle: str | None = None, limit: int = RECENT) -> list[Request]:
+    """The `limit` last decided requests, newest first."""
+    with connect(state_dir) as db:
+        rows = db.execute('SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state != ? '
+                          'ORDER BY created DESC, rowid DESC LIMIT ?', (bottle, bottle, PENDING, limit)).fetchall()
     return [row_request(row) for row in rows]
 
 
@@ -121,6 +137,28 @@ def answer(state_dir: Path, request_id: str, by: str, text: str) -> Request:
         return _decide(db, request, 'answered', text, by)
 
 
+def deny_all(state_dir: Path, bottle: str, by: str, reason: str = '') -> list[Request]:
+    """Deny every request of `bottle` that waits for the human; the denied ones."""
+    bottle_entry(state_dir, bottle)
+    denied = []
+    for request in pending(state_dir, bottle):
+        try:
+            denied.append(deny(state_dir, request.id, by, reason))
+        except SuperviseError:
+            pass        # decided meanwhile by someone else
+    return denied
+
+
+def granted(request: Request) -> str:
+    """What an approval granted, in words, from the stored request alone."""
+    asked_for = request.payload
+    if request.kind == 'egress':
+        return (f'host {shown_host(asked_for["host"])} for bottle {request.bottle}, until revoked (doit revoke '
+                f'--agent {request.bottle} --host {asked_for["host"]})')
+    return (f'push of {asked_for["ref"]} at {asked_for["new"][:12]} to {asked_for["repo"]} for bottle '
+            f'{request.bottle} (held push {asked_for["review_id"]})')
+
+
 def abandon(state_dir: Path, request_id: str) -> None:
     """The call that asked went away (cancelled, disconnected): a still pending request is dropped."""
     with connect(state_dir) as db:
@@ -147,8 +185,11 @@ def outcome(request: Request) -> str:
 
 def report_status(state_dir: Path, bottle: str, text: str) -> None:
     bottle_entry(state_dir, bottle)
+    text = asked.bounded('status', text, asked.STATUS_CHARS)
     with connect(state_dir) as db:
         db.execute('INSERT INTO statuses (bottle, time, text) VALUES (?, ?, ?)', (bottle, now(), text))
+        db.execute('DELETE FROM statuses WHERE bottle = ? AND rowid NOT IN (SELECT rowid FROM statuses WHERE '
+                   'bottle = ? ORDER BY rowid DESC LIMIT ?)', (bottle, bottle, asked.STATUSES_KEPT))
 
 
 def statuses(state_dir: Path) -> dict[str, dict]:
@@ -189,7 +230,7 @@ def _gate(state_dir: Path) -> Path:
 
 
 def _held(state_dir: Path, review_id: str) -> review.Held | None:
-    return next((item for item in review.held(_gate(state_dir)) if item.id == review_id), None)
+    return review.find(_gate(state_dir), review_id)
 
 
 @contextmanager

@@ -36,24 +36,27 @@ from daemons.proxy.rules import BOTTLE_HEADER, LISTEN_HOST, SUPERVISE_KEY_HEADER
 from daemons.supervise import requests
 from daemons.supervise.page import page_app
 from daemons.supervise.store import PENDING, Request, SuperviseError
+from daemons.supervise.waiting import Waiters
 
 PROGRESS_SECONDS = 10.0     # Claude Code cuts a call that sends nothing for 300 s; tell it we live well before
-POLL_SECONDS = 0.5          # how soon a waiting tool sees a decision made by another process
 INSTRUCTIONS = """\
 You run in a bottle: a sandbox whose network reaches only allowed hosts, and whose git pushes may be held
 for review. A human on the host answers through these tools.
 - request_egress: when a request fails because its host is not allowed (the proxy's 403 says so), ask
-  for that host with the reason you need it. Once approved, retry: it passes at once.
+  for that host (one name; an international name in punycode) with the reason you need it. Once
+  approved, retry: it passes at once.
 - request_push_review: when `git push` says it is held for review as an id, ask for that review.
 - ask_human: when only the human can decide (a choice, a credential you must not guess, a goal that
   is unclear). Give choices when the answer is one of a few.
 - report_status: tell the human what you are doing at milestones; it returns at once.
 - check_request: a call that waited long returns "still pending as request R"; keep working on
   something else if you can, and call check_request(R) later for the answer.
+A bottle has at most a few requests waiting at once; asking the same thing again waits for the request
+already made.
 """
 
 
-def mcp_server(state_dir: Path) -> MCPServer:
+def mcp_server(state_dir: Path, waiters: Waiters) -> MCPServer:
     server = MCPServer('supervise', instructions=INSTRUCTIONS, log_level='WARNING')
     # The answers are sentences for the model: as plain text, not wrapped in a {"result": ...} structure.
     tool = server.tool(structured_output=False)
@@ -64,7 +67,7 @@ def mcp_server(state_dir: Path) -> MCPServer:
         path), saying why. Waits for the answer; "approved" means the host is reachable now."""
         with told_to_agent():
             request = await asyncio.to_thread(requests.ask_egress, state_dir, bottle_of(ctx), host, reason)
-            return await wait(ctx, state_dir, request)
+            return await wait(ctx, state_dir, waiters, request)
 
     @tool
     async def request_push_review(review_id: str, ctx: Context) -> str:
@@ -72,14 +75,14 @@ def mcp_server(state_dir: Path) -> MCPServer:
         answer; "approved" means that exact commit was pushed upstream."""
         with told_to_agent():
             request = await asyncio.to_thread(requests.ask_push, state_dir, bottle_of(ctx), review_id)
-            return await wait(ctx, state_dir, request)
+            return await wait(ctx, state_dir, waiters, request)
 
     @tool
     async def ask_human(question: str, ctx: Context, choices: list[str] | None = None) -> str:
         """Ask the human a question; with `choices`, the answer is one of them. Waits for the answer."""
         with told_to_agent():
             request = await asyncio.to_thread(requests.ask_question, state_dir, bottle_of(ctx), question, choices)
-            return await wait(ctx, state_dir, request)
+            return await wait(ctx, state_dir, waiters, request)
 
     @tool
     async def report_status(text: str, ctx: Context) -> str:
@@ -128,27 +131,33 @@ def bottle_of(ctx: Context) -> str:
     return bottle
 
 
-async def wait(ctx: Context, state_dir: Path, request: Request) -> str:
+async def wait(ctx: Context, state_dir: Path, waiters: Waiters, request: Request) -> str:
     """Wait for the human's decision up to the bottle's bound, with progress every PROGRESS_SECONDS;
-    then the answer, or "still pending" (a normal answer: the agent checks later). A call that goes away
-    meanwhile leaves its request abandoned."""
+    then the answer, or "still pending" (a normal answer: the agent checks later). The decision wakes the
+    call (waiting.py); a call that goes away meanwhile leaves its request abandoned, unless another call
+    waits on it too."""
     limit = float(requests.bottle_entry(state_dir, request.bottle)['wait_seconds'])
     started = time.monotonic()
-    next_progress = started
+    decided = waiters.join(request.id)
+    cancelled = False
     try:
         while True:
             current = await asyncio.to_thread(requests.get, state_dir, request.id)
             elapsed = time.monotonic() - started
             if current.state != PENDING or elapsed >= limit:
                 return requests.outcome(current)
-            if time.monotonic() >= next_progress:
-                await ctx.report_progress(round(elapsed), limit, f'waiting for the human to answer request '
-                                                                 f'{request.id} on the host')
-                next_progress = time.monotonic() + PROGRESS_SECONDS
-            await asyncio.sleep(min(POLL_SECONDS, max(0.0, limit - elapsed)))
+            await ctx.report_progress(round(elapsed), limit, f'waiting for the human to answer request '
+                                                             f'{request.id} on the host')
+            try:
+                await asyncio.wait_for(decided.wait(), timeout=min(PROGRESS_SECONDS, limit - elapsed))
+            except TimeoutError:
+                pass
     except asyncio.CancelledError:
-        requests.abandon(state_dir, request.id)
+        cancelled = True
         raise
+    finally:
+        if waiters.leave(request.id) and cancelled:
+            requests.abandon(state_dir, request.id)
 
 
 class KeyRequired:
@@ -200,8 +209,9 @@ def main(argv: list[str]) -> int:
     mcp_listener, page_listener = listen(), listen()
     page_port = page_listener.getsockname()[1]
     # Stateless: each call stands alone, so a restarted daemon serves clients of the old one.
-    mcp_app = mcp_server(state_dir).streamable_http_app(stateless_http=True, host=LISTEN_HOST)
-    app = ByPort(KeyRequired(mcp_app, key), page_app(state_dir, token, page_port), page_port)
+    waiters = Waiters(state_dir)
+    mcp_app = mcp_server(state_dir, waiters).streamable_http_app(stateless_http=True, host=LISTEN_HOST)
+    app = ByPort(KeyRequired(mcp_app, key), page_app(state_dir, token, page_port, waiters), page_port)
     write_atomic(state_dir / 'supervise.json', json.dumps({'port': mcp_listener.getsockname()[1],
                                                            'page_port': page_port, 'pid': os.getpid()}) + '\n',
                  mode=0o600)

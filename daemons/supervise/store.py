@@ -98,12 +98,33 @@ def row_request(row: sqlite3.Row) -> Request:
                    row['answered_by'], row['created'], row['decided'])
 
 
-def insert(state_dir: Path, bottle: str, kind: str, payload: dict) -> Request:
-    request = Request(secrets.token_hex(4), bottle, kind, payload, PENDING, None, None, now(), None)
+def insert(state_dir: Path, bottle: str, kind: str, payload: dict, same: tuple[str, ...], cap: int,
+           too_many) -> Request:
+    """A new pending request, or the bottle's pending request of that kind whose payload has the same values
+    under the keys `same` (asked again: the caller waits for that one). Past `cap` pending requests of the
+    bottle, the exception `too_many(pending)`. One write transaction: two calls at once cannot both pass the
+    cap or both make the same request."""
     with connect(state_dir) as db:
-        db.execute('INSERT INTO requests (id, bottle, kind, payload, state, created) VALUES (?, ?, ?, ?, ?, ?)',
-                   (request.id, bottle, kind, json.dumps(payload), PENDING, request.created))
-    return request
+        db.execute('BEGIN IMMEDIATE')
+        try:
+            rows = db.execute('SELECT * FROM requests WHERE bottle = ? AND state = ? ORDER BY created, id',
+                              (bottle, PENDING)).fetchall()
+            for row in rows:
+                earlier = row_request(row)
+                if earlier.kind == kind and all(earlier.payload.get(key) == payload.get(key) for key in same):
+                    db.execute('COMMIT')
+                    return earlier
+            if len(rows) >= cap:
+                raise too_many(len(rows))
+            request = Request(secrets.token_hex(4), bottle, kind, payload, PENDING, None, None, now(), None)
+            db.execute('INSERT INTO requests (id, bottle, kind, payload, state, created) VALUES (?, ?, ?, ?, ?, ?)',
+                       (request.id, bottle, kind, json.dumps(payload), PENDING, request.created))
+            db.execute('COMMIT')
+            return request
+        except BaseException:
+            if db.in_transaction:
+                db.execute('ROLLBACK')
+            raise
 
 
 def now() -> str:

@@ -14,7 +14,7 @@ from doit.globals import Globals
 from doit.loader import load_tasks
 
 from daemons.gate import review
-from daemons.proxy.message import shown
+from daemons import shown
 from daemons.proxy.refusals import refusals
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
@@ -58,7 +58,7 @@ def status(project: Project, dodo: dict):
                  if agent.supervise else ''))
         disk = (machine.labels.get(DISK_LABEL) if machine else None)
         if disk and disk.startswith(NOT_BOUNDED):
-            print(f'  disk {_short(disk, 300)}')
+            print(f'  disk {shown.text(disk, 300)}')
         pending = list(_would_run(f'launch:{agent.name}', tasks, producers))
         if pending:
             print('  next launch runs:')
@@ -123,6 +123,6 @@ def _short(text: str, limit: int = 100) -> str:
 
 def _blocked(log: Path) -> list[str]:
     """The last refusals in the bottle's egress log, oldest first; what the guest sent in them (a path, a
-    host) shown as printable ASCII, escaped otherwise, never raw to the terminal."""
-    return [shown(f'{r["time"] or "?"} {r["method"] or ""} {r["host"] or ""}{r["path"] or ""}: {r["reason"] or ""}',
-                  1000) for r in reversed(refusals(log, BLOCKED_SHOWN))]
+    host) through daemons/shown.py, never raw to the terminal."""
+    return [shown.text(f'{r["time"] or "?"} {r["method"] or ""} {r["host"] or ""}{r["path"] or ""}: '
+                       f'{r["reason"] or ""}', 1000) for r in reversed(refusals(log, BLOCKED_SHOWN))]
