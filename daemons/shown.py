@@ -9,7 +9,8 @@ Nothing the guest wrote can move the cursor, clear the screen, start a new line 
   code points, every space but the plain one (a no-break space looks like one), and the characters that
   render as nothing (Hangul fillers, the Braille blank, variation selectors, the combining grapheme
   joiner) are shown as escapes: `\\x1b`, `\\u202e`;
-- a text longer than its limit is cut, and says how many characters were cut;
+- a text longer than its limit is cut, and says how many characters were cut; a run of spaces in a field
+  is shown as its count, and combining marks past two in a row as escapes;
 - a field is one labelled line (`field`); a text of many lines (a diff) is shown line by line (`lines`),
   split at `\\n` only.
 
@@ -17,9 +18,13 @@ Standard library only: the daemons import it.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 
 LIMIT = 500         # characters of one text shown by default
+MARKS = 2           # combining marks in a row shown as they are
+SPACES = 3          # spaces in a row shown as they are
+_SPACES = re.compile(' {%d,}' % (SPACES + 1))
 ESCAPED_CATEGORIES = frozenset({'Cc', 'Cf', 'Cs', 'Co', 'Cn', 'Zl', 'Zp', 'Zs'})
 INVISIBLE = frozenset('\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0')
 
@@ -40,15 +45,24 @@ def escape(char: str) -> str:
     return f'\\x{code:02x}' if code < 0x100 else f'\\u{code:04x}' if code < 0x10000 else f'\\U{code:08x}'
 
 
-def text(value: object, limit: int = LIMIT) -> str:
+def text(value: object, limit: int = LIMIT, fold_spaces: bool = True) -> str:
     """`value` (a str, or bytes read as UTF-8) as one line a terminal shows as it is: escapes for what
-    `hidden` names, at most `limit` of its characters, then how many more there were."""
+    `hidden` names and for every combining mark past MARKS in a row (they stack over the text around), a run
+    of more than SPACES spaces as its count (padding would wrap the terminal's line into what looks like a
+    line of its own; `fold_spaces=False` for code, whose indentation is its meaning), at most `limit` of its
+    characters, then how many more there were."""
     if isinstance(value, bytes):
-        value = value.decode('utf-8', 'backslashreplace')
+        value = value.decode('utf-8', 'surrogateescape')
     value = '' if value is None else str(value)
-    shown = ''.join(escape(c) if hidden(c) else c for c in value[:limit])
+    shown, marks = [], 0
+    for c in value[:limit]:
+        marks = marks + 1 if unicodedata.category(c) in ('Mn', 'Me') else 0
+        shown.append(escape(c) if hidden(c) or marks > MARKS else c)
+    said = ''.join(shown)
+    if fold_spaces:
+        said = _SPACES.sub(lambda run: f' [{len(run[0])} spaces] ', said)
     cut = len(value) - limit
-    return shown + (f'... [{cut} more character{"s" if cut != 1 else ""} not shown]' if cut > 0 else '')
+    return said + (f'... [{cut} more character{"s" if cut != 1 else ""} not shown]' if cut > 0 else '')
 
 
 def field(label: str, value: object, limit: int = LIMIT, indent: str = '    ') -> str:
@@ -56,9 +70,10 @@ def field(label: str, value: object, limit: int = LIMIT, indent: str = '    ') -
     return f'{indent}{label}: {text(value, limit)}'
 
 
-def lines(value: str, limit: int = 4000) -> list[str]:
-    """A text of many lines (a diff), one shown line per `\\n`-separated line, each through `text`."""
-    return [text(line, limit) for line in value.split('\n')]
+def lines(value: str, limit: int | None = None) -> list[str]:
+    """A text of many lines (a diff, an error), one shown line per `\\n`-separated line, each through `text`
+    with its spaces as they are; whole unless `limit` is given."""
+    return [text(line, len(line) if limit is None else limit, fold_spaces=False) for line in value.split('\n')]
 
 
 def unicode_form(name: str) -> str | None:

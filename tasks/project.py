@@ -18,6 +18,7 @@ from pathlib import Path
 
 from doit.exceptions import InvalidDodoFile, TaskFailed
 
+from daemons import shown
 from daemons.atomic import write_atomic
 from tasks import setup_template
 from tasks.backends.detect import default_backend
@@ -161,17 +162,23 @@ def write_json(path: Path, data: dict):
 
 def action(func):
     """Report any error of a task's action as the task's failure, in words, without a
-    traceback: doit then names the task and keeps no state for it, so the next run redoes it."""
+    traceback: doit then names the task and keeps no state for it, so the next run redoes it. An error may
+    quote what a guest wrote (a ref name, the upstream's words): it is shown line by line through
+    daemons/shown.py."""
     @functools.wraps(func)
     def run(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except IN_WORDS as err:
-            return TaskFailed(str(err))
+            return TaskFailed(_said(str(err)))
         except Exception as err:     # a bug of ours or an unforeseen failure: still one readable line
-            return TaskFailed(f'unexpected {type(err).__name__}: {err}. Nothing was recorded as done; '
-                              'run the same command again, and report it if it persists.')
+            return TaskFailed(_said(f'unexpected {type(err).__name__}: {err}. Nothing was recorded as done; '
+                                    'run the same command again, and report it if it persists.'))
     return run
+
+
+def _said(message: str) -> str:
+    return '\n'.join(shown.lines(message, 4000))
 
 
 def _interrupted(kind, value, tb, previous=sys.excepthook):

@@ -12,6 +12,7 @@ import pytest
 # The support modules' asserts say what they compared, as a test module's do.
 pytest.register_assert_rewrite('tests.scenario', 'tests.gate_setup', 'tests.audit_log', 'tests.bottles')
 
+from tasks.backends.disk import release_under  # noqa: E402
 from tasks.cache import cache_dir  # noqa: E402
 from tasks.project import Project
 from tests.bottles import (Bottles, Docker, Dockerd, ImageStash, Podman, RealSmolvm, StandinSmolvm,
@@ -189,6 +190,7 @@ def _project(backend, tmp_path):
     finally:
         backend.close(Project(project.root).label)
         project.stop_daemons()
+        release_under(project.root)     # a disk an engine's own `rm -f` (a test's cleanup) left mounted
         shutil.rmtree(project.root / '.bottle' / 'images', ignore_errors=True)   # large artifacts
 
 
@@ -219,3 +221,4 @@ def standin(request, tmp_path, claude_cache):
     finally:
         backend.close(None)
         project.stop_daemons()
+        release_under(project.root)     # a test that switched it to podman leaves the disk mounted

@@ -41,7 +41,8 @@ class Setup:
         self.gate = GitGate(self.state, env=self.host_env)
         self.bottles: dict[str, list[dict]] = {}
 
-    def add_repo(self, name: str, bottle: str = 'a', mode: str = 'forward', max_push_bytes: int = 10 ** 8) -> str:
+    def add_repo(self, name: str, bottle: str = 'a', mode: str = 'forward', max_push_bytes: int = 10 ** 8,
+                 push: list[str] | None = None) -> str:
         """Serve upstream repository `name` (made with one commit on main if new) to `bottle`;
         returns its upstream URL."""
         bare = self.git_root / f'{name}.git'
@@ -54,7 +55,7 @@ class Setup:
             host_git(work, 'commit', '-q', '-m', 'first')
             host_git(self.root, 'clone', '-q', '--bare', str(work), str(bare))
         self.bottles.setdefault(bottle, []).append({
-            'upstream': self.url(name), 'path': f'{self.address}/git/{name}', 'push': [f'refs/heads/agent/{bottle}/*'],
+            'upstream': self.url(name), 'path': f'{self.address}/git/{name}', 'push': push or [f'refs/heads/agent/{bottle}/*'],
             'mode': mode, 'max_push_bytes': max_push_bytes})
         self.gate.write_bottles({b: {'repos': repos} for b, repos in self.bottles.items()})
         return self.url(name)

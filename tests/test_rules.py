@@ -291,3 +291,14 @@ def test_the_table_not_the_interpreter_decides(monkeypatch):
                     '64:ff9b:1:808:0:808:a9fe:a9fe'):
         assert NARROWED.address_refused(ipaddress.ip_address(address)), address
     assert not NARROWED.address_refused(ipaddress.ip_address('2606:4700:4700::1111'))
+
+
+def test_names_the_manifest_maps_are_resolved_by_the_rules_and_bad_ones_refused():
+    parsed = rules.Rules.from_json({'hosts': [], 'addresses': {'Registry.Internal.': '10.20.0.5',
+                                                                'six.example': 'fd00::5'}})
+    assert parsed.address_of('registry.internal') == '10.20.0.5' and parsed.address_of('SIX.example') == 'fd00::5'
+    assert parsed.address_of('other.example') is None
+    assert rules.Rules.from_json(parsed.to_json()) == parsed
+    for bad in ({'a.example': 'nope'}, {'a.example': 5}, ['a.example'], {'': '10.0.0.1'}):
+        with pytest.raises(rules.RulesError, match='"addresses" must be an object'):
+            rules.Rules.from_json({'hosts': [], 'addresses': bad})

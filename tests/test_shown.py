@@ -53,6 +53,20 @@ def test_a_long_text_is_cut_and_says_how_much_was_cut():
     assert shown.text(b'\xff\x1b') == '\\xff\\x1b'       # bytes that are not UTF-8 stay visible too
 
 
+def test_padding_cannot_wrap_into_a_fake_line_and_marks_cannot_stack():
+    assert shown.text('ok' + ' ' * 200 + 'host: pypi.org') == 'ok [200 spaces] host: pypi.org'
+    assert shown.text('a   b') == 'a   b'
+    assert shown.text('e\u0301\u0301\u0301\u0301') == 'e\u0301\u0301\\u0301\\u0301'
+    assert shown.lines('    indented code') == ['    indented code']      # a diff keeps its indentation
+    assert shown.lines('x' * 5000) == ['x' * 5000]                      # and every line whole
+
+
+# Inputs the page's visible() must show exactly as shown.text does (tests/test_supervise.py runs it).
+PARITY = ['plain', 'a\rb\x1b[2Kc', '\u202egro.ipyp\u202c', 'zw\u200bj\u200d', 'nb\u00a0sp', '\x85\u2028\u2029',
+          'ok' + ' ' * 50 + 'host: x', 'e\u0301\u0301\u0301', '\u3164\u2800\ufe0f', 'x' * 600, '\U000e0041',
+          '\ue000\U0010fffd', 'tab\there']
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.characters(codec=None, exclude_categories=()), max_size=80))
 def test_no_text_at_all_reaches_the_terminal_with_a_character_it_acts_on(text):

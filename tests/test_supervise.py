@@ -31,7 +31,9 @@ from daemons.supervise.control import Supervisor
 from daemons.supervise.store import TOOLS
 from tests.browser import Browser
 from tests.gate_setup import Setup as GateSetup
+from daemons import shown
 from tests.gate_setup import TRICKY_SUBJECT, commit, held_id, hiding_commits
+from tests.test_shown import PARITY
 from tests.proxy_upstreams import GuestRelay
 
 pytestmark = pytest.mark.fast
@@ -608,6 +610,10 @@ def test_the_page_shows_what_the_agent_wrote_visibly_and_the_push_it_would_land(
         shown_text = browser.script('return document.body.innerText;')
         assert not [c for c in shown_text if c in '\r\x0b\x0c\x1b\x1c\x1d\x1e\x85\u2028\u2029\u202e\u202c\u200b\u00a0']
         browser.screenshot(tmp_path / 'supervise-page-shown.png')
+        # The page's visible() and the terminal's shown.text are the same rules.
+        on_page = browser.script('return arguments[0].map(t => { const d = document.createElement("div"); '
+                                 'd.append(visible(t)); return d.textContent; });', PARITY)
+        assert on_page == [shown.text(value) for value in PARITY]
         browser.click(browser.find('#bottle-shown button.deny-all'))       # one click denies all three
 
     answers = asyncio.run(ask())

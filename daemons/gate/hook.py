@@ -61,6 +61,11 @@ def local_git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(['git', *args], capture_output=True, text=True, errors='replace')
 
 
+def host_environment() -> dict[str, str]:
+    """The host's variables serve.py named for the hook (its credentials for the upstream)."""
+    return {name: os.environ[name] for name in json.loads(os.environ['BOTTLE_GATE_HOST_ENV']) if name in os.environ}
+
+
 def git_text(*args: str) -> str:
     """What git on the mirror prints, exactly (text=True would turn every CR into a line break)."""
     return subprocess.run(['git', *args], capture_output=True).stdout.decode('utf-8', 'replace')
@@ -85,8 +90,16 @@ def pre_receive(push: Push) -> int:
     return 0
 
 
+HELD_PER_BOTTLE = 20        # pushes of one bottle held for review at once
+
+
 def refusal(push: Push, update: Update) -> tuple[str, str] | None:
     """(rule, why) when the policy refuses this ref update."""
+    if push.repo.mode == 'review':
+        waiting = sum(item.bottle == push.bottle for item in review.held(push.state_dir))
+        if waiting + len(push.updates) > HELD_PER_BOTTLE:
+            return 'too-many-held', (f'this bottle has {waiting} pushes held for review, and may have '
+                                     f'{HELD_PER_BOTTLE} at once; wait until a person approves or rejects some')
     if update.new == ZERO:
         return 'no-delete', 'the gate never deletes a ref'
     if update.ref.startswith('refs/tags/') and not push.repo.allows_tags():
@@ -107,7 +120,7 @@ def forward(push: Push) -> int:
     """Push the accepted refs upstream, all or none (--atomic), with the host's credentials. The objects
     are read from the quarantine; a local upstream must not inherit GIT_QUARANTINE_PATH, which forbids
     ref updates."""
-    host = {name: os.environ[name] for name in json.loads(os.environ['BOTTLE_GATE_HOST_ENV']) if name in os.environ}
+    host = host_environment()
     git_dir = Path(os.environ.get('GIT_DIR', '.')).resolve()
     objects = {name: os.environ[name] for name in ('GIT_OBJECT_DIRECTORY', 'GIT_ALTERNATE_OBJECT_DIRECTORIES')
                if name in os.environ}
@@ -141,9 +154,15 @@ def post_receive(push: Push) -> None:
 
 
 def hold(push: Push, update: Update) -> review.Held:
-    """Record the push for review, with what it would add to the upstream's branches and tags."""
-    not_known = ['--not', *(f'--exclude={pattern}' for pattern in push.repo.push), '--all']
-    summary = review.summarise(git_text, update.new, not_known)
+    """Record the push for review, with what it would change upstream (review.summarise), having asked the
+    upstream where the ref and its default branch are."""
+    try:
+        ref_tip, head_tip = upstream.tips(push.repo.upstream, update.ref, upstream.host_env(host_environment()))
+        unasked = None
+    except upstream.UpstreamError as err:
+        ref_tip = head_tip = None
+        unasked = str(err)
+    summary = review.summarise(git_text, update.new, push.repo.push, update.ref, ref_tip, head_tip, unasked)
     item = review.Held(id=review.new_id(), bottle=push.bottle, repo=push.repo.upstream, ref=update.ref,
                        old=update.old, new=update.new, time=now(), path=push.repo.path, **summary)
     review.record_held(push.state_dir, item)

@@ -6,9 +6,8 @@ once the push is in the gate. Approving or rejecting removes it and appends a re
 
 What a person reviews is computed here from the objects, never taken from what the agent says: how many
 commits the push adds to what the upstream's branches hold, the newest of them (the rest counted), the files
-the whole push changes against its base with their line counts, and the whole diff on request (`diff`).
-The base is where the push's first-parent line leaves what is known (the parent of its oldest commit on
-that line), or the empty tree for a history of its own.
+the whole push changes against its base with their line counts and kinds, and the whole diff on request
+(`diff`). The base is what an approval changes: see `summarise`.
 """
 from __future__ import annotations
 
@@ -44,10 +43,12 @@ class Held:
     path: str               # where the gate serves the repository (its mirror)
     count: int = 0          # every commit the push adds to what the upstream's branches and tags hold
     base: str = ''          # what the files are compared against (EMPTY_TREE for a history of its own)
-    files: list = field(default_factory=list)   # [path, added, deleted] (None, None for a binary file)
+    files: list = field(default_factory=list)   # [path, added, deleted, kind]: None, None for a binary file;
+                                                # kind: '' or what the mode says ("new symlink", ...)
     files_more: int = 0     # files changed beyond those listed
     added: int = 0          # lines, over every text file
     deleted: int = 0
+    note: str = ''          # what the person must know of the base ('' when nothing)
 
 
 COMMITS_KEPT = 50
@@ -58,23 +59,77 @@ EMPTY_TREE = '4b825dc642cb6eb9a060e54bf8d69288fbee4904'
 DIFF = ('diff', '--no-color', '--no-ext-diff', '--no-textconv', '--no-renames')      # no host-configured driver
 
 
-def summarise(git: Callable[..., str], new: str, not_known: list[str]) -> dict:
-    """The fields of a Held that describe the push to `new`, from the objects: `git(*args)` runs git on the
-    repository holding them and returns its output; `not_known` ends the revisions (`--not ... --all`)."""
-    count = int(git('rev-list', '--count', new, *not_known).strip() or 0)
-    listed = git('log', '-z', f'--max-count={COMMITS_KEPT}', '--format=%H %s', new, *not_known).split('\0')
-    line = git('rev-list', '--first-parent', '--reverse', new, *not_known).split()
-    parents = git('rev-list', '--parents', '-n', '1', line[0]).split()[1:] if line else [new]
-    base = parents[0] if parents else EMPTY_TREE
+def summarise(git: Callable[..., str], new: str, patterns: tuple[str, ...], ref: str, ref_tip: str | None,
+              head_tip: str | None, unasked: str | None = None) -> dict:
+    """The fields of a Held that describe a push of `new` to `ref`, from the objects. `git(*args)` runs git on
+    the repository holding them and returns its output; `patterns`: the refs the bottle may push (the gate's
+    copies of those are the agent's, not the upstream's); `ref_tip`, `head_tip`: where the upstream's `ref`
+    and default branch are, as the upstream said (None: not there); `unasked`: why the upstream could not
+    be asked, if it could not.
+
+    The base is what an approval changes: the upstream's `ref` when it has it (approval moves it to `new`,
+    a fast-forward), else where `new` leaves the upstream's default branch (a new branch, as a pull request
+    shows it). Commits are counted against every branch and tag the gate has of the upstream's."""
+    def have(sha: str | None) -> bool:
+        return bool(sha) and git('cat-file', '-t', sha).strip() == 'commit'
+
+    excluded = [f'--exclude={pattern}' for pattern in patterns]
+    known = [*excluded, '--glob=refs/heads/*', *excluded, '--glob=refs/tags/*', *([ref_tip] if have(ref_tip) else [])]
+    count = int(git('rev-list', '--count', new, '--not', *known).strip() or 0)
+    listed = git('log', '-z', f'--max-count={COMMITS_KEPT}', '--format=%H %s', new, '--not', *known).split('\0')
+    notes = []
+    if have(ref_tip):
+        base = ref_tip
+        if git('merge-base', ref_tip, new).strip() != ref_tip:
+            notes.append(f'the upstream\'s {ref} is at {ref_tip[:12]}, which this push does not contain: the '
+                         'upstream will refuse it as not a fast-forward')
+    else:
+        if ref_tip:
+            notes.append(f'the upstream\'s {ref} is at {ref_tip[:12]}, which the gate does not have: the upstream '
+                         'will refuse this push as not a fast-forward')
+        fork = git('merge-base', head_tip, new).strip() if have(head_tip) else ''
+        base = fork or EMPTY_TREE
+        if not fork:
+            notes.append('compared against nothing: this history shares no commit with the upstream\'s default '
+                         'branch')
+    if unasked:
+        notes.append(f'the upstream could not be asked where {ref} is ({unasked[:300]}); the base may be older')
     files, added, deleted = [], 0, 0
+    kinds = _kinds(git(*DIFF, '--raw', '-z', base, new))
     for entry in filter(None, git(*DIFF, '--numstat', '-z', base, new).split('\0')):
         plus, minus, path = entry.split('\t', 2)
         binary = plus == '-'
-        files.append([path[:PATH_CHARS], None if binary else int(plus), None if binary else int(minus)])
+        files.append([path[:PATH_CHARS], None if binary else int(plus), None if binary else int(minus),
+                      kinds.get(path, '')])
         added, deleted = added + (0 if binary else int(plus)), deleted + (0 if binary else int(minus))
     return {'count': count, 'commits': [commit[:41 + SUBJECT_CHARS] for commit in listed if commit],
             'base': base, 'files': files[:FILES_KEPT], 'files_more': max(0, len(files) - FILES_KEPT),
-            'added': added, 'deleted': deleted}
+            'added': added, 'deleted': deleted, 'note': '; '.join(notes)}
+
+
+MODES = {'100644': 'file', '100755': 'executable', '120000': 'symlink', '160000': 'submodule', '040000': 'directory'}
+
+
+def _kinds(raw: str) -> dict[str, str]:
+    """What `git diff --raw -z` says of each path beyond its lines: a new, deleted or changed mode (an
+    executable, a symlink, a submodule)."""
+    kinds, fields = {}, raw.split('\0')
+    for head, path in zip(fields[0::2], fields[1::2]):
+        parts = head.lstrip(':').split()
+        if len(parts) < 5:
+            continue
+        old, new, status = parts[0], parts[1], parts[4]
+        if status == 'A':
+            kind = f'new {MODES.get(new, new)}' if new != '100644' else ''
+        elif status == 'D':
+            kind = f'deleted {MODES.get(old, old)}'
+        elif old != new:
+            kind = f'{MODES.get(old, old)} made {MODES.get(new, new)}'
+        else:
+            kind = '' if new in ('100644', '100755') else MODES.get(new, new)
+        if kind:
+            kinds[path] = kind
+    return kinds
 
 
 def diff(state_dir: Path, item: Held) -> str:

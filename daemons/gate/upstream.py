@@ -73,6 +73,20 @@ def refresh_mirror(mirror: Path, repo: Repo, env: Mapping[str, str]) -> None:
                 '+refs/heads/*:refs/heads/*', '+refs/tags/*:refs/tags/*', *keep], env))
 
 
+def tips(upstream: str, ref: str, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(where `ref` is in the upstream, where the upstream's default branch is), None where there is none,
+    by one `git ls-remote --symref`. UpstreamError when the upstream cannot be asked."""
+    proc = git(['ls-remote', '--symref', upstream, 'HEAD', ref], env)
+    _check(proc)
+    ref_tip = head_tip = None
+    for line in proc.stdout.splitlines():
+        left, _, name = line.partition('\t')
+        if not left.startswith('ref: '):
+            ref_tip = left if name == ref else ref_tip
+            head_tip = left if name == 'HEAD' else head_tip
+    return ref_tip, head_tip
+
+
 def push(git_dir: Path, upstream: str, updates: Sequence[tuple[str, str]], env: Mapping[str, str]
          ) -> subprocess.CompletedProcess:
     """`git push --atomic upstream new:ref ...`: plain pushes, so the upstream takes fast-forwards only.

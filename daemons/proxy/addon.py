@@ -397,7 +397,9 @@ class EgressFence:
     async def check_address(self, flow, rules: bottle_rules.Rules, host: str, port: int) -> Refusal | None:
         key = (flow.client_conn.id, flow.request.host, port)
         address = self.checked.get(key)
-        if address is None:
+        if address is None and (named := rules.address_of(host)):
+            addresses = [named]                             # network.hosts: the manifest's own address
+        elif address is None:
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError) as err:

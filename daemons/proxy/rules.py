@@ -10,7 +10,8 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
         {"host": "api.github.com", "methods": ["GET", "HEAD"], "paths": ["/repos/acme/"]}
       ],
       "allow_private": ["10.20.0.0/16"],
-      "gated": [{"host": "github.com", "path": "/acme/app"}]
+      "gated": [{"host": "github.com", "path": "/acme/app"}],
+      "addresses": {"registry.internal": "10.20.0.5"}
     }
 
 - `host`: that exact name (or IP literal), case-insensitive, a trailing dot ignored.
@@ -33,6 +34,8 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
   blanks and dots trimmed, and compared without case after Unicode normalisation (GitHub serves
   owner/repo case-insensitively).
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
+- `addresses` (optional): names the proxy resolves to that address itself instead of asking the host's
+  resolver (the manifest's network.hosts); the address is judged as any other (allow_private).
 Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
 public by the project's own table (SPECIAL_V4, SPECIAL_V6) or by Python's, and an IPv6 address that embeds
 an IPv4 one (EMBEDDED_V4: mapped, compatible, translated, NAT64, 6to4, Teredo) is judged as that IPv4
@@ -132,14 +135,16 @@ class Rules:
     hosts: tuple[HostRule, ...] = ()
     allow_private: tuple[IPNetwork, ...] = ()
     gated: tuple[GatedRepo, ...] = ()
+    addresses: tuple[tuple[str, str], ...] = ()     # (name, address): names resolved here, not by the host
 
     @classmethod
     def from_json(cls, data) -> Rules:
         if not isinstance(data, dict):
             raise RulesError('the rules must be a JSON object with "hosts" and "allow_private"')
-        unknown = set(data) - {'hosts', 'allow_private', 'gated'}
+        unknown = set(data) - {'hosts', 'allow_private', 'gated', 'addresses'}
         if unknown:
-            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts", "allow_private" and "gated"')
+            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts", "allow_private", "gated" and '
+                             '"addresses"')
         hosts = data.get('hosts', [])
         if not isinstance(hosts, list):
             raise RulesError('"hosts" must be a list of objects')
@@ -155,14 +160,29 @@ class Rules:
                 isinstance(g, dict) and set(g) == {'host', 'path'} and isinstance(g['host'], str) and g['host']
                 and isinstance(g['path'], str) and g['path'].startswith('/') for g in gated):
             raise RulesError('"gated" must be a list of {"host": NAME, "path": "/PATH"}')
+        addresses = data.get('addresses', {})
+        try:
+            if not isinstance(addresses, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                          for k, v in addresses.items()):
+                raise ValueError('not a mapping')
+            named = tuple(sorted((normal_host(k), str(ipaddress.ip_address(v))) for k, v in addresses.items()))
+        except ValueError:
+            raise RulesError('"addresses" must be an object of NAME: "IP address"') from None
         return cls(tuple(_host_rule(i, entry) for i, entry in enumerate(hosts)), allow_private,
-                   tuple(GatedRepo(normal_host(g['host']), g['path'].rstrip('/')) for g in gated))
+                   tuple(GatedRepo(normal_host(g['host']), g['path'].rstrip('/')) for g in gated), named)
 
     def to_json(self) -> dict:
         data = {'hosts': [h.to_json() for h in self.hosts], 'allow_private': [str(n) for n in self.allow_private]}
         if self.gated:
             data['gated'] = [g.to_json() for g in self.gated]
+        if self.addresses:
+            data['addresses'] = dict(self.addresses)
         return data
+
+    def address_of(self, host: str) -> str | None:
+        """The address the rules name for `host` (network.hosts), or None: the host's resolver is asked."""
+        host = normal_host(host)
+        return next((address for name, address in self.addresses if name == host), None)
 
     def refusal(self, method: str, host: str, path: str, override: str | None = None) -> str | None:
         """Why this request is not allowed, or None when it is. `path` without the query; `override`: the
@@ -246,11 +266,11 @@ def _host_rule(index: int, entry) -> HostRule:
         raise RulesError(f'{where} needs exactly one of "host" and "domain"')
     subdomains = 'domain' in entry
     name = entry['domain' if subdomains else 'host']
-    if not isinstance(name, str) or not name.strip('.') or any(c in name for c in '/:@ *') and not _is_ip(name):
+    if not isinstance(name, str) or not name.strip('.') or any(c in name for c in '/:@ *') and not is_ip(name):
         raise RulesError(f'{where}: {name!r} is not a host name')
     if noncanonical_ipv4(name):
         raise RulesError(f'{where}: {name!r} is not a canonical IPv4 address; write it as a.b.c.d')
-    if subdomains and _is_ip(name):
+    if subdomains and is_ip(name):
         raise RulesError(f'{where}: {name!r} is an address, not a domain; use "host"')
     methods = entry.get('methods')
     if methods is not None and (not isinstance(methods, list) or not methods
@@ -265,7 +285,7 @@ def _host_rule(index: int, entry) -> HostRule:
                     tuple(paths) if paths else None)
 
 
-def _is_ip(name: str) -> bool:
+def is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

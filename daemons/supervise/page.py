@@ -44,7 +44,7 @@ PAGE_SIZE = 20          # waiting requests per page of the state
 BLOCKED_SHOWN = 10      # refused requests shown per bottle
 COMMITS_SHOWN = 20      # of a held push, in the state (the diff has them all)
 FILES_SHOWN = 50
-DIFF_CHARS = 2_000_000
+DIFF_CHARS = 1_000_000
 
 
 def page_app(state_dir: Path, token: str, port: int, waiters: Waiters | None = None) -> Starlette:
@@ -189,7 +189,7 @@ def _shown(request, gate: Path | None) -> dict:
             data['push'] = {'count': item.count, 'commits': item.commits[:COMMITS_SHOWN],
                             'base': item.base, 'files': item.files[:FILES_SHOWN],
                             'files_total': len(item.files) + item.files_more, 'added': item.added,
-                            'deleted': item.deleted}
+                            'deleted': item.deleted, 'note': item.note}
     return data
 
 
@@ -214,7 +214,7 @@ h1 { font-size: 1.4em } h2 { font-size: 1.15em; margin-top: 1.5em }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: .6em .9em; margin: .5em 0 }
 .pending { border-color: #d08000; background: #fff8ec }
 .kind { font-weight: 600 } .muted { color: #666; font-size: .9em } code { background: #f2f2f2; padding: 0 .2em }
-.label { color: #555; font-weight: 600 } .field { white-space: pre-wrap; overflow-wrap: anywhere }
+.label { color: #555; font-weight: 600 } .field { white-space: pre-wrap; overflow-wrap: anywhere; unicode-bidi: isolate }
 .esc { background: #ffd7d7; color: #900; font-family: monospace; border-radius: 2px; padding: 0 .1em }
 .cut, .intl { color: #900; font-style: italic }
 pre.diff { max-height: 40em; overflow: auto; background: #f7f7f7; padding: .5em; white-space: pre }
@@ -250,20 +250,30 @@ function escaped(ch) {
                                                                        : "\\U" + hex.padStart(8, "0");
 }
 
-function visible(text, limit = 500) {
+const MARK = /[\p{Mn}\p{Me}]/u;
+const MARKS = 2;        // combining marks in a row shown as they are (more stack over the text around)
+const SPACES = 3;       // spaces in a row shown as they are in a field (more: their count)
+
+function visible(text, limit = 500, foldSpaces = true) {
   const fragment = document.createDocumentFragment();
   const chars = Array.from(text === null || text === undefined ? "" : String(text));
   let run = "";
+  let marks = 0;
+  const flush = () => {
+    const shown = foldSpaces ? run.replace(new RegExp(` {${SPACES + 1},}`, "g"), m => ` [${m.length} spaces] `) : run;
+    if (shown) fragment.append(document.createTextNode(shown));
+    run = "";
+  };
   for (const ch of chars.slice(0, limit)) {
-    if (ch !== " " && HIDDEN.test(ch)) {
-      if (run) fragment.append(document.createTextNode(run));
-      run = "";
+    marks = MARK.test(ch) ? marks + 1 : 0;
+    if ((ch !== " " && HIDDEN.test(ch)) || marks > MARKS) {
+      flush();
       fragment.append(el("span", escaped(ch), "esc"));
     } else {
       run += ch;
     }
   }
-  if (run) fragment.append(document.createTextNode(run));
+  flush();
   if (chars.length > limit) {
     fragment.append(el("span", `... [${chars.length - limit} more characters not shown]`, "cut"));
   }
@@ -280,7 +290,9 @@ function el(tag, text, cls) {
 // One labelled line: "label: value", the value made visible.
 function field(label, value, limit, cls) {
   const line = el("div", null, "field" + (cls ? " " + cls : ""));
-  line.append(el("span", label + ": ", "label"), visible(value, limit));
+  const shown = el("bdi", null, "value");
+  shown.append(visible(value, limit));
+  line.append(el("span", label + ": ", "label"), shown);
   return line;
 }
 
@@ -292,9 +304,9 @@ async function send(path, body) {
   const response = await fetch(path, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   const answer = await response.json();
-  document.getElementById("error").textContent = response.ok ? "" : answer.error;
-  document.getElementById("notice").textContent = response.ok && answer.granted ? "approved: " + answer.granted
-    : response.ok && answer.denied ? `denied ${answer.denied.length} request(s)` : "";
+  document.getElementById("error").replaceChildren(visible(response.ok ? "" : answer.error, 2000));
+  document.getElementById("notice").replaceChildren(visible(response.ok && answer.granted ? "approved: " + answer.granted
+    : response.ok && answer.denied ? `denied ${answer.denied.length} request(s)` : "", 2000));
   refresh();
 }
 
@@ -327,13 +339,15 @@ function pushFields(r, card) {
                      push.base.slice(0, 12) + (push.files_total > push.files.length
                        ? `; ${push.files_total - push.files.length} more files not shown` : "")));
   const fileList = el("ul");
-  for (const [path, added, deleted] of push.files) {
+  for (const [path, added, deleted, kind] of push.files) {
     const item = el("li", added === null ? "binary " : `+${added} -${deleted} `);
     item.append(visible(path, 300));
+    if (kind) item.append(el("span", ` (${kind})`, "kind-of-change"));
     fileList.append(item);
   }
   files.append(fileList);
   card.append(files);
+  if (push.note) card.append(field("note", push.note, 1000, "note"));
   const show = el("button", openDiffs.has(r.review_id) ? "Hide diff" : "Show diff", "diff");
   show.onclick = () => toggleDiff(r.review_id);
   card.append(show);
@@ -347,7 +361,7 @@ async function toggleDiff(reviewId) {
     const answer = await (await fetch(`/api/held/${encodeURIComponent(reviewId)}/diff`)).json();
     const pre = el("pre", null, "diff");
     if (answer.error) pre.append(visible(answer.error));
-    for (const line of (answer.diff || "").split("\n")) pre.append(visible(line, 4000), "\n");
+    for (const line of (answer.diff || "").split("\n")) pre.append(visible(line, 4000, false), "\n");
     if (answer.cut) pre.append(el("span", `... [${answer.cut} more characters: doit held --id ${reviewId} --diff]`, "cut"));
     openDiffs.set(reviewId, pre);
   }
@@ -464,10 +478,10 @@ async function refresh() {
     if (!response.ok) throw new Error(await response.text());
     state = await response.json();
   } catch (err) {
-    document.getElementById("error").textContent = `cannot reach the supervisor: ${err.message}`;
+    document.getElementById("error").replaceChildren(visible(`cannot reach the supervisor: ${err.message}`, 2000));
     return;
   }
-  if (state.error) document.getElementById("error").textContent = state.error;
+  if (state.error) document.getElementById("error").replaceChildren(visible(state.error, 2000));
   page = state.page;
   paging(state);
   // Typing in an answer box is not interrupted unless the requests themselves changed.

@@ -16,11 +16,13 @@ from pathlib import Path
 from daemons.gate import review
 from daemons.proxy import rules
 from daemons.shown import host as shown_host
+from daemons.shown import text as shown_text
 from daemons.supervise import approved, asked
 from daemons.supervise.store import (PENDING, Request, SuperviseError, connect, insert, load_bottles, now,
                                      row_request)
 
 RECENT = 20             # decided requests shown besides the pending ones
+ABANDONED_KEPT = 100    # abandoned requests kept per bottle (an agent can abandon as many as it likes)
 
 
 def bottle_entry(state_dir: Path, bottle: str) -> dict:
@@ -89,9 +91,9 @@ def pending_count(state_dir: Path) -> dict[str, int]:
 
 
 def recent(state_dir: Path, bottle: str | None = None, limit: int = RECENT) -> list[Request]:
-    """The `limit` last decided requests, newest first."""
+    """The `limit` last decided requests, newest first (abandoned ones are not decisions: left out)."""
     with connect(state_dir) as db:
-        rows = db.execute('SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state != ? '
+        rows = db.execute("SELECT * FROM requests WHERE (? IS NULL OR bottle = ?) AND state NOT IN (?, 'abandoned') "
                           'ORDER BY created DESC, rowid DESC LIMIT ?', (bottle, bottle, PENDING, limit)).fetchall()
     return [row_request(row) for row in rows]
 
@@ -155,15 +157,20 @@ def granted(request: Request) -> str:
     if request.kind == 'egress':
         return (f'host {shown_host(asked_for["host"])} for bottle {request.bottle}, until revoked (doit revoke '
                 f'--agent {request.bottle} --host {asked_for["host"]})')
-    return (f'push of {asked_for["ref"]} at {asked_for["new"][:12]} to {asked_for["repo"]} for bottle '
-            f'{request.bottle} (held push {asked_for["review_id"]})')
+    return (f'push of {shown_text(asked_for["ref"], 300)} at {asked_for["new"][:12]} to {asked_for["repo"]} for '
+            f'bottle {request.bottle} (held push {asked_for["review_id"]})')
 
 
 def abandon(state_dir: Path, request_id: str) -> None:
-    """The call that asked went away (cancelled, disconnected): a still pending request is dropped."""
+    """The call that asked went away (cancelled, disconnected): a still pending request is dropped, and of
+    its bottle's abandoned requests only the ABANDONED_KEPT newest are kept."""
     with connect(state_dir) as db:
         db.execute("UPDATE requests SET state = 'abandoned', decided = ? WHERE id = ? AND state = ?",
                    (now(), request_id, PENDING))
+        db.execute("DELETE FROM requests WHERE state = 'abandoned' AND bottle = (SELECT bottle FROM requests WHERE "
+                   "id = ?) AND rowid NOT IN (SELECT rowid FROM requests WHERE state = 'abandoned' AND bottle = "
+                   "(SELECT bottle FROM requests WHERE id = ?) ORDER BY rowid DESC LIMIT ?)",
+                   (request_id, request_id, ABANDONED_KEPT))
 
 
 def outcome(request: Request) -> str:

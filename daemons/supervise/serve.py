@@ -141,17 +141,21 @@ async def wait(ctx: Context, state_dir: Path, waiters: Waiters, request: Request
     decided = waiters.join(request.id)
     cancelled = False
     try:
-        while True:
-            current = await asyncio.to_thread(requests.get, state_dir, request.id)
+        current = await asyncio.to_thread(requests.get, state_dir, request.id)     # decided before the join?
+        while current.state == PENDING:
             elapsed = time.monotonic() - started
-            if current.state != PENDING or elapsed >= limit:
-                return requests.outcome(current)
+            if elapsed >= limit:
+                break
             await ctx.report_progress(round(elapsed), limit, f'waiting for the human to answer request '
                                                              f'{request.id} on the host')
             try:
                 await asyncio.wait_for(decided.wait(), timeout=min(PROGRESS_SECONDS, limit - elapsed))
             except TimeoutError:
-                pass
+                continue
+            current = await asyncio.to_thread(requests.get, state_dir, request.id)
+        if current.state == PENDING:
+            current = await asyncio.to_thread(requests.get, state_dir, request.id)
+        return requests.outcome(current)
     except asyncio.CancelledError:
         cancelled = True
         raise

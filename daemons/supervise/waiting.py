@@ -11,6 +11,7 @@ A request two calls wait on (the same question asked twice) is abandoned only wh
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from pathlib import Path
 
@@ -61,6 +62,17 @@ class Waiters:
             loop.call_soon_threadsafe(event.set)
 
     def _watch(self) -> None:
+        """Forever: a database it cannot read (for a while) is said in the daemon's log and tried again; the
+        calls meanwhile still end at their bound."""
+        while True:
+            try:
+                self._watch_once()
+            except Exception as err:        # noqa: BLE001: the watcher must outlive any one failure
+                print(f'supervise: the watcher of waiting calls failed ({err}); again in 1 s', file=sys.stderr,
+                      flush=True)
+                threading.Event().wait(1.0)
+
+    def _watch_once(self) -> None:
         with connect(self.state_dir) as db:
             seen = None
             while True:
@@ -70,9 +82,10 @@ class Waiters:
                     seen = version
                     with self._lock:
                         ids = list(self._waiting)
-                    if ids:
-                        marks = ','.join('?' * len(ids))
+                    for start in range(0, len(ids), 500):       # sqlite's bound on a statement's variables
+                        chunk = ids[start:start + 500]
+                        marks = ','.join('?' * len(chunk))
                         for (request_id,) in db.execute(f'SELECT id FROM requests WHERE id IN ({marks}) AND state != ?',
-                                                        (*ids, PENDING)).fetchall():
+                                                        (*chunk, PENDING)).fetchall():
                             self.woken(request_id)
                 threading.Event().wait(WATCH_SECONDS)

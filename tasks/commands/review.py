@@ -153,9 +153,11 @@ def _push_lines(push: review.Held, commits: int) -> list[str]:
     total = len(push.files) + push.files_more
     said.append(f'    files changed: {total}, +{push.added} -{push.deleted} lines against '
                 f'{"nothing (a history of its own)" if push.base == review.EMPTY_TREE else push.base[:12]}')
-    for path, added, deleted in push.files:
+    if push.note:
+        said.append(shown.field('note', push.note, 1000))
+    for path, added, deleted, *kind in push.files:
         counts = 'binary' if added is None else f'+{added} -{deleted}'
-        said.append(f'      {counts:>14}  {shown.text(path, 300)}')
+        said.append(f'      {counts:>14}  {shown.text(path, 300)}' + (f' ({kind[0]})' if kind and kind[0] else ''))
     if push.files_more:
         said.append(f'      ... {push.files_more} more file(s) not shown (doit held --id {push.id} --diff)')
     return said
@@ -202,8 +204,8 @@ def approve(project: Project, decided_id: str):
     def held_push(state_dir):
         push = review.find(state_dir, decided_id)
         output = review.approve(state_dir, decided_id)
-        print(f'approve: held push {decided_id} granted: {push.ref} at {push.new[:12]} to {push.repo} for bottle '
-              f'{push.bottle}, forwarded upstream')
+        print(f'approve: held push {decided_id} granted: {shown.text(push.ref, 300)} at {push.new[:12]} to '
+              f'{push.repo} for bottle {push.bottle}, forwarded upstream')
         _upstream_said(output)
 
     _decide(project, decided_id, 'approve', through_request, held_push)

@@ -47,6 +47,7 @@ class Agent:
     disk_gib: int
     hosts: tuple[HostEntry, ...]
     allow_private: tuple[str, ...]
+    addresses: dict[str, str]
     claude_code_hosts: tuple[HostEntry, ...]
     env: dict[str, str]
     secrets: tuple[str, ...]
@@ -69,6 +70,8 @@ class Agent:
         the only way to them."""
         entries = dict.fromkeys(self.hosts + self.skill_hosts + self.claude_code_hosts)
         rules = {'hosts': [entry.rule() for entry in entries], 'allow_private': list(self.allow_private)}
+        if self.addresses:
+            rules['addresses'] = dict(sorted(self.addresses.items()))
         if self.git:
             rules['gated'] = [{'host': repo.parts['host'].lower(), 'path': f'/{repo.path}'} for repo in self.git]
         return rules

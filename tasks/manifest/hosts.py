@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.proxy.rules import HostRule, noncanonical_ipv4    # standard library only, shared with the proxy
+from daemons.proxy.rules import HostRule, is_ip, noncanonical_ipv4    # standard library only, shared with the proxy
 from tasks.manifest.kinds import Index, Kind, Text, quote, show
 from tasks.manifest.yaml_file import YAML_LINE_BREAK, Document, Problem, parse, read_text
 
@@ -44,6 +44,30 @@ def _network_problem(text: str) -> str | None:
         return (f'{quote(text)} is not a network ({err}); write an address and its prefix length, '
                 'such as 10.20.0.0/16 or 192.168.5.7/32')
     return None
+
+
+class AddressMap(Kind):
+    """name: address, the names the egress proxy resolves itself (network.hosts)."""
+    name = 'map of host name: address'
+
+    def problems(self, value):
+        if not isinstance(value, dict):
+            yield (), f'expected a mapping of host name: address (registry.internal: 10.20.0.5), got {show(value)}'
+            return
+        for key, address in value.items():
+            error = HOST_NAME.problem(key)
+            if error:
+                yield (key,), error
+            elif key.replace('.', '').isdigit() or noncanonical_ipv4(key):
+                yield (key,), f'{quote(key)} is an address, not a name; only names are mapped'
+            elif not isinstance(address, str) or not is_ip(address):
+                yield (key,), f'{show(address)} is not an IP address such as 10.20.0.5 or fd00::5'
+
+    def schema(self):
+        return {'type': 'object', 'propertyNames': HOST_NAME.schema(), 'additionalProperties': {'type': 'string'}}
+
+    def convert(self, value, base_dir):
+        return {key.lower().rstrip('.'): str(ipaddress.ip_address(address)) for key, address in value.items()}
 
 
 HOST_PATTERN = Text('host', 'a host name such as api.github.com, or *.github.com for that domain and every '

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.manifest.git import GitRepoList
-from tasks.manifest.hosts import CLAUDE_CODE_HOSTS, HOSTS, NETWORK
+from tasks.manifest.hosts import CLAUDE_CODE_HOSTS, HOSTS, NETWORK, AddressMap
 from tasks.manifest.kinds import (MAX_NAME_BYTES, Boolean, Choice, EnvMap, GuestPath, HostPath, ImageBase, Integer,
                                   Kind, ListOf, TemplateName, Text, UserName)
 from tasks.manifest.names import BACKEND_ENV, BACKENDS, MACHINE_NAME, MAX_PROJECT_NAME, PROJECT_KEY
@@ -80,6 +80,11 @@ KEYS: tuple[Key, ...] = (
     Key('network.allow_private', ListOf(NETWORK, 'list of networks', unique=True), [],
         'loopback, private or link-local networks (CIDR) that allowed hosts may resolve to, for internal '
         'registries and tests; every such address is refused otherwise', 'allow_private'),
+    Key('network.hosts', AddressMap(), {},
+        'names the egress proxy resolves to these addresses for this bottle instead of asking the host\'s '
+        'resolver, for an internal host without DNS (`registry.internal: 10.20.0.5`); such a name is still '
+        'reached only when allowed (`allow_hosts`, or approved through the supervisor), and a private address '
+        'only when `allow_private` lists it', 'addresses'),
     Key('network.claude_code_hosts', HOSTS, CLAUDE_CODE_HOSTS,
         'what Claude Code itself needs, allowed besides `allow_hosts`; `[]` leaves them out', 'claude_code_hosts'),
     Key('git', GitRepoList(), [],
