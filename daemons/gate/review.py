@@ -56,7 +56,9 @@ FILES_KEPT = 300
 SUBJECT_CHARS = 200
 PATH_CHARS = 300
 EMPTY_TREE = '4b825dc642cb6eb9a060e54bf8d69288fbee4904'
-DIFF = ('diff', '--no-color', '--no-ext-diff', '--no-textconv', '--no-renames')      # no host-configured driver
+# No diff driver or textconv of the host's, and no attributes from the agent's own tree (git 2.42 and later
+# read a bare repository's from HEAD, attr.tree: a `-diff` there would make a text file "binary").
+DIFF = ('-c', f'attr.tree={EMPTY_TREE}', 'diff', '--no-color', '--no-ext-diff', '--no-textconv', '--no-renames')
 
 
 def summarise(git: Callable[..., str], new: str, patterns: tuple[str, ...], ref: str, ref_tip: str | None,
