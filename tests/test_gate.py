@@ -8,6 +8,7 @@ bottle's name and the gate's key as headers, and the upstream's URL rewritten to
 that is made by tests/gate_setup.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,8 +23,9 @@ import pytest
 
 from daemons.gate.control import GateError
 from daemons.gate.hook import HELD_PER_BOTTLE
+from daemons.gate import review
 from daemons.gate.review import COMMITS_KEPT, EMPTY_TREE, ReviewError, approve, diff, find, held, reject
-from daemons.gate.store import ZERO
+from daemons.gate.store import ZERO, ReceiptError, append_receipt
 from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 from tests.gate_setup import PASSWORD, TRICKY_SUBJECT, Setup, commit, held_id, hiding_commits, host_git
 
@@ -78,7 +80,7 @@ def test_forward_lands_the_same_commit_upstream(s, tmp_path):
 
     proc = s.guest('a', work, 'push', 'origin', 'agent/a/big')
     assert proc.returncode == 0, proc.stderr
-    assert f'remote: gate: forwarded to {s.url("forwarded")}' in proc.stderr
+    assert f'remote: gate: refs/heads/agent/a/big landed upstream in {s.url("forwarded")}' in proc.stderr
     assert s.upstream_ref('forwarded', 'refs/heads/agent/a/big') == sha
     assert s.gate_ref('a', 'forwarded', 'refs/heads/agent/a/big') == sha
 
@@ -89,6 +91,7 @@ def test_forward_lands_the_same_commit_upstream(s, tmp_path):
     assert s.upstream_ref('forwarded', 'refs/heads/agent/a/big') == newer
     receipt = [r for r in s.receipts() if r['new'] == newer]
     assert [(r['bottle'], r['repo'], r['ref'], r['old'], r['decision']) for r in receipt] == [
+        ('a', s.url('forwarded'), 'refs/heads/agent/a/big', sha, 'forwarding'),
         ('a', s.url('forwarded'), 'refs/heads/agent/a/big', sha, 'forwarded')]
 
 
@@ -215,6 +218,40 @@ def test_reject_drops_a_held_push(s, tmp_path):
     assert [r['decision'] for r in s.receipts() if r.get('id') == held_as] == ['held', 'rejected']
 
 
+def test_a_hold_whose_push_never_moved_the_ref_is_not_listed_and_is_dropped_in_time(s, tmp_path):
+    """Holds are written before a push's refs move; one whose ref never got there (a push cut after its hold,
+    whose objects git may keep all the same) is not shown, and is dropped with a receipt once no push can
+    still be landing it. The push that did land, on the same ref, is shown."""
+    s.add_repo('orphaned', mode='review')
+    work, sha = s.branch('a', 'orphaned', 'agent/a/cut', tmp_path / 'work')
+    landed = held_id(s.guest('a', work, 'push', 'origin', 'agent/a/cut').stderr)
+    orphan = commit(work, 'never-landed.txt')
+    item = review.Held(**{**dataclasses.asdict(find(s.state, landed)), 'id': review.new_id(), 'new': orphan,
+                          'ref': 'refs/heads/agent/a/cut', 'old': sha})
+    review.record_held(s.state, item)
+    assert [h.id for h in held(s.state) if h.path == item.path] == [landed]
+    assert review.held_file(s.state, item.id).exists()          # it may still be landing
+    old = time.time() - review.LANDING_SECONDS - 1
+    os.utime(review.held_file(s.state, item.id), (old, old))
+    assert [h.id for h in held(s.state) if h.path == item.path] == [landed]
+    assert not review.held_file(s.state, item.id).exists()
+    assert [(r['decision'], r.get('rule')) for r in s.receipts() if r.get('id') == item.id] == [('dropped', 'never-landed')]
+
+
+def test_a_receipt_is_a_whole_line_or_nothing(tmp_path, monkeypatch):
+    receipts = tmp_path / 'receipts.jsonl'
+    receipts.write_bytes(b'{"decision": "kept"}\n{"decision": "he')        # a crash cut the last line
+    append_receipt(tmp_path, decision='held')
+    assert [json.loads(line)['decision'] for line in receipts.read_text().splitlines()] == ['kept', 'held']
+    before = receipts.read_bytes()
+
+    real_write = os.write
+    monkeypatch.setattr(os, 'write', lambda fd, data: real_write(fd, data[:7]))     # the disk fills mid-line
+    with pytest.raises(ReceiptError, match='receipts.jsonl: No space left on device'):
+        append_receipt(tmp_path, decision='refused')
+    assert receipts.read_bytes() == before
+
+
 def test_local_keeps_the_push_in_the_gate(s, tmp_path):
     s.add_repo('kept', mode='local')
     work, sha = s.branch('a', 'kept', 'agent/a/draft', tmp_path / 'work')
@@ -283,7 +320,7 @@ def test_the_upstreams_refusal_reaches_the_agent_and_the_gate_keeps_nothing(s, t
     assert 'the gate keeps nothing' in proc.stderr
     assert s.gate_ref('a', 'protected', 'refs/heads/agent/a/try') is None
     assert s.upstream_ref('protected', 'refs/heads/agent/a/try') is None
-    assert [(r['decision'], r['rule']) for r in s.receipts() if r['new'] == sha] == [('refused', 'upstream')]
+    assert [(r['decision'], r.get('rule')) for r in s.receipts() if r['new'] == sha] == [('forwarding', None), ('refused', 'upstream')]
 
 
 def test_only_the_proxy_may_speak_to_the_gate(s, tmp_path):

@@ -166,7 +166,7 @@ def test_a_forwarded_push_lands_upstream_at_the_same_sha(gated):
     directory = gated.clone('fwd')
     sha = gated.commit('fwd', directory, 'forwarded work')
     out = gated.ok('fwd', f'cd {directory} && git push origin HEAD:agent/fwd/work')
-    assert 'forwarded to' in out
+    assert 'landed upstream in' in out
     assert gated.upstream_ref('app', 'refs/heads/agent/fwd/work') == sha
 
 

@@ -2,10 +2,13 @@
 
     python -P -m daemons.gate.hook pre-receive|post-receive      (stdin: "<old> <new> <ref>" lines)
 
-pre-receive applies the policy and, in mode `forward`, pushes upstream while the pushed objects are
-still in quarantine: an upstream refusal refuses the push, and the gate keeps nothing of it; in mode
-`local` it tells the pusher where the push stays. post-receive, once the refs are in the gate, holds
-a `review` push (the hook scripts start no Python for it in the other modes).
+pre-receive applies the policy, then records what the push will be before git can move a ref: in mode
+`review` the hold (held/<id>.json) and its receipt; in mode `local` the receipt; in mode `forward` a
+`forwarding` receipt, then the push upstream while the pushed objects are still in quarantine (an upstream
+refusal refuses the push, and the gate keeps nothing of it). What cannot be written (a full disk) refuses
+the push. So a push killed or failing at any point is held or refused: a hold whose commit never reached
+the mirror is not listed (review.held). post-receive, once the refs are in the gate, tells the agent the id
+of its hold (the hook scripts start no Python for it in the other modes).
 All they print reaches the pusher as `remote:` lines. serve.py passes them, in the environment, the
 state directory, the bottle, the repository's entry of bottles.json and the names of the host's
 variables (BOTTLE_GATE_*). The daemon holds the mirror's lock for the whole push.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from daemons.gate import review, upstream
 from daemons.gate.config import Repo
-from daemons.gate.store import ZERO, append_receipt, now
+from daemons.gate.store import ZERO, ReceiptError, append_receipt, checkpoint, now
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,53 @@ def pre_receive(push: Push) -> int:
         for update in push.updates:
             rule, why = refusals.get(update, ('with-the-rest', 'another ref of the same push was refused'))
             say(f'refused {update.ref} (rule {rule}): {why}')
-            push.receipt(update, 'refused', rule=rule)
+            try:
+                push.receipt(update, 'refused', rule=rule)
+            except ReceiptError as err:
+                say(f'(the gate could not record this refusal: {err})')
         say(f'this bottle may push, as fast-forwards, to: {push.allowed()}')
         return 1
     if push.repo.mode == 'forward':
         return forward(push)
-    if push.repo.mode == 'local':       # the push holds the mirror's lock: the refs are updated next
-        for update in push.updates:
-            say(f'{update.ref} is kept in the gate only: nothing goes upstream from this repository (mode '
-                'local); a person on the host fetches it from the gate')
-            push.receipt(update, 'kept')
+    try:        # the push holds the mirror's lock: the refs are updated next, and only if this returns 0
+        if push.repo.mode == 'local':
+            for update in push.updates:
+                push.receipt(update, 'kept')    # hooks/post-receive says it, once the ref has moved
+        else:
+            hold_all(push)
+    except (OSError, ReceiptError) as err:
+        return unrecorded(err)
+    checkpoint('ref-update')
     return 0
+
+
+def unrecorded(err: Exception) -> int:
+    say(f'refused: the gate cannot record this push ({err}); nothing of it was kept or sent. Try again '
+        'later; if it persists, a person on the host sees to the gate\'s disk')
+    return 1
+
+
+def hold_all(push: Push) -> list[review.Held]:
+    """Mode review: each ref's hold and its receipt, on disk before the refs can move. When one cannot be
+    written, those written are taken back and the push is refused (the caller): a push is held or refused.
+    A hold of the same commit to the same ref that an earlier, cut push of it left is replaced."""
+    held = []
+    try:
+        for update in push.updates:
+            earlier = review.holding(push.state_dir, push.bottle, push.repo.path, update.ref, update.new)
+            checkpoint('before-hold')
+            item = hold(push, update)
+            held.append(item)
+            push.receipt(update, 'held', id=item.id)
+            if earlier:
+                review.forget(push.state_dir, earlier.id)
+                push.receipt(update, 'dropped', id=earlier.id, rule='never-landed')
+    except BaseException:
+        for item in held:
+            review.forget(push.state_dir, item.id)
+        raise
+    checkpoint('after-hold')
+    return held
 
 
 HELD_PER_BOTTLE = 20        # pushes of one bottle held for review at once
@@ -117,9 +156,15 @@ def refusal(push: Push, update: Update) -> tuple[str, str] | None:
 
 
 def forward(push: Push) -> int:
-    """Push the accepted refs upstream, all or none (--atomic), with the host's credentials. The objects
-    are read from the quarantine; a local upstream must not inherit GIT_QUARANTINE_PATH, which forbids
-    ref updates."""
+    """Push the accepted refs upstream, all or none (--atomic), with the host's credentials, once a
+    `forwarding` receipt is on disk (one that cannot be written refuses the push: nothing went anywhere).
+    The objects are read from the quarantine; a local upstream must not inherit GIT_QUARANTINE_PATH, which
+    forbids ref updates. The agent is told whether it landed upstream, whatever happens to the gate's copy."""
+    try:
+        for update in push.updates:
+            push.receipt(update, 'forwarding')
+    except ReceiptError as err:
+        return unrecorded(err)
     host = host_environment()
     git_dir = Path(os.environ.get('GIT_DIR', '.')).resolve()
     objects = {name: os.environ[name] for name in ('GIT_OBJECT_DIRECTORY', 'GIT_ALTERNATE_OBJECT_DIRECTORIES')
@@ -132,25 +177,35 @@ def forward(push: Push) -> int:
         said, landed = str(err), False
     if said:
         print(said, file=sys.stderr, flush=True)     # the upstream's own words
-    for update in push.updates:
-        push.receipt(update, 'forwarded' if landed else 'refused', upstream=said,
-                     **({} if landed else {'rule': 'upstream'}))
     if not landed:
         say(f'the upstream {push.repo.upstream} refused the push (its words are above); the gate keeps nothing of it')
-        return 1
-    say(f'forwarded to {push.repo.upstream}')
-    return 0
+    else:
+        for update in push.updates:
+            say(f'{update.ref} landed upstream in {push.repo.upstream} at {short(update.new)}; if git reports an '
+                'error below, it concerns the gate\'s own copy only')
+    try:
+        for update in push.updates:
+            push.receipt(update, 'forwarded' if landed else 'refused', upstream=said,
+                         **({} if landed else {'rule': 'upstream'}))
+    except ReceiptError as err:
+        say(f'(the gate could not write the receipt of what the upstream did: {err})')
+    if landed:
+        checkpoint('ref-update')
+    return 0 if landed else 1
 
 
 def post_receive(push: Push) -> None:
+    """Mode review: the refs moved; tell the agent the id each was held as (pre-receive recorded it)."""
     for update in push.updates:
-        if push.repo.mode == 'review':
-            item = hold(push, update)
-            say(f'{update.ref} is held for review as {item.id}: nothing went upstream yet. A person approves it '
-                f'on the host (`doit approve --id {item.id}`); with the supervisor, ask for it with '
-                f'request_push_review("{item.id}"). A new push to {update.ref} is held as a new review; this one '
-                'then can no longer be approved.')
-            push.receipt(update, 'held', id=item.id)
+        item = review.holding(push.state_dir, push.bottle, push.repo.path, update.ref, update.new)
+        if item is None:
+            say(f'{update.ref} is in the gate, but its hold cannot be found: a person on the host looks at '
+                '`doit held`')
+            continue
+        say(f'{update.ref} is held for review as {item.id}: nothing went upstream yet. A person approves it '
+            f'on the host (`doit approve --id {item.id}`); with the supervisor, ask for it with '
+            f'request_push_review("{item.id}"). A new push to {update.ref} is held as a new review; this one '
+            'then can no longer be approved.')
 
 
 def hold(push: Push, update: Update) -> review.Held:
@@ -174,6 +229,7 @@ def short(sha: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    checkpoint(argv[1])
     push = Push.from_hook()
     if argv[1] == 'pre-receive':
         return pre_receive(push)

@@ -15,9 +15,9 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,7 @@ class Held:
     note: str = ''          # what the person must know of the base ('' when nothing)
 
 
+LANDING_SECONDS = 900    # a push holds its mirror's lock at most about LOCK_SECONDS; then it landed or not
 COMMITS_KEPT = 50
 FILES_KEPT = 300
 SUBJECT_CHARS = 200
@@ -160,9 +161,38 @@ def find(state_dir: Path, held_id: str) -> Held | None:
 
 
 def held(state_dir: Path) -> list[Held]:
-    """Every push waiting for review, oldest first."""
-    items = [_read(path) for path in held_dir(state_dir).glob('*.json')]
+    """Every push waiting for review, oldest first. A hold is written before its push's refs move
+    (hook.hold_all); one whose commit never reached the gate (the push was cut after it) is left out, and
+    dropped with a receipt once no push can still be landing it (LANDING_SECONDS)."""
+    items = []
+    for path in held_dir(state_dir).glob('*.json'):
+        item = _read(path)
+        if _in_gate(state_dir, item):
+            items.append(item)
+        elif time.time() - path.stat().st_mtime > LANDING_SECONDS:
+            forget(state_dir, item.id)
+            append_receipt(state_dir, bottle=item.bottle, repo=item.repo, path=item.path, ref=item.ref,
+                           old=item.old, new=item.new, id=item.id, decision='dropped', rule='never-landed')
     return sorted(items, key=lambda item: (item.time, item.id))
+
+
+def holding(state_dir: Path, bottle: str, path: str, ref: str, new: str) -> Held | None:
+    """The newest hold of that bottle's push of `new` to `ref` in that repository."""
+    found = [item for item in (_read(p) for p in held_dir(state_dir).glob('*.json'))
+             if (item.bottle, item.path, item.ref, item.new) == (bottle, path, ref, new)]
+    return max(found, key=lambda item: (item.time, item.id)) if found else None
+
+
+def forget(state_dir: Path, held_id: str) -> None:
+    held_file(state_dir, held_id).unlink(missing_ok=True)
+
+
+def _in_gate(state_dir: Path, item: Held) -> bool:
+    """Whether the held push's ref moved in the gate: its commit is on the ref there (where it is, or
+    under a newer push). Its objects alone say nothing: git keeps them when the ref update fails."""
+    mirror = mirror_dir(state_dir, item.bottle, item.path)
+    return subprocess.run(['git', '--git-dir', str(mirror), 'merge-base', '--is-ancestor', item.new, item.ref],
+                          capture_output=True).returncode == 0
 
 
 def approve(state_dir: Path, held_id: str, env: Mapping[str, str] | None = None) -> str:
