@@ -181,6 +181,7 @@ def test_a_cut_push_is_held_or_refused_the_agent_is_told_which_and_a_retry_conve
 
     # The agent was told the truth: success only when it is so, the gate's word for it only when it is so.
     there = outcome(f, mode, ref, sha)
+    assert 'Traceback' not in first.stderr, first.stderr        # the gate fails in words
     if first.returncode == 0:
         assert there, first.stderr
     if TOLD[mode] in first.stderr:
