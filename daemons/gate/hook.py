@@ -128,15 +128,16 @@ def forward(push: Push) -> int:
         proc = upstream.push(git_dir, push.repo.upstream, [(u.new, u.ref) for u in push.updates],
                              {**upstream.host_env(host), **objects})
         said, landed = (proc.stdout + proc.stderr).strip(), proc.returncode == 0
+        failed = 'refused the push (its words are above)'
     except upstream.UpstreamError as err:
-        said, landed = str(err), False
+        said, landed, failed = str(err), False, 'did not take the push (above: why)'
     if said:
         print(said, file=sys.stderr, flush=True)     # the upstream's own words
     for update in push.updates:
         push.receipt(update, 'forwarded' if landed else 'refused', upstream=said,
                      **({} if landed else {'rule': 'upstream'}))
     if not landed:
-        say(f'the upstream {push.repo.upstream} refused the push (its words are above); the gate keeps nothing of it')
+        say(f'the upstream {push.repo.upstream} {failed}; the gate keeps nothing of it')
         return 1
     say(f'forwarded to {push.repo.upstream}')
     return 0
