@@ -160,12 +160,13 @@ def hiding_commits(work, branch: str, count: int) -> None:
 
 
 class Stalled:
-    """A TCP server on 127.0.0.1 that accepts connections and never answers them (`partial`: answers the
-    first bytes of an HTTP response to a request, then nothing). `connections` counts those accepted,
+    """A TCP server on 127.0.0.1 that accepts connections and never answers them (`mode` silent); or answers
+    a request with the first bytes of an HTTP response, then nothing (partial), or then a byte every half
+    second, too many for git's stall setting to see a stall (trickle). `connections` counts those accepted,
     `open()` those the other end has not closed; release() closes them all from this end."""
 
-    def __init__(self, partial: bool = False):
-        self.partial = partial
+    def __init__(self, mode: str = 'silent'):
+        self.mode = mode
         self.server = socket.create_server(('127.0.0.1', 0))
         self.port = self.server.getsockname()[1]
         self.connections = 0
@@ -191,19 +192,28 @@ class Stalled:
             threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
 
     def _hold(self, conn: socket.socket):
-        """Read whatever comes, until the other end closes; in `partial`, answer the first bytes once."""
+        """Read whatever comes, until the other end closes; answer the first bytes once, but when silent."""
         answered = False
         try:
-            while data := conn.recv(65536):
-                if self.partial and not answered:
+            while conn.recv(65536):
+                if self.mode != 'silent' and not answered:
                     conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n'
                                  b'Content-Length: 100000\r\n\r\n001e# service=git-upload-pack\n')
                     answered = True
-                del data
+                    if self.mode == 'trickle':
+                        threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
         except OSError:
             pass
         with self.lock:
             self.closed.add(conn)
+
+    def _trickle(self, conn: socket.socket):
+        try:
+            while conn not in self.closed:
+                conn.sendall(b'#')
+                time.sleep(0.5)
+        except OSError:
+            pass
 
     def open(self) -> int:
         with self.lock:

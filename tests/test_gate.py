@@ -543,6 +543,36 @@ def test_a_push_waiting_on_a_silent_upstream_holds_up_no_other_repository(slow, 
     assert stalled.wait_closed() and not processes_naming(f'127.0.0.1:{stalled.port}')
 
 
+def test_stopping_the_gate_ends_the_commands_it_runs_against_upstreams(slow, tmp_path):
+    """They have process groups of their own (so that a deadline ends all they started), which the host's
+    stop, signalling the daemon's group, does not reach: the daemon and the hook end them. (The upstream
+    trickles: no stall for git, and the commands' deadline is a minute away.)"""
+    s, _ = slow
+    stalled = Stalled('trickle')
+    s.add_repo('refreshed', bottle='g')
+    s.add_repo('pushed', bottle='g')
+    fetching = s.clone('g', 'refreshed', tmp_path / 'refreshed')
+    pushing, _ = s.branch('g', 'pushed', 'agent/g/x', tmp_path / 'pushed')
+    for name in ('refreshed', 'pushed'):
+        s.set_upstream('g', name, stalled.url(name))
+    before = stalled.connections
+    waiting = [in_background(lambda: s.guest('g', fetching, 'fetch', '-q')),
+               in_background(lambda: s.guest('g', pushing, 'push', 'origin', 'agent/g/x'))]
+    deadline = time.monotonic() + 60
+    while stalled.connections < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalled.open() == 2
+    s.gate.stop()
+    try:
+        assert stalled.wait_closed(seconds=30) and not processes_naming(f'127.0.0.1:{stalled.port}')
+        for thread, result in waiting:
+            thread.join(timeout=120)
+            assert result[0].returncode != 0
+    finally:
+        stalled.close()
+        assert s.gate.ensure_running()
+
+
 @pytest.mark.extended
 def test_a_push_to_a_silent_upstream_ends_at_the_stall_bound_with_what_to_do(slow, tmp_path):
     s, stalled = slow
@@ -568,7 +598,7 @@ def test_fetches_of_many_stalled_upstreams_leave_the_gate_free_for_the_others(sl
     answer, one of them having sent the first bytes of its answer: another repository is fetched meanwhile,
     and each of those fetches ends at the stall bound saying so."""
     s, stalled = slow
-    partial = Stalled(partial=True)
+    partial = Stalled('partial')
     try:
         names = [f'many-{n}' for n in range((os.cpu_count() or 1) + 5)]
         for name in [*names, 'unhurried']:

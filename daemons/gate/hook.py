@@ -175,6 +175,7 @@ def short(sha: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    upstream.end_on_sigterm()
     push = Push.from_hook()
     if argv[1] == 'pre-receive':
         return pre_receive(push)

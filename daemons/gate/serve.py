@@ -39,7 +39,8 @@ import uvicorn
 from daemons.atomic import write_atomic
 from daemons.gate.config import BottlesError, Repo, load_bottles
 from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
-from daemons.gate.upstream import Bounds, UpstreamError, UpstreamTimeout, end_all, host_env, update_mirror
+from daemons.gate.upstream import (Bounds, UpstreamError, UpstreamTimeout, end_all, end_on_sigterm, host_env,
+                                   update_mirror)
 from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
 
@@ -298,10 +299,12 @@ def main(argv: list[str]) -> int:
                                                       'instance': instance}) + '\n', mode=0o600)
     config = uvicorn.Config(Gate(state_dir, key, dict(os.environ), instance), lifespan='off', access_log=False,
                             log_level='warning', timeout_graceful_shutdown=3)
+    # uvicorn raises the signal that stopped it again once it has shut down, so this handler runs then.
+    end_on_sigterm()
     try:
         uvicorn.Server(config).run(sockets=[listener])
     finally:
-        end_all()       # commands against upstreams have process groups of their own: stopping the gate ends them
+        end_all()
     return 0
 
 

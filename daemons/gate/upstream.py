@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -148,12 +149,20 @@ def end(proc: subprocess.Popen) -> None:
 
 
 def end_all() -> None:
-    """End every upstream command of this process with its group: the daemon stops (its own group, which
-    the host's stop signals, does not hold them)."""
+    """End every upstream command of this process with its group."""
     with _lock:
         for proc in _running:
             if proc.returncode is None:
                 end(proc)
+
+
+def end_on_sigterm() -> None:
+    """SIGTERM (the host stopping the gate: daemons.lifecycle signals the daemon's process group, which the
+    commands left) ends this process's commands, then the process. From the main thread."""
+    def ended(signum, frame):
+        end_all()
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, ended)
 
 
 def _output(proc: subprocess.Popen) -> tuple[str, str]:
