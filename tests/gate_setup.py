@@ -1,14 +1,18 @@
 """The git gate's host side, for a test: an upstream over TLS on a loopback address that asks for Basic
 auth only the host's git knows, the host HOME holding that credential, and the gate running with it
-(Setup); git run as a bottle would through the gate (Setup.guest); host-side git helpers, and the id of
-a push the gate holds for review (held_id)."""
+(Setup); git run as a bottle would through the gate (Setup.guest); host-side git helpers, the id of
+a push the gate holds for review (held_id), and an upstream that accepts connections and never answers
+(Stalled)."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 from daemons.gate.control import GitGate
@@ -23,7 +27,8 @@ IDENTITY = {'GIT_AUTHOR_NAME': 'Agent', 'GIT_AUTHOR_EMAIL': 'agent@example.inval
 class Setup:
     """A test module's upstream, host HOME and gate; repositories are added per test."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, env: dict[str, str] | None = None):
+        """`env`: more of the host's environment, the gate's included (BOTTLE_GATE_*_SECONDS)."""
         self.root = root
         self.address = random_loopback_address()
         self.ca, cert, key = make_upstream_ca(root, self.address)
@@ -36,7 +41,7 @@ class Setup:
         credentials.write_text(f'https://{USER}:{PASSWORD}@{self.address}\n')
         credentials.chmod(0o600)
         (home / '.gitconfig').write_text(f'[credential]\n\thelper = store\n[http]\n\tsslCAInfo = {self.ca}\n')
-        self.host_env = {'PATH': os.environ['PATH'], 'HOME': str(home), 'GIT_CONFIG_NOSYSTEM': '1'}
+        self.host_env = {'PATH': os.environ['PATH'], 'HOME': str(home), 'GIT_CONFIG_NOSYSTEM': '1', **(env or {})}
         self.state = root / 'gate'
         self.gate = GitGate(self.state, env=self.host_env)
         self.bottles: dict[str, list[dict]] = {}
@@ -59,6 +64,13 @@ class Setup:
             'mode': mode, 'max_push_bytes': max_push_bytes})
         self.gate.write_bottles({b: {'repos': repos} for b, repos in self.bottles.items()})
         return self.url(name)
+
+    def set_upstream(self, bottle: str, name: str, url: str) -> None:
+        """Serve repository `name` to `bottle` from `url` from now on, at the same path (the same mirror)."""
+        for repo in self.bottles[bottle]:
+            if repo['path'] == f'{self.address}/git/{name}':
+                repo['upstream'] = url
+        self.gate.write_bottles({b: {'repos': repos} for b, repos in self.bottles.items()})
 
     def url(self, name: str) -> str:
         return f'https://{self.address}/git/{name}.git'
@@ -145,3 +157,96 @@ def hiding_commits(work, branch: str, count: int) -> None:
                          b'from HEAD^0\n' if n == 0 else b''))
     subprocess.run(['git', 'fast-import', '--quiet'], cwd=work, input=b''.join(stream), check=True,
                    capture_output=True, env={'PATH': os.environ['PATH'], 'GIT_CONFIG_NOSYSTEM': '1', 'HOME': str(work)})
+
+
+class Stalled:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers them (`mode` silent); or answers
+    a request with the first bytes of an HTTP response, then nothing (partial), or then a byte every half
+    second, too many for git's stall setting to see a stall (trickle). `connections` counts those accepted,
+    `open()` those the other end has not closed; release() closes them all from this end."""
+
+    def __init__(self, mode: str = 'silent'):
+        self.mode = mode
+        self.server = socket.create_server(('127.0.0.1', 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.accepted = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.closed: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, name: str, scheme: str = 'http') -> str:
+        return f'{scheme}://127.0.0.1:{self.port}/git/{name}.git'
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.sockets.append(conn)
+            self.accepted.set()
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket):
+        """Read whatever comes, until the other end closes; answer the first bytes once, but when silent."""
+        answered = False
+        try:
+            while conn.recv(65536):
+                if self.mode != 'silent' and not answered:
+                    conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n'
+                                 b'Content-Length: 100000\r\n\r\n001e# service=git-upload-pack\n')
+                    answered = True
+                    if self.mode == 'trickle':
+                        threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+        except OSError:
+            pass
+        with self.lock:
+            self.closed.add(conn)
+
+    def _trickle(self, conn: socket.socket):
+        try:
+            while conn not in self.closed:
+                conn.sendall(b'#')
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    def open(self) -> int:
+        with self.lock:
+            return len(self.sockets) - len(self.closed)
+
+    def wait_closed(self, seconds: float = 60) -> bool:
+        """Every connection accepted so far was closed by the other end (or by release), within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.open() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.open()
+
+    def release(self):
+        with self.lock:
+            for conn in self.sockets:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.release()
+        self.server.close()
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain `text` (a stalled upstream's port)."""
+    found = []
+    for cmdline in Path('/proc').glob('[0-9]*/cmdline'):
+        try:
+            line = cmdline.read_bytes().replace(b'\0', b' ').decode(errors='replace')
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found

@@ -5,7 +5,8 @@ for Basic auth that only the host's git knows (a credential store in a test HOME
 trusts the test CA). The gate runs with that HOME. A "guest" git, with a HOME of its own and no
 credential, speaks to the gate on 127.0.0.1:<port> as the egress proxy would forward it: with the
 bottle's name and the gate's key as headers, and the upstream's URL rewritten to the gate's. All of
-that is made by tests/gate_setup.py."""
+that is made by tests/gate_setup.py. An upstream that accepts connections and never answers is a TCP
+server on 127.0.0.1 (gate_setup.Stalled), served to a gate whose bounds are short (`slow`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +22,14 @@ import urllib.request
 
 import pytest
 
-from daemons.gate.control import GateError
+from daemons.gate.control import GateError, GitGate
+from daemons.gate import review, upstream
 from daemons.gate.hook import HELD_PER_BOTTLE
-from daemons.gate import review
 from daemons.gate.review import COMMITS_KEPT, EMPTY_TREE, ReviewError, approve, diff, find, held, reject
 from daemons.gate.store import ZERO, ReceiptError, append_receipt
 from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
-from tests.gate_setup import PASSWORD, TRICKY_SUBJECT, Setup, commit, held_id, hiding_commits, host_git
+from tests.gate_setup import (PASSWORD, TRICKY_SUBJECT, Setup, Stalled, commit, held_id, hiding_commits, host_git,
+                              processes_naming)
 
 pytestmark = pytest.mark.fast
 
@@ -41,6 +43,26 @@ def s(tmp_path_factory):
     finally:
         setup.gate.stop()
         setup.upstream.close()
+
+
+# The gate's bounds for the `slow` gate (upstream.Bounds): a stall is seen within seconds, a request waits
+# one second for a busy mirror.
+SHORT_BOUNDS = {'BOTTLE_GATE_CONNECT_SECONDS': '3', 'BOTTLE_GATE_STALL_SECONDS': '10',
+                'BOTTLE_GATE_COMMAND_SECONDS': '60', 'BOTTLE_GATE_BUSY_SECONDS': '1'}
+
+
+@pytest.fixture(scope='module')
+def slow(tmp_path_factory):
+    """A gate with SHORT_BOUNDS, and an upstream that never answers."""
+    setup = Setup(tmp_path_factory.mktemp('slow-gate'), env=SHORT_BOUNDS)
+    stalled = Stalled()
+    try:
+        assert setup.gate.ensure_running()
+        yield setup, stalled
+    finally:
+        setup.gate.stop()
+        setup.upstream.close()
+        stalled.close()
 
 
 def test_clone_and_fetch_see_the_upstream_and_keep_the_agents_refs(s, tmp_path):
@@ -511,3 +533,194 @@ def test_a_killed_gate_is_started_again(s, tmp_path):
     assert not s.gate.ensure_running()
     assert s.gate.daemon().pid() != pid
     s.clone('a', 'revived', tmp_path / 'work')
+
+
+def in_background(call) -> tuple[threading.Thread, list]:
+    """`call()` in a thread, started; its result lands in the list."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_push_waiting_on_a_silent_upstream_holds_up_no_other_repository(slow, tmp_path):
+    """The forward push waits on the upstream inside the hook, holding its mirror: the bottle's other
+    repository is fetched meanwhile, and a fetch or another push of the same one is told, after the bounded
+    wait, that the repository is busy and why."""
+    s, stalled = slow
+    s.add_repo('waited', bottle='d')
+    s.add_repo('free', bottle='d')
+    work, sha = s.branch('d', 'waited', 'agent/d/x', tmp_path / 'waited')
+    free = s.clone('d', 'free', tmp_path / 'free')
+    s.upstream_commit('free', 'news.txt')
+    s.set_upstream('d', 'waited', stalled.url('waited'))
+    before = stalled.connections
+    stalled.accepted.clear()
+
+    pushing, pushed = in_background(lambda: s.guest('d', work, 'push', 'origin', 'agent/d/x'))
+    assert stalled.accepted.wait(timeout=60) and stalled.connections > before
+    fetched = s.guest('d', free, 'fetch', '-q')
+    assert fetched.returncode == 0, fetched.stderr
+    assert host_git(free, 'log', '-1', '--format=%s', 'origin/main') == 'add news.txt'
+    busy = [s.guest('d', work, 'fetch', '-q'), s.guest('d', work, 'push', 'origin', 'HEAD:agent/d/y')]
+    assert pushing.is_alive()       # all of that while the push still waited on the upstream
+    for proc in busy:
+        assert proc.returncode != 0
+        assert (f'remote: gate: {stalled.url("waited")} is busy: another push or fetch of it through the gate held '
+                'it for all the 1 s this request waited') in proc.stderr, proc.stderr
+        assert f'Try again in a minute; a person on the host can try `git ls-remote {stalled.url("waited")}`' \
+            in proc.stderr
+
+    stalled.release()
+    pushing.join(timeout=120)
+    assert not pushing.is_alive() and pushed[0].returncode != 0
+    assert f'remote: gate: the upstream {stalled.url("waited")} refused the push' in pushed[0].stderr
+    assert s.gate_ref('d', 'waited', 'refs/heads/agent/d/x') is None
+    assert stalled.wait_closed() and not processes_naming(f'127.0.0.1:{stalled.port}')
+
+
+def test_stopping_the_gate_ends_the_commands_it_runs_against_upstreams(slow, tmp_path):
+    """They have process groups of their own (so that a deadline ends all they started), which the host's
+    stop, signalling the daemon's group, does not reach: the daemon and the hook end them. (The upstream
+    trickles: no stall for git, and the commands' deadline is a minute away.)"""
+    s, _ = slow
+    stalled = Stalled('trickle')
+    s.add_repo('refreshed', bottle='g')
+    s.add_repo('pushed', bottle='g')
+    fetching = s.clone('g', 'refreshed', tmp_path / 'refreshed')
+    pushing, _ = s.branch('g', 'pushed', 'agent/g/x', tmp_path / 'pushed')
+    for name in ('refreshed', 'pushed'):
+        s.set_upstream('g', name, stalled.url(name))
+    before = stalled.connections
+    waiting = [in_background(lambda: s.guest('g', fetching, 'fetch', '-q')),
+               in_background(lambda: s.guest('g', pushing, 'push', 'origin', 'agent/g/x'))]
+    deadline = time.monotonic() + 60
+    while stalled.connections < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalled.open() == 2
+    s.gate.stop()
+    try:
+        assert stalled.wait_closed(seconds=30) and not processes_naming(f'127.0.0.1:{stalled.port}')
+        for thread, result in waiting:
+            thread.join(timeout=120)
+            assert result[0].returncode != 0
+    finally:
+        stalled.close()
+        assert s.gate.ensure_running()
+
+
+@pytest.mark.extended
+def test_a_push_to_a_silent_upstream_ends_at_the_stall_bound_with_what_to_do(slow, tmp_path):
+    s, stalled = slow
+    s.add_repo('silent', bottle='e')
+    work, sha = s.branch('e', 'silent', 'agent/e/x', tmp_path / 'silent')
+    url = stalled.url('silent')
+    s.set_upstream('e', 'silent', url)
+
+    proc = s.guest('e', work, 'push', 'origin', 'agent/e/x')
+    assert proc.returncode != 0
+    assert (f'remote: {url} stopped answering: git push {url} got nothing from it for 10 s (the git gate\'s bound, '
+            'BOTTLE_GATE_STALL_SECONDS) and was ended.') in proc.stderr, proc.stderr
+    assert f'a person on the host can try `git ls-remote {url}` there' in proc.stderr
+    assert f'remote: gate: the upstream {url} did not take the push (above: why); the gate keeps nothing' in proc.stderr
+    assert s.gate_ref('e', 'silent', 'refs/heads/agent/e/x') is None
+    assert [(r['decision'], r.get('rule')) for r in s.receipts() if r['new'] == sha] == [('forwarding', None),
+                                                                                    ('refused', 'upstream')]
+    assert stalled.wait_closed() and not processes_naming(f'127.0.0.1:{stalled.port}')
+
+
+@pytest.mark.extended
+def test_fetches_of_many_stalled_upstreams_leave_the_gate_free_for_the_others(slow, tmp_path):
+    """More repositories than asyncio's default executor has threads (cpus + 4) wait on upstreams that never
+    answer, one of them having sent the first bytes of its answer: another repository is fetched meanwhile,
+    and each of those fetches ends at the stall bound saying so."""
+    s, stalled = slow
+    partial = Stalled('partial')
+    try:
+        names = [f'many-{n}' for n in range((os.cpu_count() or 1) + 5)]
+        for name in [*names, 'unhurried']:
+            s.add_repo(name, bottle='f')
+        works = {name: s.clone('f', name, tmp_path / name) for name in names}
+        free = s.clone('f', 'unhurried', tmp_path / 'unhurried')
+        urls = {name: (partial if name == names[0] else stalled).url(name) for name in names}
+        for name in names:
+            s.set_upstream('f', name, urls[name])
+
+        fetches = {name: in_background(lambda name=name: s.guest('f', works[name], 'fetch', '-q')) for name in names}
+        deadline = time.monotonic() + 60
+        while stalled.open() + partial.open() < len(names) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fetched = s.guest('f', free, 'fetch', '-q')
+        assert fetched.returncode == 0, fetched.stderr
+        assert all(thread.is_alive() for thread, _ in fetches.values())
+
+        for name, (thread, result) in fetches.items():
+            thread.join(timeout=120)
+            assert result and result[0].returncode != 0
+            assert (f'remote: gate: {urls[name]} stopped answering: git fetch {urls[name]} got nothing from it for '
+                    '10 s') in result[0].stderr, result[0].stderr
+        assert stalled.wait_closed() and partial.wait_closed()
+        assert not processes_naming(f'127.0.0.1:{stalled.port}') and not processes_naming(f'127.0.0.1:{partial.port}')
+    finally:
+        partial.close()
+
+
+def bounded_env(home, **seconds) -> dict[str, str]:
+    """The environment of the gate's upstream commands, with bounds of `seconds` (connect=2: ...)."""
+    return upstream.host_env({'PATH': os.environ['PATH'], 'HOME': str(home), 'GIT_CONFIG_NOSYSTEM': '1',
+                              **{f'BOTTLE_GATE_{name.upper()}_SECONDS': str(value) for name, value in seconds.items()}})
+
+
+def test_a_command_past_its_deadline_ends_with_all_it_started(tmp_path):
+    """A TLS handshake that never completes is no stall for git (it has no connect timeout for https): the
+    deadline ends the command, and with it git's remote helper, which holds the connection."""
+    stalled = Stalled()
+    try:
+        url = stalled.url('handshake', scheme='https')
+        with pytest.raises(upstream.UpstreamTimeout) as ended:
+            upstream.tips(url, 'refs/heads/main', bounded_env(tmp_path, command=2))
+        assert str(ended.value).startswith(f'git ls-remote {url} did not finish within 2 s, the git gate\'s bound '
+                                           'for one command against an upstream (BOTTLE_GATE_COMMAND_SECONDS)')
+        assert stalled.connections == 1 and stalled.wait_closed()
+        assert not processes_naming(f'127.0.0.1:{stalled.port}')
+    finally:
+        stalled.close()
+
+
+def test_an_ssh_upstream_gets_a_connect_bound_unless_the_host_chose_its_ssh_command(tmp_path):
+    stalled = Stalled()
+    try:
+        url = f'ssh://git@127.0.0.1:{stalled.port}/x.git'
+        with pytest.raises(upstream.UpstreamTimeout) as ended:
+            upstream.tips(url, 'refs/heads/main', bounded_env(tmp_path, connect=2))
+        assert str(ended.value).startswith(f'{url} did not answer: git ls-remote {url} could not connect and begin '
+                                           'within 2 s (the git gate\'s bound, BOTTLE_GATE_CONNECT_SECONDS)')
+        assert 'banner exchange' in str(ended.value) and stalled.wait_closed()
+
+        # The host's own ssh command, from its gitconfig or its environment, runs as the host set it.
+        record = tmp_path / 'ssh-args'
+        own = tmp_path / 'own-ssh'
+        own.write_text(f'#!/bin/sh\necho "$@" >> {record}\nexit 1\n')
+        own.chmod(0o755)
+        (tmp_path / '.gitconfig').write_text(f'[core]\n\tsshCommand = {own}\n')
+        for env in (bounded_env(tmp_path), {**bounded_env(tmp_path / 'elsewhere'), 'GIT_SSH_COMMAND': str(own)},
+                    {**bounded_env(tmp_path / 'elsewhere'), 'GIT_SSH': str(own)}):
+            with pytest.raises(upstream.UpstreamError) as failed:
+                upstream.tips(url, 'refs/heads/main', env)
+            assert not isinstance(failed.value, upstream.UpstreamTimeout)
+        used = record.read_text().splitlines()
+        assert len(used) == 3 and not any('ConnectTimeout' in line for line in used), used
+    finally:
+        stalled.close()
+
+
+def test_the_bounds_are_read_from_the_gates_environment_and_restart_it_when_changed(tmp_path):
+    assert upstream.Bounds.from_env({}) == upstream.Bounds(connect=15, stall=30, command=300, busy=60)
+    assert upstream.Bounds.from_env({'BOTTLE_GATE_STALL_SECONDS': '2.5'}).stall == 2.5
+    for wrong in ('soon', '0', '-1', 'inf', 'nan'):
+        with pytest.raises(upstream.UpstreamError, match=f"BOTTLE_GATE_BUSY_SECONDS='{wrong}' in the git gate's "
+                                                          'environment is not a number of seconds above 0'):
+            upstream.Bounds.from_env({'BOTTLE_GATE_BUSY_SECONDS': wrong})
+    started = {GitGate(tmp_path, env={'HOME': str(tmp_path), **more}).daemon().config
+               for more in ({}, {'BOTTLE_GATE_STALL_SECONDS': '5'}, {'BOTTLE_GATE_STALL_SECONDS': '6'})}
+    assert len(started) == 3

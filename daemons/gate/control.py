@@ -8,13 +8,14 @@ without the key are refused: only the proxy may speak to the gate.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from daemons.atomic import write_atomic
 from daemons.gate.config import BottlesError, load_bottles, parse_bottles
 from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
-from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.gate.upstream import Bounds, UpstreamError, host_env, update_mirror
 from daemons.lifecycle import probe_json
 from daemons.proxy.rules import GATE_KEY_HEADER, LISTEN_HOST
 from daemons.service import KeyedService
@@ -74,6 +75,12 @@ class GitGate(KeyedService):
                 raise GateError(f'the git gate could not fetch {repo.upstream} for bottle {bottle} with the host\'s '
                                 f'credentials into {mirror}; check that `git ls-remote {repo.upstream}` works on this '
                                 f'machine. git said:\n{err}') from None
+
+    def _config(self) -> str:
+        """With the gate's bounds (upstream.Bounds, BOTTLE_GATE_*_SECONDS): a gate started with others is
+        started again."""
+        bounds = ''.join(f'\0{name}={self.env.get(name, "")}' for name in Bounds.variables().values())
+        return hashlib.sha256((super()._config() + bounds).encode()).hexdigest()
 
     def probe(self) -> bool:
         """The gate at the recorded port answers /health with our key, as the process that wrote the record: with

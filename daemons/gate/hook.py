@@ -173,12 +173,13 @@ def forward(push: Push) -> int:
         proc = upstream.push(git_dir, push.repo.upstream, [(u.new, u.ref) for u in push.updates],
                              {**upstream.host_env(host), **objects})
         said, landed = (proc.stdout + proc.stderr).strip(), proc.returncode == 0
+        failed = 'refused the push (its words are above)'
     except upstream.UpstreamError as err:
-        said, landed = str(err), False
+        said, landed, failed = str(err), False, 'did not take the push (above: why)'
     if said:
         print(said, file=sys.stderr, flush=True)     # the upstream's own words
     if not landed:
-        say(f'the upstream {push.repo.upstream} refused the push (its words are above); the gate keeps nothing of it')
+        say(f'the upstream {push.repo.upstream} {failed}; the gate keeps nothing of it')
     else:
         for update in push.updates:
             say(f'{update.ref} landed upstream in {push.repo.upstream} at {short(update.new)}; if git reports an '
@@ -229,6 +230,7 @@ def short(sha: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    upstream.end_on_sigterm()
     checkpoint(argv[1])
     push = Push.from_hook()
     if argv[1] == 'pre-receive':

@@ -12,6 +12,11 @@ instance, which proves to the host's probe that the recorded process answers and
 no answer carries a host path (the state directory is named `the gate` in git's errors); the whole error
 goes to the daemon's log. The daemon's own environment is the host's: host-side git commands run with it
 (upstream.py). Its stdout and stderr (gate.log) are bounded (logbound.bound_output): a guest makes it print.
+
+A slow upstream holds up only requests for its own mirrors. Commands against upstreams run in threads of
+the gate's own (UPSTREAM_THREADS, not asyncio's default executor, which has cpus + 4), each ended within
+upstream.Bounds. A mirror serves one push or refresh at a time: the others wait for their turn in the
+event loop, not in a thread, and at most Bounds.busy seconds; then they are told the repository is busy.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import secrets
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,13 +38,17 @@ import uvicorn
 
 from daemons.atomic import write_atomic
 from daemons.gate.config import BottlesError, Repo, load_bottles
-from daemons.gate.store import LOCK_SECONDS, LockTimeout, mirror_dir, mirror_lock
-from daemons.gate.upstream import UpstreamError, host_env, update_mirror
+from daemons.gate.store import LockTimeout, mirror_dir, mirror_lock
+from daemons.gate.upstream import (Bounds, UpstreamError, UpstreamTimeout, end_all, end_on_sigterm, host_env,
+                                   update_mirror)
 from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536
+# Threads for what blocks: commands against upstreams and waits for another process's lock of a mirror, at
+# most one per mirror at a time (Gate.turn). More mirrors than this at work at once wait for a thread.
+UPSTREAM_THREADS = 64
 # (method, what follows the repository in the path, query): what a request is for. Nothing else is
 # served: no dumb HTTP, no other files of the mirror.
 GIT_ROUTES = {
@@ -58,7 +68,10 @@ class Gate:
         self.key = key.encode()
         self.instance = instance
         self.host_env = host_env(environ)
+        self.bounds = Bounds.from_env(self.host_env)
         self.refreshed: dict[Path, float] = {}    # mirror -> when its last good refresh started (monotonic)
+        self.turns: dict[Path, asyncio.Lock] = {}     # mirror -> its turn among this daemon's requests
+        self.threads = ThreadPoolExecutor(UPSTREAM_THREADS, thread_name_prefix='upstream')
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
@@ -89,16 +102,23 @@ class Gate:
             return await answer(send, 404, 'gate: the git gate serves git clone, fetch and push only')
         mirror = mirror_dir(self.state_dir, bottle, repo.path)
         try:
-            if service == 'fetch-refs':
-                await asyncio.to_thread(self._refresh, mirror, repo, time.monotonic())
-            else:
-                await asyncio.to_thread(self._ensure, mirror, repo)
+            if service == 'fetch-refs' or not mirror.is_dir():
+                asked = time.monotonic()
+                async with self.turn(mirror, repo):
+                    await asyncio.get_running_loop().run_in_executor(self.threads, self._refresh, mirror, repo,
+                                                                     asked)
+            elif service == 'push-refs':
+                async with self.turn(mirror, repo):     # told here, where git shows the agent the answer
+                    pass
             env = self._cgi_env(scope, headers, bottle, repo, rest)
             if service == 'push':
-                async with locked(mirror):
+                async with self.turn(mirror, repo):
                     await self._cgi(env, receive, send)
             else:
                 await self._cgi(env, receive, send)
+        except UpstreamTimeout as err:
+            print(f'bottle {bottle}: {err}', file=sys.stderr, flush=True)
+            await answer(send, 504, f'gate: {self.for_guest(str(err))}')
         except UpstreamError as err:
             print(f'bottle {bottle}, {repo.upstream}: {err}', file=sys.stderr, flush=True)
             await answer(send, 502, f'gate: cannot fetch {repo.upstream} with the host\'s credentials, and serves '
@@ -106,27 +126,49 @@ class Gate:
                                     f'host can try `git ls-remote {repo.upstream}` there')
         except LockTimeout as err:
             print(f'bottle {bottle}: {err}', file=sys.stderr, flush=True)
-            await answer(send, 503, f'gate: {repo.path} stayed locked for {LOCK_SECONDS:g} s by another push or '
-                                    'refresh; try again')
+            await answer(send, 503, f'gate: {repo.upstream} is busy: another push or fetch of it through the gate '
+                                    f'held it for all the {self.bounds.busy:g} s this request waited, most likely '
+                                    'waiting on that upstream, which then is slow or not answering (the gate ends '
+                                    f'a command against it after {self.bounds.stall:g} s without an answer, and '
+                                    f'any after {self.bounds.command:g} s). Try again in a minute; a person on the '
+                                    f'host can try `git ls-remote {repo.upstream}` there.')
 
     def for_guest(self, text: str) -> str:
         """`text` (git's words) without the gate's state directory, a host path the guest has no use for."""
         return text.replace(str(self.state_dir), 'the gate')
 
-    def _ensure(self, mirror: Path, repo: Repo) -> None:
-        if not mirror.is_dir():
-            self._refresh(mirror, repo, time.monotonic())
+    @asynccontextmanager
+    async def turn(self, mirror: Path, repo: Repo):
+        """The mirror to this request alone: its turn among this daemon's requests (waited for in the event
+        loop), then the lock against other processes (store.mirror_lock: doit approve, the mirrors provision_git
+        makes), waited for in a thread; both together at most Bounds.busy seconds, else LockTimeout."""
+        deadline = time.monotonic() + self.bounds.busy
+        turn = self.turns.setdefault(mirror, asyncio.Lock())
+        try:
+            async with asyncio.timeout(self.bounds.busy):
+                await turn.acquire()
+        except TimeoutError:
+            raise LockTimeout(f'{repo.upstream} ({mirror}): another request of this gate held it for '
+                              f'{self.bounds.busy:g} s') from None
+        try:
+            lock = mirror_lock(mirror, max(0.0, deadline - time.monotonic()))
+            await asyncio.get_running_loop().run_in_executor(self.threads, lock.__enter__)
+            try:
+                yield
+            finally:
+                lock.__exit__(None, None, None)
+        finally:
+            turn.release()
 
     def _refresh(self, mirror: Path, repo: Repo, asked: float) -> None:
         """Bring the mirror up to date with the upstream, unless a refresh that started after `asked`
         has done so meanwhile: simultaneous fetches share one, and none is served older refs than
-        the upstream had when it asked."""
-        with mirror_lock(mirror):
-            if self.refreshed.get(mirror, -math.inf) >= asked:
-                return
-            started = time.monotonic()
-            update_mirror(mirror, repo, self.host_env)
-            self.refreshed[mirror] = started
+        the upstream had when it asked. The caller has the mirror's turn."""
+        if self.refreshed.get(mirror, -math.inf) >= asked:
+            return
+        started = time.monotonic()
+        update_mirror(mirror, repo, self.host_env)
+        self.refreshed[mirror] = started
 
     def _cgi_env(self, scope, headers: dict[str, str], bottle: str, repo: Repo, rest: str) -> dict[str, str]:
         """The CGI environment of `git http-backend`: the CGI variables, a few request headers (never
@@ -243,17 +285,6 @@ async def answer(send, status: int, text: str, content_type: str = 'text/plain; 
     await send({'type': 'http.response.body', 'body': body})
 
 
-@asynccontextmanager
-async def locked(mirror: Path):
-    """The mirror's lock (store.mirror_lock), waited for in a thread so other requests go on."""
-    lock = mirror_lock(mirror)
-    await asyncio.to_thread(lock.__enter__)
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
-
-
 def main(argv: list[str]) -> int:
     logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
@@ -268,7 +299,12 @@ def main(argv: list[str]) -> int:
                                                       'instance': instance}) + '\n', mode=0o600)
     config = uvicorn.Config(Gate(state_dir, key, dict(os.environ), instance), lifespan='off', access_log=False,
                             log_level='warning', timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[listener])
+    # uvicorn raises the signal that stopped it again once it has shut down, so this handler runs then.
+    end_on_sigterm()
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        end_all()
     return 0
 
 

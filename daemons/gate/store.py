@@ -37,19 +37,20 @@ def mirror_dir(state_dir: Path, bottle: str, path: str) -> Path:
 
 
 @contextmanager
-def mirror_lock(mirror: Path):
+def mirror_lock(mirror: Path, seconds: float = LOCK_SECONDS):
     """Held while a push, a refresh or an approval changes or reads-then-changes the mirror's refs, so
-    each sees the refs the one before it left. Between processes (the daemon, approve) and threads."""
+    each sees the refs the one before it left. Between processes (the daemon, approve) and threads.
+    Waited for at most `seconds`."""
     mirror.parent.mkdir(parents=True, exist_ok=True)
     with open(mirror.parent / f'{mirror.name}.lock', 'a') as lock:
-        deadline = time.monotonic() + LOCK_SECONDS
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LockTimeout(f'{mirror} stayed locked for {LOCK_SECONDS:g} s by another push or '
+                    raise LockTimeout(f'{mirror} stayed locked for {seconds:g} s by another push or '
                                       'refresh; try again') from None
                 time.sleep(0.02)
         yield
