@@ -212,14 +212,15 @@ def approve(state_dir: Path, held_id: str, env: Mapping[str, str] | None = None)
         try:
             proc = upstream.push(mirror, item.repo, [(item.new, item.ref)], upstream.host_env(env or os.environ))
             output, refused = (proc.stdout + proc.stderr).strip(), proc.returncode != 0
+            failed = 'refused'
         except upstream.UpstreamError as err:
-            output, refused = str(err), True
+            output, refused, failed = str(err), True, 'did not take'
         receipt = {'bottle': item.bottle, 'repo': item.repo, 'path': item.path, 'ref': item.ref,
                    'old': item.old, 'new': item.new, 'id': held_id, 'upstream': output}
         if refused:
             append_receipt(state_dir, **receipt, decision='refused', rule='upstream')
-            raise ReviewError(f'the upstream {item.repo} refused {item.ref} at {item.new[:12]}; held push '
-                              f'{held_id} stays held. The upstream said:\n{output}')
+            raise ReviewError(f'the upstream {item.repo} {failed} {item.ref} at {item.new[:12]}; held push '
+                              f'{held_id} stays held. Why:\n{output}')
         append_receipt(state_dir, **receipt, decision='approved')
         held_file(state_dir, held_id).unlink()
     return output
