@@ -5,6 +5,8 @@ A daemon has a name and a state directory, where it keeps:
     <name>.pid    JSON {"pid", "start_time", "argv", "state_dir", "config"}, replaced atomically
     <name>.log    its stdout and stderr, appended across restarts, with a line per start; older lines in <name>.log.1
     <name>.lock   serialises starting and stopping between processes (parallel doit runs)
+    <name>.starts JSON {"started", "deaths"}: when the running one passed its health check, and its recent
+                  deaths (a crash loop: see below); removed by a stop
 
 A process is this daemon only when it is exactly what this state directory started: the pid file's
 pid, with the start time recorded (field 22 of /proc/<pid>/stat, fixed at fork), running the recorded
@@ -19,6 +21,14 @@ Two checks, neither of which makes a backend call or raises:
              is not complete until it answers, and for `doit status`.
 A daemon started with another `config` (a fingerprint of what it was started with: files it read
 at start, say) is neither, so `ensure_running` restarts it with the current one.
+
+A crash loop is counted, backed off and ends in words. A daemon that passed its health check and is found
+gone by `ensure_running` within `crash_window` of that start died (a stop, `stop()` or `start()`, removes the
+record, so it is never taken for a death; one that exits before its check passes fails its start in words). Each death is said on stderr, and it is started again after a wait that grows (`backoff`, then
+twice that, at most BACKOFF_MAX_SECONDS); the `crash_limit`-th death within `crash_window` seconds raises
+DaemonError instead, with the log's end and what to do, and it is not started again until the first of those
+deaths is older than the window or the record is removed. One found healthy `settle` seconds after its start
+has settled: its deaths are forgotten.
 
 The log is on the host's disk, and a guest can make a daemon print (a refused TLS hello in the proxy, a failed
 fetch in the git gate, an odd call to the supervisor). It is bounded twice: each start finds the file at most
@@ -35,6 +45,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,6 +56,11 @@ from daemons.proxy.logbound import DAEMON_LOG_BYTES, rotated
 
 POLL_SECONDS = 0.05
 CONNECT_SECONDS = 2.0
+CRASH_LIMIT = 3                 # deaths within CRASH_WINDOW_SECONDS after which it is not started again
+CRASH_WINDOW_SECONDS = 600.0
+SETTLE_SECONDS = 30.0           # found healthy this long after its start: its deaths are forgotten
+BACKOFF_SECONDS = 1.0           # the wait before starting one that died; doubled for each further death
+BACKOFF_MAX_SECONDS = 8.0
 
 
 @contextmanager
@@ -74,10 +90,14 @@ class Daemon:
     def __init__(self, name: str, state_dir: Path, argv: Sequence[str],
                  probe: Callable[[], bool] = lambda: True, *, connect: Callable[[], bool] = lambda: True,
                  env: Mapping[str, str] | None = None, config: str = '', start_timeout: float = 20.0,
-                 stop_timeout: float = 5.0):
+                 stop_timeout: float = 5.0, crash_limit: int = CRASH_LIMIT,
+                 crash_window: float = CRASH_WINDOW_SECONDS, settle: float = SETTLE_SECONDS,
+                 backoff: float = BACKOFF_SECONDS):
         """`probe` says whether the running daemon does its job (a request of its protocol); `connect`,
         cheaply, whether it is there to be spoken to (a connect to its port: see `connects`). Both must
-        return within a few seconds. `start_timeout` bounds the wait for the first good probe."""
+        return within a few seconds. `start_timeout` bounds the wait for the first good probe. The crash
+        loop's bounds (module docstring): `crash_limit` deaths within `crash_window` seconds, `settle`,
+        `backoff`."""
         self.name = name
         self.state_dir = Path(os.path.realpath(state_dir))
         self.argv = [str(a) for a in argv]
@@ -87,9 +107,14 @@ class Daemon:
         self.config = config
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.crash_limit = crash_limit
+        self.crash_window = crash_window
+        self.settle = settle
+        self.backoff = backoff
         self.pid_file = self.state_dir / f'{name}.pid'
         self.log_file = self.state_dir / f'{name}.log'
         self.lock_file = self.state_dir / f'{name}.lock'
+        self.starts_file = self.state_dir / f'{name}.starts'
 
     def pid(self) -> int | None:
         """The pid of the running daemon, or None: no pid file, or its process is gone (a crash),
@@ -111,25 +136,56 @@ class Daemon:
         return self.current() and _passes(self.probe)
 
     def ensure_running(self) -> bool:
-        """Start the daemon unless it is healthy; a crashed or hung one is stopped first.
-        True when it was (re)started."""
+        """Start the daemon unless it is healthy; a crashed or hung one is stopped first. True when it was
+        (re)started. One that died is started again after a wait, and not after `crash_limit` deaths
+        within `crash_window`: DaemonError (the module docstring)."""
         with self._locked():
+            starts = self._starts()
             if self.healthy():
+                if starts['deaths'] and starts['started'] is not None and time.time() - starts['started'] >= self.settle:
+                    # It settled: its deaths are forgotten (a death of this one still counts).
+                    write_atomic(self.starts_file, json.dumps({'started': starts['started'], 'deaths': []}))
                 return False
+            now = time.time()
+            deaths = [death for death in starts['deaths'] if now - death[1] < self.crash_window]
+            started = starts['started']     # when the last one passed its check; gone since, it died
+            if started is not None and now - started < self.crash_window and self.pid() is None:
+                deaths.append([started, now])
+                write_atomic(self.starts_file, json.dumps({'started': None, 'deaths': deaths}))
+                if len(deaths) < self.crash_limit:
+                    wait = min(self.backoff * 2 ** (len(deaths) - 1), BACKOFF_MAX_SECONDS)
+                    print(f'claude-bottle: {self.name} died {_duration(now - started)} or less after '
+                          f'its start ({len(deaths)} of {self.crash_limit} deaths within '
+                          f'{_duration(self.crash_window)} before it is left stopped); starting it again in '
+                          f'{wait:g} s. Its log: {self.log_file}', file=sys.stderr, flush=True)
+                    time.sleep(wait)
+            if len(deaths) >= self.crash_limit:
+                raise DaemonError(self._crash_loop(deaths))
             self._stop()
             self._start()
             return True
 
     def start(self) -> int:
-        """Start it (stopping a previous instance first) and wait until the probe passes."""
+        """Start it (stopping a previous instance first) and wait until the probe passes; its deaths are
+        forgotten."""
         with self._locked():
             self._stop()
+            self.starts_file.unlink(missing_ok=True)
             return self._start()
 
     def stop(self) -> None:
-        """SIGTERM to the daemon's process group, SIGKILL after `stop_timeout`; the pid file goes."""
+        """SIGTERM to the daemon's process group, SIGKILL after `stop_timeout`; the pid file goes, and the
+        record of its starts and deaths: a stop is no death."""
         with self._locked():
             self._stop()
+            self.starts_file.unlink(missing_ok=True)
+
+    def crash_loop(self) -> str | None:
+        """Why it is left stopped, in a few words (for `doit status`), or None: it is not. Never raises."""
+        deaths = [death for death in self._starts()['deaths'] if time.time() - death[1] < self.crash_window]
+        if len(deaths) < self.crash_limit:
+            return None
+        return f'left stopped after dying {len(deaths)} times within {_duration(self.crash_window)}; see {self.log_file}'
 
     def log_tail(self, lines: int = 20) -> str:
         """The last `lines` lines of the log, from its rotated file too when the live one has fewer."""
@@ -145,6 +201,31 @@ class Daemon:
 
     def _locked(self):
         return locked(self.lock_file)
+
+    def _starts(self) -> dict:
+        """The record of its last start and recent deaths ([started, found dead], wall-clock seconds);
+        empty when missing or unreadable."""
+        try:
+            record = json.loads(self.starts_file.read_text())
+            started = record['started']
+            return {'started': None if started is None else float(started),
+                    'deaths': [[float(started), float(found)] for started, found in record['deaths']]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {'started': None, 'deaths': []}
+
+    def _crash_loop(self, deaths: list[list[float]]) -> str:
+        first = min(found for _, found in deaths)
+        lived = max(found - started for started, found in deaths)
+        again = time.strftime('%H:%M:%S', time.localtime(first + self.crash_window))
+        return (f'{self.name} died {len(deaths)} times within {_duration(self.crash_window)}, each time '
+                f'{_duration(lived)} or less after it had started and passed its health check; it is left stopped.\n'
+                f'Read its log {self.log_file} for why it exits (its end is below) and fix that; `doit status` '
+                f'shows what runs.\n'
+                f'The next run starts it again after {again}, when the first of these deaths is '
+                f'{_duration(self.crash_window)} old, or once you remove {self.starts_file} (a stop of the '
+                f'daemon removes it too).\n'
+                f'The end of its log:\n'
+                f'{self.log_tail()}')
 
     def _record(self) -> dict | None:
         try:
@@ -188,12 +269,15 @@ class Daemon:
         write_atomic(self.pid_file, json.dumps({'pid': pid, 'start_time': start_time, 'argv': self.argv,
                                                 'state_dir': str(self.state_dir), 'config': self.config}))
         deadline = time.monotonic() + self.start_timeout
+        started = time.time()
         while True:
             if not _alive(pid, start_time):
                 self.pid_file.unlink(missing_ok=True)
                 raise DaemonError(f'{self.name} exited while starting; the end of its log {self.log_file}:\n'
                                   f'{self.log_tail()}')
             if self.healthy():
+                # Passed: from now on, found gone, it died (ensure_running counts it).
+                write_atomic(self.starts_file, json.dumps({'started': started, 'deaths': self._starts()['deaths']}))
                 return pid
             if time.monotonic() > deadline:
                 self._stop()
@@ -284,6 +368,13 @@ def probe_json(address: tuple[str, int] | str, url: str, seconds: float, headers
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f'{seconds:.0f} s' if seconds >= 10 else f'{seconds:.1f} s'
+    return f'{seconds / 60:.0f} minutes'
 
 
 def _passes(check: Callable[[], bool]) -> bool:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import threading
 from pathlib import Path
 
@@ -184,6 +185,24 @@ def test_a_proxy_killed_behind_doits_back_is_started_again(project):
     run = project.doit('egress:a')
     assert run.executed == {'egress:a'} and run.calls == [], run.output
     assert proxy_pid(project) != pid and door_answers(door(project, 'a'), 'a')
+    # It had passed its health check: a death, said with its count and the wait before the start.
+    assert 'claude-bottle: proxy died ' in run.output and '(1 of 3 deaths within 10 minutes' in run.output
+    assert 'starting it again in 1 s' in run.output
+
+
+def test_a_ca_key_left_readable_by_others_is_private_again_when_the_proxy_starts_and_doit_says_so(project):
+    project.agent('a', prompt='hi')
+    project.doit('egress:a')
+    ca_dir = project.root / '.bottle' / 'egress' / 'ca'
+    os.chmod(ca_dir / 'mitmproxy-ca.pem', 0o644)
+    os.chmod(ca_dir, 0o755)
+    project.doit('teardown:a')                               # the proxy stops with its last door
+    run = project.doit('egress:a')
+    assert (f'claude-bottle: the egress CA key must be readable by you alone: {ca_dir} was mode 0755, now 0700; '
+            f'{ca_dir / "mitmproxy-ca.pem"} was mode 0644, now 0600') in run.output, run.output
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (ca_dir / 'mitmproxy-ca.pem', ca_dir)] == [0o600, 0o700]
+    assert stat.S_IMODE((ca_dir / 'mitmproxy-ca-cert.pem').stat().st_mode) == 0o644
+    assert door_answers(door(project, 'a'), 'a')
 
 
 def test_teardown_closes_the_door_and_the_last_door_stops_the_proxy(project):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.lifecycle import Daemon, DaemonError
+from daemons.lifecycle import Daemon, DaemonError, connects
 from daemons.proxy.control import EgressProxy, ProxyError, door_answers, ensure_venv, write_rules
 from daemons.proxy.rules import HEALTH_HOST, RulesError
 from tests.proxy_upstreams import (GuestRelay, Upstream, connect_through, make_upstream_ca,
@@ -95,6 +95,89 @@ def test_a_failing_probe_means_unhealthy_and_a_daemon_that_dies_at_start_is_repo
     assert 'out of luck' in str(died.value)
     raising = python_daemon(tmp_path, 'import time; time.sleep(600)', lambda: 1 / 0)
     assert raising.healthy() is False                                  # never raises
+
+
+# A daemon that listens (its probe passes) and exits after the seconds it is given, saying why.
+LISTENS_THEN_EXITS = '''
+import socket, sys, time
+server = socket.socket(socket.AF_UNIX)
+server.bind("\\0" + sys.argv[1])
+server.listen()
+print("listening", flush=True)
+time.sleep(float(sys.argv[2]))
+print("giving up: out of luck", flush=True)
+'''
+
+
+def listening_daemon(tmp_path: Path, lifetime: float, **kw) -> Daemon:
+    name = f'claude-bottle-test-{os.getpid()}-{time.monotonic_ns()}'     # an abstract socket: no file
+    return Daemon('flaky', tmp_path / 'state', [sys.executable, '-c', LISTENS_THEN_EXITS, name, str(lifetime)],
+                  lambda: connects('\0' + name), connect=lambda: connects('\0' + name), **kw)
+
+
+def starts_in_log(daemon: Daemon) -> int:
+    return daemon.log_file.read_text().count('starting flaky')
+
+
+@pytest.mark.parametrize('lifetime, backoff', [(0.3, 0.1), pytest.param(1.0, None, marks=pytest.mark.extended)],
+                         ids=['quick', 'default-backoff'])
+def test_a_daemon_that_keeps_dying_is_backed_off_then_left_stopped_in_words(tmp_path, capfd, lifetime, backoff):
+    daemon = listening_daemon(tmp_path, lifetime, **({'backoff': backoff} if backoff else {}))
+    wait = backoff or 1.0
+    assert daemon.ensure_running() is True                      # its probe passed: started
+    for death in (1, 2):
+        assert wait_for(lambda: daemon.pid() is None)           # ... and it died
+        began = time.monotonic()
+        assert daemon.ensure_running() is True                  # started again, after a wait
+        assert time.monotonic() - began >= wait
+        said = capfd.readouterr().err
+        assert f'claude-bottle: flaky died ' in said and f'({death} of 3 deaths within 10 minutes' in said
+        assert f'starting it again in {wait:g} s. Its log: {daemon.log_file}' in said
+        wait *= 2                                               # the next wait is twice as long
+    assert wait_for(lambda: daemon.pid() is None)
+    with pytest.raises(DaemonError) as failed:                  # the third death: one error, not a start
+        daemon.ensure_running()
+    message = str(failed.value)
+    assert message.startswith('flaky died 3 times within 10 minutes, each time ')
+    assert 'or less after it had started and passed its health check; it is left stopped.\n' in message
+    assert f'\nRead its log {daemon.log_file} for why it exits' in message and '`doit status`' in message
+    assert f'or once you remove {daemon.starts_file}' in message
+    assert message.endswith('giving up: out of luck')          # the log's end
+    assert capfd.readouterr().err == '' and starts_in_log(daemon) == 3
+    # Left stopped: the next run is refused at once, and `doit status` can say why.
+    with pytest.raises(DaemonError, match='is left stopped'):
+        daemon.ensure_running()
+    assert starts_in_log(daemon) == 3 and daemon.pid() is None
+    assert daemon.crash_loop() == f'left stopped after dying 3 times within 10 minutes; see {daemon.log_file}'
+    # Removing the record, as the message says, lets it start again at once.
+    daemon.starts_file.unlink()
+    assert daemon.ensure_running() is True and daemon.crash_loop() is None
+    daemon.stop()
+
+
+def test_a_daemon_that_settles_is_forgiven_and_a_stop_is_no_death(tmp_path, capfd):
+    daemon = listening_daemon(tmp_path, 600, settle=0.5, backoff=0.1)
+    assert daemon.ensure_running() is True
+    try:
+        os.kill(daemon.pid(), signal.SIGKILL)                   # a crash
+        assert wait_for(lambda: daemon.pid() is None)
+        assert daemon.ensure_running() is True
+        assert '(1 of 3 deaths' in capfd.readouterr().err
+        time.sleep(0.6)                                         # it keeps running past its settle time
+        assert daemon.ensure_running() is False                 # healthy: its death is forgotten
+        os.kill(daemon.pid(), signal.SIGKILL)
+        assert wait_for(lambda: daemon.pid() is None)
+        assert daemon.ensure_running() is True
+        assert '(1 of 3 deaths' in capfd.readouterr().err       # counted from one again
+        # A stop, then a start, or a restart, is no death: nothing said, no wait.
+        daemon.stop()
+        assert daemon.ensure_running() is True
+        daemon.start()
+        assert daemon.ensure_running() is False
+        assert capfd.readouterr().err == '' and daemon.crash_loop() is None
+    finally:
+        daemon.stop()
+    assert not daemon.starts_file.exists()
 
 
 # --- the proxy ----------------------------------------------------------------------------------
@@ -713,6 +796,24 @@ def test_a_renewed_ca_is_used_after_the_proxy_restarts(setup):
     assert s.proxy.ca_cert.read_text() != old
     assert s.proxy.door_healthy('alpha')
     assert status_and_body(curl(s, s.alpha, f'https://{s.address}/renewed'))[0] == 200
+
+
+def test_a_ca_key_made_readable_by_others_is_private_again_after_a_restart_and_it_is_said(setup, capfd):
+    s = setup
+    key_file = s.proxy.ca_dir / 'mitmproxy-ca.pem'
+    os.chmod(key_file, 0o644)
+    os.chmod(s.proxy.ca_dir, 0o755)
+    s.proxy.stop()
+    capfd.readouterr()
+    assert s.proxy.ensure_running() is True
+    said = capfd.readouterr().err
+    assert said == (f'claude-bottle: the egress CA key must be readable by you alone: {s.proxy.ca_dir} was mode '
+                    f'0755, now 0700; {key_file} was mode 0644, now 0600\n')
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (key_file, s.proxy.ca_dir, s.proxy.ca_cert)] == \
+        [0o600, 0o700, 0o644]
+    assert s.proxy.door_healthy('alpha')
+    s.proxy.ensure_ca()                                          # nothing to repair: nothing said
+    assert capfd.readouterr().err == ''
 
 
 def test_a_door_path_too_long_for_a_unix_socket_is_refused_with_a_reason(setup, tmp_path):

@@ -8,7 +8,8 @@ known only by its door, which only this user can reach. Files:
         proxy.pid, proxy.log          the proxy daemon (daemons.lifecycle)
         doors.json                    bottle -> door directory, rules file, log file, and where the
                                       project's services (git gate, supervisor) listen; read live by the addon
-        ca/mitmproxy-ca.pem           the CA key and certificate, 0600: the only copy of the key
+        ca/mitmproxy-ca.pem           the CA key and certificate, 0600 (ca/ 0700; both repaired before a start
+                                      of the proxy): the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
     <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
                                       socket path holds 107 bytes): mount the directory into a container
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from daemons.atomic import write_atomic
 from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_http, probe_json
+from daemons.proxy import ca
 from daemons.proxy.rules import HEALTH_HOST, Rules, route_tag
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
@@ -294,12 +296,16 @@ class EgressProxy:
         return bool(doors) and all(door_answers(Door.of(b, e).socket, b) for b, e in doors.items())
 
     def _make_ca(self, *flags: str) -> None:
-        if not flags and (self.ca_dir / 'mitmproxy-ca.pem').exists() and self.ca_cert.exists():
+        """Make the CA unless it exists, and repair its modes (ca.py), before each start of the proxy; what
+        ca.py says (a repaired mode) goes on to our stderr, which doit shows."""
+        if not flags and (self.ca_dir / ca.KEY_FILE).exists() and self.ca_cert.exists() and not ca.loose(self.ca_dir):
             return      # spares starting the environment's Python on every launch
         proc = subprocess.run([str(self.venv / 'bin' / 'python'), str(CA_MAKER), str(self.ca_dir), *flags],
                               capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(HERE.parent.parent)})
         if proc.returncode != 0:
             raise ProxyError(f'making the egress CA in {self.ca_dir} failed:\n{proc.stderr[-2000:]}')
+        if proc.stderr:
+            print(proc.stderr.rstrip('\n'), file=sys.stderr, flush=True)
 
     def _file(self) -> dict:
         try:

@@ -52,7 +52,7 @@ def status(project: Project, dodo: dict):
         print(f'{agent.name}: {agent.machine} on {agent.backend}, '
               f'{machine.state if machine else "no machine"}; image {image.key}'
               f'{"" if image.manifest.exists() else " (not built)"}; egress door '
-              f'{"open" if proxy.door_healthy(agent.name) else "closed"}'
+              f'{"open" if proxy.door_healthy(agent.name) else _stopped("closed", proxy.daemon())}'
               + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else '')
               + (f'; supervisor {supervisor_state}, {waiting.count(agent.name)} request(s) waiting (doit supervise)'
                  if agent.supervise else ''))
@@ -74,7 +74,13 @@ def _answering(service) -> str:
     """A service's state in words, from a real request of its protocol (not the up-to-date check's connect)."""
     if service.healthy():
         return 'answering'
-    return 'not answering (it runs: see its log)' if service.running() else 'not running'
+    return 'not answering (it runs: see its log)' if service.running() else _stopped('not running', service.daemon())
+
+
+def _stopped(state: str, daemon) -> str:
+    """The state, and why the daemon is left stopped when it died too often (daemons/lifecycle.py)."""
+    crash_loop = daemon.crash_loop()
+    return f'{state} ({crash_loop})' if crash_loop else state
 
 
 def _would_run(root: str, tasks: dict, producers: dict):
