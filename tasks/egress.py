@@ -32,6 +32,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from daemons.proxy import ca
 from daemons.proxy.control import MITMPROXY_VERSION, Door, EgressProxy, ensure_venv, venv_dir, write_rules
 from daemons.supervise import approved
 from tasks.cache import cache_dir
@@ -41,7 +42,6 @@ from tasks.progress import progress
 from tasks.project import Project, action
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
-CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
 UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
 
 
@@ -96,7 +96,7 @@ def ca_task(project: Project) -> dict:
         'actions': [(make_ca, [project])],
         'setup': [ENV_TASK],
         'targets': [egress.ca_cert],
-        'uptodate': [FileExists(egress.ca_dir / CA_KEY_FILE, 'egress CA key')],
+        'uptodate': [FileExists(egress.ca_dir / ca.KEY_FILE, 'egress CA key')],
         'clean': [(shutil.rmtree, [egress.ca_dir], {'ignore_errors': True})],
     }
 
