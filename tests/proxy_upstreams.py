@@ -65,7 +65,8 @@ class Upstream:
     `received`: every request as it arrived: method, path, headers (name, value pairs), body, and whether the
     body came whole (a request whose connection closed before its body ended is recorded, then dropped).
     GET /echo-auth: answers 401 quoting the Authorization header it got, in an X-Seen-Authorization header
-    and in the body, which is written in two parts a moment apart, the first ending inside the quoted value."""
+    and in the body, which is written in two parts a moment apart, the first ending inside the quoted value;
+    GET /echo-auth?big: the same after 2 MiB of dots."""
 
     def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None,
                  git_credentials: tuple[str, str] | None = None, plain: bool = False):
@@ -152,13 +153,14 @@ class Upstream:
 
             def _echo_auth(self):
                 seen = self.headers.get('Authorization', '')
-                body = f'the key {seen} is not valid here\n'.encode()
+                pad = b'.' * (2 << 20) if self.path.endswith('?big') else b''    # over 1 MiB: streamed
+                body = pad + f'the key {seen} is not valid here\n'.encode()
                 self.send_response(401)
                 self.send_header('Content-Type', 'text/plain')
                 self.send_header('X-Seen-Authorization', seen)
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
-                middle = len('the key ') + len(seen) // 2
+                middle = len(pad) + len('the key ') + len(seen) // 2
                 self.wfile.write(body[:middle])
                 self.wfile.flush()
                 time.sleep(0.2)         # the rest comes in another read of the proxy, most likely

@@ -23,7 +23,8 @@ from daemons.proxy.bound_secrets import BodyScanner, Masker
 from daemons.proxy.control import EgressProxy, ProxyError, write_rules
 from daemons.proxy.rules import Rules, RulesError, settable_header
 from tests.proxy_upstreams import GuestRelay, Upstream, connect_through, make_upstream_ca, random_loopback_address
-from tests.test_proxy import curl, open_bottle, read_response, status_and_body, venv, wait_for  # noqa: F401
+from tests.test_proxy import (curl, open_bottle, read_response, status_and_body, tear_down, venv,  # noqa: F401
+                              wait_for)
 
 pytestmark = pytest.mark.fast
 
@@ -60,11 +61,7 @@ def setup(tmp_path_factory, venv):     # noqa: F811 (test_proxy's fixture)
         s.proxy.hand_over('keeper', {NAME: s.value})
         yield s
     finally:
-        for relay in s.relays:
-            relay.close()
-        s.proxy.stop()
-        s.upstream.close()
-        s.other_upstream.close()
+        tear_down(s, s.upstream, s.other_upstream)
 
 
 def received(s: Setup) -> int:
@@ -213,6 +210,10 @@ def test_an_upstream_echoing_the_value_back_gives_the_guest_the_placeholder(setu
     assert f'the key Bearer {PLACEHOLDER} is not valid here\n' in proc.stdout
     assert proc.stdout.endswith('\n401')
     assert authorization(s.upstream.received[-1]) == f'Bearer {s.value}'      # it did go up
+    # Over 1 MiB, the response is streamed: the value split across two reads is put back all the same.
+    big = curl(s, s.keeper, f'https://{s.address}/echo-auth?big', '-H', f'Authorization: Bearer {PLACEHOLDER}')
+    assert s.value[:12] not in big.stdout and big.stdout.endswith(f'the key Bearer {PLACEHOLDER} is not valid here\n\n401')
+    assert big.stdout.startswith('.' * (2 << 20))
 
 
 def test_the_value_is_nowhere_but_in_the_proxys_memory(setup):

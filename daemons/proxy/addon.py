@@ -556,16 +556,20 @@ class EgressFence:
         bottle = flow.metadata.get('bottle_allowed')
         if not bottle:
             return
-        if bottle.masks:
-            flow.response.stream = flow.metadata['bottle_bytes'] = MaskingCounter(
-                bound_secrets.Masker(bottle.masks))
-            mask_head(flow, bottle.masks)
-        else:
+        if not bottle.masks:
             flow.response.stream = flow.metadata['bottle_bytes'] = ByteCounter()
+        elif mask_head(flow, bottle.masks):
+            flow.metadata['bottle_mask_whole'] = True       # held whole (mitmproxy's default), masked in `response`
+        else:
+            flow.response.stream = flow.metadata['bottle_bytes'] = MaskingCounter(bound_secrets.Masker(bottle.masks))
 
     def response(self, flow: http.HTTPFlow):
         bottle = flow.metadata.pop('bottle_allowed', None)
         if bottle:
+            if flow.metadata.pop('bottle_mask_whole', False):
+                mask_body(flow.response, bottle.masks)
+                flow.metadata['bottle_bytes'] = ByteCounter()
+                flow.metadata['bottle_bytes'].count = len(flow.response.raw_content or b'')
             counter = flow.metadata.get('bottle_bytes')
             bottle.record(flow, True, None, flow.response.status_code, counter.count if counter else None,
                           _peer(flow), flow.metadata.get('bottle_secret'))
@@ -613,19 +617,40 @@ def body_refused(flow: http.HTTPFlow, binding: bottle_rules.SecretBinding) -> ht
     return flow.response
 
 
-def mask_head(flow: http.HTTPFlow, masks: list[tuple[bytes, bytes]]):
-    """A response's headers with each value back to its placeholder; its body, streamed through a Masker, may
-    change length: framed by chunks then (or, to an HTTP/1.0 client, by the connection's end)."""
+def mask_head(flow: http.HTTPFlow, masks: list[tuple[bytes, bytes]]) -> bool:
+    """A response's headers with each value back to its placeholder; True when its body is to be held whole and
+    masked then (mask_body: a length of at most message.BODY_LIMIT, mitmproxy's stream_large_bodies). A body
+    streamed through a Masker may change length: it is framed by chunks then (or by the connection's end)."""
     response = flow.response
     if any(value in field for _, field in response.headers.fields for value, _ in masks):
         response.headers.fields = tuple((name, _masked(field, masks)) for name, field in response.headers.fields)
-    if 'content-length' in response.headers and flow.request.method != 'HEAD' \
-            and response.status_code >= 200 and response.status_code not in (204, 304):
+    length = response.headers.get('content-length', '').strip()
+    if flow.request.method == 'HEAD' or response.status_code < 200 or response.status_code in (204, 304) \
+            or length.isdigit() and int(length) <= message.BODY_LIMIT:
+        return True
+    if length:
         del response.headers['content-length']
-        if flow.request.http_version == 'HTTP/1.1':
+        if (flow.request.http_version, response.http_version) == ('HTTP/1.1', 'HTTP/1.1'):
             response.headers['transfer-encoding'] = 'chunked'
         else:
             response.headers['connection'] = 'close'
+    return False
+
+
+def mask_body(response: http.Response, masks: list[tuple[bytes, bytes]]):
+    """A body held whole with each value back to its placeholder, looked for decoded (gzip and the like)."""
+    try:
+        body, decoded = response.get_content(strict=True) or b'', True
+    except ValueError:
+        body, decoded = response.raw_content or b'', False
+    if not any(value in body for value, _ in masks):
+        return
+    body = _masked(body, masks)
+    if decoded:
+        response.content = body         # encoded again as it came, its Content-Length set
+    else:
+        response.raw_content = body
+        response.headers['content-length'] = str(len(body))
 
 
 def _masked(field: bytes, masks: list[tuple[bytes, bytes]]) -> bytes:

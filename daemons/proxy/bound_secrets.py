@@ -15,9 +15,10 @@ What the addon (addon.py) does with them, and what this module gives it:
   streamed (flow.kill() is only read between hooks, mitmproxy issue 4711), so `apply()` wraps its
   HttpStream.state_stream_request_body: a chunk carrying a placeholder is not sent, the upstream connection is
   closed (the upstream never gets a whole request), and the guest gets the addon's 403 at once;
-- a response's headers and body pass through a Masker, which puts the placeholder back where the upstream sent
-  a real value (an error message quoting the key), with the same held-back end across chunks; only the end
-  that could begin a value waits, so server-sent events still arrive as they are sent.
+- a response's headers, and its body, get the placeholder back where the upstream sent a real value (an error
+  message quoting the key): a body of at most 1 MiB with a length is held whole and masked decoded (addon.py,
+  mask_body); a longer or unframed one passes through a Masker as it streams, with the same held-back end
+  across chunks; only an end that could begin a value waits, so server-sent events arrive as they are sent.
 
 Standard library only at import (control.py imports it on the host side for peer_credentials and
 value_refusal); `apply()` imports mitmproxy.
