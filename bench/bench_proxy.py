@@ -33,7 +33,11 @@ bottle's keep-alive requests before and while one bottle holds 300 silent connec
 refused ones, the processes made, the proxy's open files). Last, curl with many URLs in one
 invocation, offering HTTP/2 (curl's default, like git's libcurl) or HTTP/1.1 only, with the upstream
 connections each run made, through the door and through a proxy without the addon with and without
-`http2=false`. The targets are printed beside the figures; missing one does not fail the bench.
+`http2=false`. Then a bound secret (issue 23): keep-alive requests of a bottle whose rules bind a secret to the
+upstream, each carrying its placeholder in the Authorization header, which the proxy replaces by the value (and
+whose responses it scans for the value), against the same requests of a bottle without secrets carrying a token
+of the same length; the target is the first within 10% of the second. The targets are printed beside the
+figures; missing one does not fail the bench.
 
 It runs as root, like the tests: the upstream listens on port 443, the only HTTPS port the proxy
 reaches. mitmproxy's environment is made once in the user cache (or $BOTTLE_TEST_CACHE, as the tests
@@ -73,6 +77,9 @@ TARGET_KEEP_ALIVE_MS = 2.0
 TARGET_NEW_CONNECTION_MS = 15.0
 TARGET_MEMORY_MB = 150.0
 BUFFERED_SECONDS = 0.5      # the second event comes 1 s after the first: slower means held back
+TARGET_SECRET_RATIO = 1.10  # a request with a bound secret put in, against one of a bottle without secrets
+SECRET = 'BENCH_TOKEN'
+PLACEHOLDER = 'cbp-BENCH_TOKEN-0123456789abcdef01234567'
 
 
 class BenchFailure(Exception):
@@ -102,6 +109,7 @@ class Route:
     port: int
     context: ssl.SSLContext
     pids: dict[str, Callable[[], list[int]]] = field(default_factory=dict)    # role -> pids
+    headers: dict[str, str] = field(default_factory=dict)                      # sent with every request
 
 
 class RelayedHTTPS(http.client.HTTPSConnection):
@@ -129,8 +137,8 @@ def open_connection(route: Route, address: str) -> http.client.HTTPSConnection:
     return http.client.HTTPSConnection(address, 443, timeout=TIMEOUT, context=route.context)
 
 
-def get(connection: http.client.HTTPSConnection, path: str) -> bytes:
-    connection.request('GET', path)
+def get(connection: http.client.HTTPSConnection, path: str, headers: dict[str, str] | None = None) -> bytes:
+    connection.request('GET', path, headers=headers or {})
     response = connection.getresponse()
     body = response.read()
     if response.status != 200:
@@ -147,7 +155,7 @@ def keep_alive(route: Route, address: str, count: int) -> list[float]:
         times = []
         for i in range(count):
             start = time.perf_counter()
-            get(connection, f'/keep-alive/{i}')
+            get(connection, f'/keep-alive/{i}', route.headers)
             times.append(time.perf_counter() - start)
         return times
     finally:
@@ -299,7 +307,7 @@ def plain_proxy(proxy: EgressProxy, venv: Path, state_dir: Path, port: int,
     except ProxyError as err:
         raise BenchFailure(f'making a CA in {confdir} failed: {err}') from None
     python, serve, *kept = proxy.daemon().argv
-    replaced = ('bottle_doors', 'confdir', 'mode', *(s.split('=', 1)[0] for s in settings))
+    replaced = ('bottle_doors', 'bottle_secrets', 'confdir', 'mode', *(s.split('=', 1)[0] for s in settings))
     kept = [s for s in kept if s.split('=', 1)[0] not in replaced]
     run_without_fence = (f'import asyncio, sys; sys.path.insert(0, {str(Path(serve).parent)!r}); import serve; '
                          'sys.exit(asyncio.run(serve.serve(sys.argv[1:], [])))')
@@ -360,6 +368,7 @@ class Results:
     curl: list[tuple[str, list[float], str, int]] = field(default_factory=list)
     proxy_requests: int = 0        # lines in the bottles' logs: one per request
     flood: Flood | None = None
+    secret: dict[str, Series] = field(default_factory=dict)     # keep-alive, without and with a bound secret
 
 
 @dataclass
@@ -427,13 +436,13 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
         bottle_dirs = []
         proxy_context = ssl.create_default_context(cafile=str(proxy.ensure_ca()))
 
-        def open_bottle(index: int) -> Route:
+        def open_bottle(index: int, bottle_rules: dict = rules, name: str = 'door') -> Route:
             door = proxy.open_door(f'b{index:02d}', tmp / 'bottles' / f'b{index:02d}', tmp / 'doors' / f'b{index:02d}')
-            write_rules(door.rules, rules)
+            write_rules(door.rules, bottle_rules)
             guest = GuestRelay(door.socket)
             guests.append(guest)
             bottle_dirs.append(door.bottle_dir)
-            route = Route('door', 'proxy', guest.port, proxy_context,
+            route = Route(name, 'proxy', guest.port, proxy_context,
                           {'proxy': lambda: [proxy.daemon().pid()], 'relays': lambda: [guest.process.pid]})
             new_connections(route, address, 1)
             return route
@@ -498,6 +507,17 @@ def bench(tmp: Path, shape: Shape, log: Callable[[str], None]) -> Results:
             for sock in held:
                 sock.close()
         results.flood = Flood(calm, flooded, taken, answered, children, (fds_before, fds_during))
+
+        log(f'a bound secret: {shape.reps} x {shape.keep_alive} keep-alive requests with and without ...')
+        with_secret = open_bottle(BOTTLES, {**rules, 'secrets': [
+            {'name': SECRET, 'hosts': [address], 'header': 'Authorization', 'format': 'Bearer {}',
+             'placeholder': PLACEHOLDER}]}, 'bottle with a secret, put in')
+        proxy.hand_over(f'b{BOTTLES:02d}', {SECRET: 'bench-value-' + 'v' * (len(PLACEHOLDER) - 12)})
+        with_secret.headers = {'Authorization': f'Bearer {PLACEHOLDER}'}
+        without = Route('bottle without secrets', 'proxy', door.port, proxy_context, door.pids,
+                        {'Authorization': 'Bearer ' + 't' * len(PLACEHOLDER)})
+        results.secret = interleaved([without, with_secret], lambda r: keep_alive(r, address, shape.keep_alive),
+                                     shape.reps, shape.budget, log, 'bound secret')
 
         log(f'curl: {shape.curl_reps} x {shape.curl_urls} URLs per invocation ...')
         curl_routes = [   # name, the proxy's port (None: direct), the CA curl trusts, curl's options
@@ -612,6 +632,19 @@ def report(results: Results, shape: Shape, load_start: str, load_end: str, total
                    f'the door took {f.held} of the {FLOOD}, answered {f.answered} of the rest 503 and closed the others, '
                    f'{f.proxy_children} processes made, '
                    f'the proxy\'s open files {f.proxy_fds[0]} -> {f.proxy_fds[1]}')
+        out.append('')
+
+    if results.secret:
+        without, with_secret = results.secret.values()
+        ratios = [w / o for w, o in zip(with_secret.medians, without.medians)]
+        ratio = statistics.median(ratios)
+        out.append(f'a bound secret, keep-alive request: {ms(with_secret.median)} ms '
+                   f'[{ms(min(with_secret.medians))}-{ms(max(with_secret.medians))}] with the placeholder replaced by '
+                   f'the value (and the response scanned), {ms(without.median)} ms '
+                   f'[{ms(min(without.medians))}-{ms(max(without.medians))}] in a bottle without secrets: '
+                   f'ratio {ratio:.3f} [{min(ratios):.3f}-{max(ratios):.3f}] (target < {TARGET_SECRET_RATIO:g}: '
+                   f'{verdict(ratio, TARGET_SECRET_RATIO)}); proxy CPU per request '
+                   f'{ms(with_secret.cpu_per_sample("proxy"))} against {ms(without.cpu_per_sample("proxy"))} ms')
         out.append('')
 
     head = (f'{"curl, many URLs in one invocation":<40}{"ms/request":>12}{"range":>16}{"HTTP":>8}'

@@ -61,7 +61,12 @@ class Upstream:
     /git/<path>, when `git_root` is given: git smart HTTP by the real `git http-backend` over
     the repositories under `git_root` (clone and fetch). With `git_credentials` (user, password),
     /git/ asks for them by Basic auth (401 without them, 403 with wrong ones) and takes pushes too;
-    a repository's own hooks (its hooks/ directory) run as on any git server."""
+    a repository's own hooks (its hooks/ directory) run as on any git server.
+    `received`: every request as it arrived: method, path, headers (name, value pairs), body, and whether the
+    body came whole (a request whose connection closed before its body ended is recorded, then dropped).
+    GET /echo-auth: answers 401 quoting the Authorization header it got, in an X-Seen-Authorization header
+    and in the body, which is written in two parts a moment apart, the first ending inside the quoted value;
+    GET /echo-auth?big: the same after 2 MiB of dots."""
 
     def __init__(self, address: str, cert: Path, key: Path, *, git_root: Path | None = None,
                  git_credentials: tuple[str, str] | None = None, plain: bool = False):
@@ -71,6 +76,7 @@ class Upstream:
         self.address = address
         self.connections = 0
         self.requests: list[tuple[str, str, str]] = []   # (method, path, Host header)
+        self.received: list[dict] = []
         self.messages: list[dict] = []                   # bodies of POST /v1/messages
         self.reply_text = 'pong from the mock API'
         self.tool_call: tuple[str, dict] | None = None
@@ -89,15 +95,24 @@ class Upstream:
 
             def do_GET(self):
                 self._record()
+                self._received(b'', True)
                 if self._route() == '/events':
                     self._events()
+                elif self._route() == '/echo-auth':
+                    self._echo_auth()
                 elif self._route().startswith('/git/') and upstream.git_root:
                     self._git(b'')
                 else:
                     self._answer()
 
             def do_POST(self):
-                body = self._body()
+                try:
+                    body = self._body()
+                except (ValueError, OSError) as err:      # the body ended early: no request
+                    self._received(getattr(err, 'partial', b''), False)
+                    self.close_connection = True
+                    return
+                self._received(body, True)
                 self._record()
                 if self._route() == '/v1/messages':
                     self._messages(json.loads(body))
@@ -112,14 +127,44 @@ class Upstream:
             def _body(self) -> bytes:
                 """The request body, by Content-Length or chunked (git sends large POSTs chunked)."""
                 if self.headers.get('Transfer-Encoding', '').lower() != 'chunked':
-                    return self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                    body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                    if len(body) < int(self.headers.get('Content-Length', 0)):
+                        raise _cut(body)
+                    return body
                 body = b''
-                while size := int(self.rfile.readline().split(b';')[0], 16):
+                while True:
+                    try:
+                        size = int(self.rfile.readline().split(b';')[0], 16)
+                    except ValueError:
+                        raise _cut(body) from None
+                    if not size:
+                        break
                     body += self.rfile.read(size)
                     self.rfile.readline()
                 while self.rfile.readline() not in (b'\r\n', b'\n', b''):   # trailers
                     pass
                 return body
+
+            def _received(self, body: bytes, complete: bool):
+                with upstream.lock:
+                    upstream.received.append({'method': self.command, 'path': self.path,
+                                              'headers': list(self.headers.items()), 'body': body,
+                                              'complete': complete})
+
+            def _echo_auth(self):
+                seen = self.headers.get('Authorization', '')
+                pad = b'.' * (2 << 20) if self.path.endswith('?big') else b''    # over 1 MiB: streamed
+                body = pad + f'the key {seen} is not valid here\n'.encode()
+                self.send_response(401)
+                self.send_header('Content-Type', 'text/plain')
+                self.send_header('X-Seen-Authorization', seen)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                middle = len(pad) + len('the key ') + len(seen) // 2
+                self.wfile.write(body[:middle])
+                self.wfile.flush()
+                time.sleep(0.2)         # the rest comes in another read of the proxy, most likely
+                self.wfile.write(body[middle:])
 
             def _record(self):
                 with upstream.lock:
@@ -277,6 +322,12 @@ class Upstream:
         for server in filter(None, (self.server, self.plain_server)):
             server.shutdown()
             server.server_close()
+
+
+def _cut(body: bytes) -> ValueError:
+    error = ValueError('the request body ended early')
+    error.partial = body
+    return error
 
 
 def tool_result_text(block: dict) -> str:

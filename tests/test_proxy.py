@@ -208,10 +208,16 @@ def setup(tmp_path_factory, venv):
                                          'allow_private': [f'{s.address}/32']})
         yield s
     finally:
-        for relay in s.relays:
-            relay.close()
-        s.proxy.stop()
-        s.upstream.close()
+        tear_down(s, s.upstream)
+
+
+def tear_down(s: Setup, *upstreams: Upstream) -> None:
+    """The guest relays closed, the proxy stopped, the upstreams closed."""
+    for relay in s.relays:
+        relay.close()
+    s.proxy.stop()
+    for upstream in upstreams:
+        upstream.close()
 
 
 def open_bottle(s: Setup, name: str, rules: dict) -> GuestRelay:

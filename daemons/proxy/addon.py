@@ -35,6 +35,12 @@ For every request, in this order:
 - the bottle's rules (see rules.py), re-read when the file changes (written as temp + rename); where they
   narrow methods, an override in a header, the query or a body a framework reads as parameters is refused
   (a body is read whole first, at most message.BODY_LIMIT);
+- a bottle's bound secrets (rules `secrets`, bound_secrets.py): a placeholder in its binding's header of an
+  HTTPS request to one of its hosts is replaced by the real value the host handed over (option
+  `bottle_secrets`: the hand-over socket), and refused anywhere else (another host or header, plain HTTP, the
+  URL, the body; a streamed body is refused before the chunk carrying it leaves), as is a placeholder with no
+  value yet; a request carrying a value asks for an uncompressed answer, and the values in any response of
+  that bottle are put back to placeholders;
 - the allowed name is resolved once per client connection, and refused when any address is
   loopback, private, link-local or otherwise not public, unless the rules' `allow_private` lists it;
   the upstream connection goes to that checked address (no DNS rebinding), its certificate checked
@@ -42,8 +48,9 @@ For every request, in this order:
 Raw TCP is never relayed. Responses are streamed to the client as they arrive (server-sent events,
 large downloads). Each decision is one JSON line in the bottle's log: time, bottle, method, host,
 port, path (without the query, which may hold secrets), allowed, reason, status, bytes (response
-body bytes sent to the client), address (the upstream address connected to), and authority (the one the
-request-target named, when a request in absolute form named one: what was asked). The guest chooses much of
+body bytes sent to the client), address (the upstream address connected to), authority (the one the
+request-target named, when a request in absolute form named one: what was asked), and secret (the bound
+secrets put in or refused, by name, when there are any; never a value). The guest chooses much of
 that line and how often it is written, and the log is on the host's disk: each text field is cut at
 logbound.FIELD_BYTES with its length noted, and the live log holds at most `bottle_log_bytes` (default
 logbound.EGRESS_LOG_BYTES) before it becomes egress.log.1 (logbound.RotatingLog).
@@ -62,6 +69,7 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, http
 
+import bound_secrets
 import logbound
 import message
 import rules as bottle_rules
@@ -85,6 +93,8 @@ class Bottle:
         self._rules_key = None
         self._rules: bottle_rules.Rules | str = 'no rules read yet'
         self._log = logbound.RotatingLog(log_file, log_bytes)
+        self.values: dict[str, str] = {}                  # bound secret -> its real value: memory only
+        self.masks: list[tuple[bytes, bytes]] = []        # (value, placeholder), for responses
 
     def rules(self) -> bottle_rules.Rules | str:
         """The current rules, or why there are none (then everything is denied)."""
@@ -102,13 +112,29 @@ class Bottle:
         return self._rules
 
     def record(self, flow: http.HTTPFlow, allowed: bool, reason: str | None, status: int | None,
-               response_bytes: int | None = None, address: str | None = None):
+               response_bytes: int | None = None, address: str | None = None, secret: str | None = None):
         line = {'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'bottle': self.name,
                 'method': flow.request.method, 'host': flow.request.host, 'port': flow.request.port,
                 'path': '' if flow.request.method == 'CONNECT' else flow.request.path.split('?', 1)[0],
                 'allowed': allowed, 'reason': reason, 'status': status, 'bytes': response_bytes,
                 'address': address, 'authority': flow.request.authority or None}
+        if secret:
+            line['secret'] = secret
         self._write(line)
+
+    def take_values(self, values: dict[str, str]) -> str | None:
+        """The bottle's secrets' values, in place of the ones it had; why not, naming no value."""
+        rules = self.rules()
+        if isinstance(rules, str):
+            return rules
+        bound = {binding.name: binding for binding in rules.secrets}
+        unbound = sorted(set(values) - set(bound))
+        if unbound:
+            return (f'bottle {self.name} has no secret {", ".join(unbound)} bound in its rules ({self.rules_file}); '
+                    f'bound: {", ".join(sorted(bound)) or "none"}')
+        self.values = dict(values)
+        self.masks = [(value.encode(), bound[name].placeholder.encode()) for name, value in values.items()]
+        return None
 
     def record_connection_refused(self, reason: str):
         self._write({'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'bottle': self.name,
@@ -146,6 +172,16 @@ class ByteCounter:
         return chunk
 
 
+class MaskingCounter(ByteCounter):
+    """ByteCounter for a bottle with secrets' values: each value back to its placeholder first."""
+    def __init__(self, masker: bound_secrets.Masker):
+        super().__init__()
+        self.masker = masker
+
+    def __call__(self, chunk: bytes) -> bytes:
+        return super().__call__(self.masker(chunk))
+
+
 class EgressFence:
     def __init__(self):
         self.bottles: dict[str, Bottle] = {}
@@ -159,6 +195,7 @@ class EgressFence:
         # connection is made to that address and no other.
         self.checked: dict[tuple[str, str, int], str] = {}
         self._connecting: dict[str, tuple[str, int]] = {}
+        self.hand_over: bound_secrets.HandOver | None = None
 
     def load(self, loader):
         loader.add_option('bottle_doors', str, '', 'The JSON file mapping bottles to doors, rules and logs.')
@@ -168,15 +205,32 @@ class EgressFence:
                           'Seconds without traffic after which a connection through a door is closed.')
         loader.add_option('bottle_log_bytes', int, logbound.EGRESS_LOG_BYTES,
                           'The most bytes of a bottle\'s live egress log; past it, it becomes egress.log.1.')
+        loader.add_option('bottle_secrets', str, '',
+                          'The Unix socket where the host hands over the values of the bottles\' bound secrets.')
+        bound_secrets.apply()       # before any request: a streamed body is scanned
 
     def configure(self, updated):
         if 'bottle_doors' in updated:
             self.read_doors()
 
-    def running(self):
+    async def running(self):
+        if ctx.options.bottle_secrets:
+            self.hand_over = bound_secrets.HandOver(Path(ctx.options.bottle_secrets), self.take_values)
+            try:
+                await self.hand_over.open()
+            except OSError as err:
+                log.error(f'cannot listen for secrets at {ctx.options.bottle_secrets}: {err}')
+                self.hand_over = None
         self._watch = asyncio.create_task(self.watch_doors())
 
+    def take_values(self, bottle: str, values: dict[str, str]) -> str | None:
+        if bottle not in self.bottles:
+            return f'bottle {bottle} has no door in this egress proxy'
+        return self.bottles[bottle].take_values(values)
+
     def done(self):
+        if self.hand_over:
+            self.hand_over.close()
         if self._watch:
             self._watch.cancel()
         for door in self.doors.values():
@@ -235,7 +289,9 @@ class EgressFence:
                              ctx.options.bottle_log_bytes)
                 old = self.bottles.get(name)
                 same = old and (old.door, old.rules_file, old.log_file) == (new.door, new.rules_file, new.log_file)
-                bottles[name] = old if same else new     # keeps the parsed rules
+                if old and not same:
+                    new.values, new.masks = old.values, old.masks
+                bottles[name] = old if same else new     # keeps the parsed rules and the values
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.error(f'the doors file {path} is not valid ({err}); keeping the current doors')
             return
@@ -297,13 +353,60 @@ class EgressFence:
             self.to_service(flow, bottle, host)
         elif refusal := await self.refusal(flow, bottle):
             deny(flow, bottle, refusal)
+        elif flow.metadata['bottle_rules'].secrets and (refusal := self.bind_secrets(flow, bottle, host)):
+            deny(flow, bottle, refusal)
         else:
             request.headers['Host'] = message.host_header(host, request.port, request.scheme)
             flow.metadata['bottle_allowed'] = bottle
 
+    @staticmethod
+    def bind_secrets(flow: http.HTTPFlow, bottle: Bottle, host: str) -> Refusal | None:
+        """A placeholder where its secret may go replaced by the value; anywhere else, or without a value, the
+        refusal. The body is scanned as it comes (bound_secrets.BodyScanner, `request`)."""
+        request = flow.request
+        bindings = flow.metadata['bottle_rules'].secrets
+        put = []
+        for binding in bindings:
+            placeholder, needle = binding.placeholder, binding.placeholder.encode()
+            if placeholder in request.path:
+                return secret_refusal(binding, 'in its URL')
+            found = False
+            for name, value in request.headers.fields:
+                if needle in name:
+                    return secret_refusal(binding, 'in the name of a header')
+                if needle not in value:
+                    continue
+                shown_name = message.shown(name)
+                if name.lower() != binding.header.lower().encode():
+                    return secret_refusal(binding, f'in its {shown_name} header')
+                if host not in binding.hosts or request.scheme != 'https':
+                    return secret_refusal(binding, f'in its {shown_name} header to {request.scheme}://{host}')
+                found = True
+            if found:
+                real = bottle.values.get(binding.name)
+                if real is None:
+                    return Refusal(f'it carries the placeholder of secret {binding.name}, which has no value in the '
+                                   'egress proxy yet (a restarted proxy has none)', ATTACH, binding.name)
+                request.headers.set_all(binding.header, [v.replace(placeholder, real)
+                                                         for v in request.headers.get_all(binding.header)])
+                put.append(binding.name)
+        if put:
+            flow.metadata['bottle_secret'] = ', '.join(put)
+            request.headers['Accept-Encoding'] = 'identity'     # an echoed value is found only uncompressed
+        if 'transfer-encoding' in request.headers or request.headers.get('content-length', '0').strip() != '0':
+            flow.metadata[bound_secrets.SCAN] = bound_secrets.BodyScanner(bindings, body_refused)
+        return None
+
     def request(self, flow: http.HTTPFlow):
         """A body held for an override check (refusal) is whole now: refused here when it asks for another
-        method or cannot be read, before any connection upstream; failing to judge it refuses it too."""
+        method or cannot be read, before any connection upstream; failing to judge it refuses it too. So is a
+        body held whole that carries a bound secret's placeholder (a streamed one was scanned as it went)."""
+        scanner = flow.metadata.get(bound_secrets.SCAN)
+        if scanner and not flow.request.stream and not flow.response \
+                and (binding := scanner.find(flow.request.raw_content or b'')):
+            flow.metadata.pop('bottle_check_body', None)
+            deny(flow, flow.metadata.pop('bottle_allowed'), secret_refusal(binding, 'in its body'))
+            return
         if not flow.metadata.pop('bottle_check_body', False) or flow.response:
             return
         bottle = flow.metadata.pop('bottle_allowed')
@@ -365,6 +468,7 @@ class EgressFence:
         rules = bottle.rules()
         if isinstance(rules, str):
             return Refusal(rules, RELAUNCH)
+        flow.metadata['bottle_rules'] = rules
         path, _, query = request.path.partition('?')
         reason = rules.gated_refusal(host, path)
         if reason:
@@ -449,15 +553,26 @@ class EgressFence:
             del self.checked[key]
 
     def responseheaders(self, flow: http.HTTPFlow):
-        if flow.metadata.get('bottle_allowed'):
+        bottle = flow.metadata.get('bottle_allowed')
+        if not bottle:
+            return
+        if not bottle.masks:
             flow.response.stream = flow.metadata['bottle_bytes'] = ByteCounter()
+        elif mask_head(flow, bottle.masks):
+            flow.metadata['bottle_mask_whole'] = True       # held whole (mitmproxy's default), masked in `response`
+        else:
+            flow.response.stream = flow.metadata['bottle_bytes'] = MaskingCounter(bound_secrets.Masker(bottle.masks))
 
     def response(self, flow: http.HTTPFlow):
         bottle = flow.metadata.pop('bottle_allowed', None)
         if bottle:
+            if flow.metadata.pop('bottle_mask_whole', False):
+                mask_body(flow.response, bottle.masks)
+                flow.metadata['bottle_bytes'] = ByteCounter()
+                flow.metadata['bottle_bytes'].count = len(flow.response.raw_content or b'')
             counter = flow.metadata.get('bottle_bytes')
             bottle.record(flow, True, None, flow.response.status_code, counter.count if counter else None,
-                          _peer(flow))
+                          _peer(flow), flow.metadata.get('bottle_secret'))
 
     def error(self, flow: http.HTTPFlow):
         bottle = flow.metadata.pop('bottle_allowed', None)
@@ -465,7 +580,7 @@ class EgressFence:
             counter = flow.metadata.get('bottle_bytes')
             bottle.record(flow, True, f'upstream failed: {flow.error.msg}',
                           flow.response.status_code if flow.response else None,
-                          counter.count if counter else None, _peer(flow))
+                          counter.count if counter else None, _peer(flow), flow.metadata.get('bottle_secret'))
 
     def tcp_start(self, flow):
         flow.kill()      # rawtcp is off; this is the second lock on the same door
@@ -474,6 +589,7 @@ class EgressFence:
 class Refusal(NamedTuple):
     reason: str
     remedy: str | None = None      # how to get it allowed, with {bottle} for the agent; None: it cannot be
+    secret: str | None = None      # the bound secret it is about, by name
 
 
 ALLOW_HOSTS = ('To allow it, add the host to network.allow_hosts in the manifest of agent {bottle} '
@@ -485,6 +601,62 @@ GATED = ('Clone, fetch and push it with git by the URL in the git: list of agent
          'through the git gate.')
 NO_SERVICE = 'Launching agent {bottle} again starts the services its manifest asks for (git:, supervise).'
 NO_BOTTLE = Refusal('this connection came through no bottle\'s door')
+ATTACH = ('Attaching to agent {bottle} again (doit launch:{bottle}) hands the secret\'s value to the egress proxy, '
+          'which holds it in memory only.')
+SECRET_PLACE = 'The proxy puts the secret\'s value in place of the placeholder there, and only there.'
+
+
+def secret_refusal(binding: bottle_rules.SecretBinding, where: str) -> Refusal:
+    return Refusal(f'the egress proxy refused this request: it carries the placeholder of secret {binding.name} '
+                   f'{where}; that secret goes only {binding.where()}', SECRET_PLACE, binding.name)
+
+
+def body_refused(flow: http.HTTPFlow, binding: bottle_rules.SecretBinding) -> http.Response:
+    """The 403 for a streamed body found carrying a placeholder (bound_secrets.apply sends it), logged."""
+    deny(flow, flow.metadata.pop('bottle_allowed', None), secret_refusal(binding, 'in its body'))
+    return flow.response
+
+
+def mask_head(flow: http.HTTPFlow, masks: list[tuple[bytes, bytes]]) -> bool:
+    """A response's headers with each value back to its placeholder; True when its body is to be held whole and
+    masked then (mask_body: a length of at most message.BODY_LIMIT, mitmproxy's stream_large_bodies). A body
+    streamed through a Masker may change length: it is framed by chunks then (or by the connection's end)."""
+    response = flow.response
+    if any(value in field for _, field in response.headers.fields for value, _ in masks):
+        response.headers.fields = tuple((name, _masked(field, masks)) for name, field in response.headers.fields)
+    length = response.headers.get('content-length', '').strip()
+    if flow.request.method == 'HEAD' or response.status_code < 200 or response.status_code in (204, 304) \
+            or length.isdigit() and int(length) <= message.BODY_LIMIT:
+        return True
+    if length:
+        del response.headers['content-length']
+        if (flow.request.http_version, response.http_version) == ('HTTP/1.1', 'HTTP/1.1'):
+            response.headers['transfer-encoding'] = 'chunked'
+        else:
+            response.headers['connection'] = 'close'
+    return False
+
+
+def mask_body(response: http.Response, masks: list[tuple[bytes, bytes]]):
+    """A body held whole with each value back to its placeholder, looked for decoded (gzip and the like)."""
+    try:
+        body, decoded = response.get_content(strict=True) or b'', True
+    except ValueError:
+        body, decoded = response.raw_content or b'', False
+    if not any(value in body for value, _ in masks):
+        return
+    body = _masked(body, masks)
+    if decoded:
+        response.content = body         # encoded again as it came, its Content-Length set
+    else:
+        response.raw_content = body
+        response.headers['content-length'] = str(len(body))
+
+
+def _masked(field: bytes, masks: list[tuple[bytes, bytes]]) -> bytes:
+    for value, placeholder in masks:
+        field = field.replace(value, placeholder)
+    return field
 
 
 def port_refusal(port: int) -> Refusal:
@@ -503,7 +675,7 @@ def deny(flow: http.HTTPFlow, bottle: Bottle | None, refusal: Refusal):
     flow.request.stream = False      # a streamed upload would open the upstream connection
     flow.response = http.Response.make(403, body, {'Content-Type': 'text/plain; charset=utf-8'})
     if bottle:
-        bottle.record(flow, False, refusal.reason, 403)
+        bottle.record(flow, False, refusal.reason, 403, secret=refusal.secret)
 
 
 def normal_host(host: str) -> str:

@@ -11,6 +11,10 @@ known only by its door, which only this user can reach. Files:
         ca/mitmproxy-ca.pem           the CA key and certificate, 0600 (ca/ 0700; both repaired before a start
                                       of the proxy): the only copy of the key
         ca/mitmproxy-ca-cert.pem      the CA certificate, for guests
+    $TMPDIR/claude-bottle-<uid>/secrets-<hash of state_dir>/secrets.sock
+                                      the proxy's hand-over socket (hand_over: the values of the bottles'
+                                      bound secrets, which live in the proxy's memory only), 0600 in a 0700
+                                      directory, short like a door's path
     <door_dir>/egress.sock            the door, in a short private directory given to open_door (a Unix
                                       socket path holds 107 bytes): mount the directory into a container
                                       (a directory mount keeps working when a restarted proxy recreates
@@ -28,18 +32,20 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemons.atomic import write_atomic
 from daemons.lifecycle import Daemon, code_digest, connects, locked, probe_http, probe_json
 from daemons.proxy import ca
+from daemons.proxy.bound_secrets import HAND_OVER_BYTES, HAND_OVER_SECONDS, peer_credentials, value_refusal
 from daemons.proxy.rules import HEALTH_HOST, Rules, route_tag
 
 MITMPROXY_VERSION = '11.0.2'     # the last release for Python 3.11 (11.1 needs 3.12)
@@ -134,6 +140,9 @@ class EgressProxy:
         self.door_bounds = {'bottle_door_connections': door_connections, 'bottle_door_idle': door_idle}
         self.doors_file = self.state_dir / 'doors.json'
         self.ca_dir = self.state_dir / 'ca'
+        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:16]
+        self.secrets_socket = (Path(tempfile.gettempdir()) / f'claude-bottle-{os.getuid()}' / f'secrets-{digest}'
+                               / 'secrets.sock')
 
     @property
     def ca_cert(self) -> Path:
@@ -244,6 +253,55 @@ class EgressProxy:
         except ProxyError:
             return None
 
+    def hand_over(self, bottle: str, values: Mapping[str, str]) -> None:
+        """Give the running proxy the real values of the bottle's bound secrets (secret name -> value), in place
+        of the ones it had: the next request uses them, without a restart. They go over the proxy's hand-over
+        socket (whose listener must be the proxy's own process) and stay in its memory only: a restarted proxy
+        has none until they are handed over again. ProxyError when the proxy is not running or refuses them
+        (a secret the bottle's rules do not bind, a value that cannot go in a header); no message quotes a
+        value."""
+        for name, value in values.items():
+            if why := value_refusal(name, value):
+                raise ProxyError(f'cannot hand the secrets of bottle {bottle} to the egress proxy: {why}')
+        pid = self.daemon().pid()
+        if pid is None:
+            raise ProxyError(f'the egress proxy of {self.state_dir} is not running, so it cannot take the secrets of '
+                             f'bottle {bottle}; launching the agent starts it (doit launch:{bottle})')
+        data = json.dumps({'bottle': bottle, 'values': dict(values)}).encode()
+        if len(data) > HAND_OVER_BYTES:
+            raise ProxyError(f'the secrets of bottle {bottle} take {len(data)} bytes; the egress proxy takes at most '
+                             f'{HAND_OVER_BYTES} at once')
+        deadline = time.monotonic() + HAND_OVER_SECONDS
+        answer = b''
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(HAND_OVER_SECONDS)
+                sock.connect(str(self.secrets_socket))
+                peer_pid, peer_uid = peer_credentials(sock)
+                if peer_pid not in (pid, None) or peer_uid != os.getuid():
+                    raise ProxyError(f'{self.secrets_socket} is not served by the egress proxy (pid {pid}); nothing '
+                                     'was handed over')
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                except BrokenPipeError:
+                    pass        # answered (a refusal) before it read the whole message: the answer says why
+                while len(answer) < HAND_OVER_BYTES and (left := deadline - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    if not (chunk := sock.recv(65536)):
+                        break
+                    answer += chunk
+        except OSError as err:
+            raise ProxyError(f'cannot hand the secrets of bottle {bottle} to the egress proxy at {self.secrets_socket} '
+                             f'({err}); launching the agent again restarts a proxy that does not take them') from None
+        try:
+            reply = json.loads(answer)
+        except ValueError:
+            reply = {'error': 'no answer within the deadline' if not answer else 'an answer that is not JSON'}
+        if not isinstance(reply, dict) or reply.get('ok') is not True:
+            error = reply.get('error') if isinstance(reply, dict) else None
+            raise ProxyError(f'the egress proxy refused the secrets of bottle {bottle}: {error or reply}')
+
     def stop(self) -> None:
         """Stop the proxy; the doors stay registered for the next ensure_running."""
         with self._locked():
@@ -270,6 +328,8 @@ class EgressProxy:
             self.daemon().stop()
             return False
         self._make_ca()
+        _check_socket_path(self.secrets_socket)
+        _private_dir(self.secrets_socket.parent)
         for bottle, entry in doors.items():
             _private_dir(Door.of(bottle, entry).directory)      # gone after a reboot when it is in /tmp
             _stop_old_relay(Door.of(bottle, entry))
@@ -284,7 +344,8 @@ class EgressProxy:
                     # HTTP/2 from the client (curl and git offer it) to an HTTP/1.1 upstream makes mitmproxy
                     # open an upstream connection per request: about 11 ms a request instead of 3.5-5 ms.
                     'http2=false',
-                    f'bottle_doors={self.doors_file}']
+                    f'bottle_doors={self.doors_file}',
+                    f'bottle_secrets={self.secrets_socket}']
         if self.upstream_ca:
             settings.append(f'ssl_verify_upstream_trusted_ca={self.upstream_ca}')
         settings += [f'{name}={value}' for name, value in self.door_bounds.items() if value is not None]

@@ -11,7 +11,9 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
       ],
       "allow_private": ["10.20.0.0/16"],
       "gated": [{"host": "github.com", "path": "/acme/app"}],
-      "addresses": {"registry.internal": "10.20.0.5"}
+      "addresses": {"registry.internal": "10.20.0.5"},
+      "secrets": [{"name": "GITHUB_TOKEN", "hosts": ["api.github.com"], "header": "Authorization",
+                   "format": "Bearer {}", "placeholder": "cbp-GITHUB_TOKEN-6f1c0e9a2b7d4e53a8c1"}]
     }
 
 - `host`: that exact name (or IP literal), case-insensitive, a trailing dot ignored.
@@ -36,6 +38,12 @@ side uses it to check a rules file before writing it. The file is JSON, one per 
   The gate itself is reached at GATE_HOST, which the addon routes to it (SERVICES).
 - `addresses` (optional): names the proxy resolves to that address itself instead of asking the host's
   resolver (the manifest's network.hosts); the address is judged as any other (allow_private).
+- `secrets` (optional): the bottle's bound secrets. The guest holds each one's `placeholder` (ASCII letters,
+  digits, `-` and `_`, at least PLACEHOLDER_MIN characters); the proxy puts the real value, which it holds in
+  memory only (handed over by control.EgressProxy.hand_over), in place of the placeholder in the `header` of
+  HTTPS requests to one of `hosts` (exact names, lower-case), and refuses the placeholder anywhere else
+  (addon.py). `format` (`{}` exactly once: `Bearer {}`) is how the guest writes the header's value; `header`
+  must be one the proxy can set (settable_header).
 Only ports 443 and 80 are ever reachable, whatever the rules say. An address is refused when it is not
 public by the project's own table (SPECIAL_V4, SPECIAL_V6) or by Python's, and an IPv6 address that embeds
 an IPv4 one (EMBEDDED_V4: mapped, compatible, translated, NAT64, 6to4, Teredo) is judged as that IPv4
@@ -71,6 +79,27 @@ GATE_KEY_HEADER = 'X-Claude-Bottle-Gate-Key'
 SUPERVISE_KEY_HEADER = 'X-Claude-Bottle-Supervise-Key'
 # The project's own services a bottle reaches through its door, by name: (host, key header).
 SERVICES = {'gate': (GATE_HOST, GATE_KEY_HEADER), 'supervise': (SUPERVISE_HOST, SUPERVISE_KEY_HEADER)}
+
+
+# Headers a bound secret cannot go in: the proxy sets, drops or frames by them itself.
+UNSETTABLE_HEADERS = frozenset({'host', 'content-length', 'transfer-encoding', 'connection', 'upgrade', 'te',
+                                'trailer', 'keep-alive'})
+PLACEHOLDER_MIN = 24
+_PLACEHOLDER = re.compile(r'[A-Za-z0-9_-]+')
+_ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def settable_header(name: str) -> str | None:
+    """Why a bound secret cannot go in the header `name`, or None when it can."""
+    if not isinstance(name, str) or not _HEADER_TOKEN.fullmatch(name):
+        return f'{name!r} is not an HTTP header name'
+    lower = name.lower()
+    if lower in UNSETTABLE_HEADERS or lower.startswith('proxy-'):
+        return f'{name} is a header the egress proxy sets or drops itself (it frames or routes the request)'
+    if lower.startswith(BOTTLE_HEADER.lower()):
+        return f'{name} is a header of the project\'s own ({BOTTLE_HEADER}*), which the proxy sets itself'
+    return None
 
 
 def route_tag(port: int, key: str) -> str:
@@ -131,20 +160,39 @@ class GatedRepo:
 
 
 @dataclass(frozen=True)
+class SecretBinding:
+    """A bound secret: the guest's `placeholder` becomes the real value in `header` of HTTPS requests to `hosts`."""
+    name: str
+    hosts: tuple[str, ...]
+    header: str
+    format: str
+    placeholder: str
+
+    def to_json(self) -> dict:
+        return {'name': self.name, 'hosts': list(self.hosts), 'header': self.header, 'format': self.format,
+                'placeholder': self.placeholder}
+
+    def where(self) -> str:
+        """Where the secret goes, as a refusal says it."""
+        return f'in the {self.header} header of HTTPS requests to {" or ".join(self.hosts)}'
+
+
+@dataclass(frozen=True)
 class Rules:
     hosts: tuple[HostRule, ...] = ()
     allow_private: tuple[IPNetwork, ...] = ()
     gated: tuple[GatedRepo, ...] = ()
     addresses: tuple[tuple[str, str], ...] = ()     # (name, address): names resolved here, not by the host
+    secrets: tuple[SecretBinding, ...] = ()
 
     @classmethod
     def from_json(cls, data) -> Rules:
         if not isinstance(data, dict):
             raise RulesError('the rules must be a JSON object with "hosts" and "allow_private"')
-        unknown = set(data) - {'hosts', 'allow_private', 'gated', 'addresses'}
+        unknown = set(data) - {'hosts', 'allow_private', 'gated', 'addresses', 'secrets'}
         if unknown:
-            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts", "allow_private", "gated" and '
-                             '"addresses"')
+            raise RulesError(f'unknown keys {sorted(unknown)}; the keys are "hosts", "allow_private", "gated", '
+                             '"addresses" and "secrets"')
         hosts = data.get('hosts', [])
         if not isinstance(hosts, list):
             raise RulesError('"hosts" must be a list of objects')
@@ -168,8 +216,12 @@ class Rules:
             named = tuple(sorted((normal_host(k), str(ipaddress.ip_address(v))) for k, v in addresses.items()))
         except ValueError:
             raise RulesError('"addresses" must be an object of NAME: "IP address"') from None
+        secrets = data.get('secrets', [])
+        if not isinstance(secrets, list):
+            raise RulesError('"secrets" must be a list of objects')
         return cls(tuple(_host_rule(i, entry) for i, entry in enumerate(hosts)), allow_private,
-                   tuple(GatedRepo(normal_host(g['host']), g['path'].rstrip('/')) for g in gated), named)
+                   tuple(GatedRepo(normal_host(g['host']), g['path'].rstrip('/')) for g in gated), named,
+                   _secret_bindings(secrets))
 
     def to_json(self) -> dict:
         data = {'hosts': [h.to_json() for h in self.hosts], 'allow_private': [str(n) for n in self.allow_private]}
@@ -177,6 +229,8 @@ class Rules:
             data['gated'] = [g.to_json() for g in self.gated]
         if self.addresses:
             data['addresses'] = dict(self.addresses)
+        if self.secrets:
+            data['secrets'] = [s.to_json() for s in self.secrets]
         return data
 
     def address_of(self, host: str) -> str | None:
@@ -283,6 +337,43 @@ def _host_rule(index: int, entry) -> HostRule:
     return HostRule(normal_host(name), subdomains,
                     frozenset(m.upper() for m in methods) if methods else None,
                     tuple(paths) if paths else None)
+
+
+def _secret_bindings(entries: list) -> tuple[SecretBinding, ...]:
+    bindings: list[SecretBinding] = []
+    for index, entry in enumerate(entries):
+        where = f'"secrets"[{index}]'
+        if not isinstance(entry, dict):
+            raise RulesError(f'{where} must be an object with "name", "hosts", "header", "format" and "placeholder"')
+        keys = {'name', 'hosts', 'header', 'format', 'placeholder'}
+        if set(entry) != keys:
+            raise RulesError(f'{where}: unknown keys {sorted(set(entry) - keys)}' if set(entry) - keys else
+                             f'{where}: missing keys {sorted(keys - set(entry))}')
+        name, hosts, header = entry['name'], entry['hosts'], entry['header']
+        form, placeholder = entry['format'], entry['placeholder']
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise RulesError(f'{where}: "name" must be an environment variable name such as GITHUB_TOKEN')
+        where = f'{where} ({name})'
+        if not isinstance(hosts, list) or not hosts or not all(
+                isinstance(h, str) and h and h == h.lower() and h == normal_host(h)
+                and (is_ip(h) or not any(c in h for c in '/:@ *')) and not noncanonical_ipv4(h) for h in hosts):
+            raise RulesError(f'{where}: "hosts" must be a non-empty list of exact host names in lower case, '
+                             'such as ["api.github.com"]')
+        if (why := settable_header(header)) is not None:
+            raise RulesError(f'{where}: "header": {why}')
+        if not isinstance(form, str) or form.count('{}') != 1 or any(ord(c) < 0x20 or ord(c) == 0x7f for c in form):
+            raise RulesError(f'{where}: "format" must be a header value with "{{}}" exactly once, such as "Bearer {{}}"')
+        if not isinstance(placeholder, str) or len(placeholder) < PLACEHOLDER_MIN \
+                or not _PLACEHOLDER.fullmatch(placeholder):
+            raise RulesError(f'{where}: "placeholder" must be at least {PLACEHOLDER_MIN} ASCII letters, digits, '
+                             '"-" and "_"')
+        for other in bindings:
+            if other.name == name:
+                raise RulesError(f'{where}: "name": secret {name} is bound twice')
+            if placeholder in other.placeholder or other.placeholder in placeholder:
+                raise RulesError(f'{where}: "placeholder" overlaps that of secret {other.name}; each needs its own')
+        bindings.append(SecretBinding(name, tuple(hosts), header, form, placeholder))
+    return tuple(bindings)
 
 
 def is_ip(name: str) -> bool:
