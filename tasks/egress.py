@@ -9,7 +9,8 @@ egress_ca             the project's CA in .bottle/egress/ca/ (ECDSA P-256; the k
 allowlist:<agent>     .bottle/agents/<agent>/egress-rules.json, the bottle's rules: the manifest's
                       hosts, those its skills declare (`allow_hosts:` in SKILL.md's front matter),
                       Claude Code's own, and those the human approved through the
-                      supervisor. The proxy reads a changed file at the next request,
+                      supervisor, and its secrets' bindings with the bottle's placeholders
+                      (tasks/secrets.py). The proxy reads a changed file at the next request,
                       without a restart; `doit info allowlist:<agent>` shows the rules it would write.
 egress:<agent>        the bottle's door open: the project's proxy running (one process for all
                       bottles, state in .bottle/egress/) and the bottle's socket answering. Up to
@@ -35,6 +36,7 @@ from doit.tools import config_changed
 from daemons.proxy import ca
 from daemons.proxy.control import MITMPROXY_VERSION, Door, EgressProxy, ensure_venv, venv_dir, write_rules
 from daemons.supervise import approved
+from tasks import secrets
 from tasks.cache import cache_dir
 from tasks.checks import FileExists
 from tasks.manifest import Agent
@@ -109,7 +111,8 @@ def allowlist_tasks(project: Project):
             'doc': f'write the egress rules of {agent.name}',
             'actions': [(write_allowlist, [project, agent, rules])],
             'file_dep': [agent.skill_dir(skill) / 'SKILL.md' for skill in agent.skills],
-            'targets': [rules_file(project, agent.name)],
+            'targets': [rules_file(project, agent.name)] + ([secrets.placeholders_file(project, agent.name)]
+                                                             if agent.secrets else []),
             'uptodate': [config_changed({**rules, 'approved': approved.text(approved_file(project, agent))
                                          if agent.supervise else None})],
             'clean': True,
@@ -143,7 +146,10 @@ def make_ca(project: Project):
 def write_allowlist(project: Project, agent: Agent, rules: dict):
     """The manifest's rules, with the hosts the human approved for a supervised agent."""
     hosts = approved.read(approved_file(project, agent)) if agent.supervise else []
-    write_rules(rules_file(project, agent.name), approved.merged(rules, hosts))
+    merged = approved.merged(rules, hosts)
+    if agent.secrets:
+        merged['secrets'] = secrets.bindings(project, agent)
+    write_rules(rules_file(project, agent.name), merged)
 
 
 def approved_file(project: Project, agent: Agent) -> Path:

@@ -2,8 +2,8 @@
 
 Claude runs as the agent user (it refuses to skip permissions as root), with
 --append-system-prompt-file iff the agent has a prompt, and with the manifest's
-secrets handed over by the backend at exec time: only their names are on the
-command line, their values never touch a file, an image, a log or doit's database.
+secrets as placeholders (tasks/secrets.py): their values go to the egress proxy,
+never to the guest, a backend, a command line, a file, a log or doit's database.
 Without a terminal it does not wait: it prints the command that attaches.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks import guest
+from tasks import egress, guest, secrets
 from tasks.backends.pick import backend
 from tasks.errors import BottleError
 from tasks.manifest import BACKEND_ENV, Agent
@@ -64,21 +64,28 @@ def relaunch_command(project: Project, agent: Agent) -> str:
 
 @action
 def attach(project: Project, agent: Agent):
+    """Claude Code on this terminal, its secrets as placeholders; their values, from this environment, handed
+    to the egress proxy first (a rotated value applies from this attach on). Without a terminal: the values
+    present are handed over all the same, and the command that attaches is printed."""
     command = backend(agent.backend).attach_argv(
         agent.machine, claude_argv(project, agent), user=agent.user.name, home=agent.user.home,
-        secrets=agent.secrets)
-    missing = [name for name in agent.secrets if name not in os.environ]
+        env=secrets.placeholders(project, agent))
+    values, missing = secrets.present(agent)
     if not (os.isatty(0) and os.isatty(1)):
+        if values:
+            egress.proxy(project).hand_over(agent.name, values)
         print(f'{agent.name} is up and provisioned in {agent.machine} on {agent.backend}. Attach Claude '
               f'Code from a terminal with\n  {relaunch_command(project, agent)}\nor directly with\n'
               f'  {shlex.join(command)}')
         if missing:
-            print(f'Set {", ".join(missing)} in your environment first; the bottle gets '
-                  f'{"it" if len(missing) == 1 else "them"} at attach time only.')
+            print(f'Set {", ".join(missing)} in your environment first; the egress proxy gets '
+                  f'{"its value" if len(missing) == 1 else "their values"} at attach time only, and the '
+                  'bottle a placeholder.')
         return
     if missing:
         raise BottleError(f'{agent.name} needs {", ".join(missing)} from your environment (manifest key '
                           f'secrets): export {missing[0]}=... and run `doit launch:{agent.name}` again')
+    egress.proxy(project).hand_over(agent.name, values)
     code = subprocess.call(command)
     if code != 0:
         raise BottleError(f'Claude Code in {agent.machine} exited with code {code}')

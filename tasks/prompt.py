@@ -23,7 +23,8 @@ def tasks(project: Project):
         # list then costs no prompt copy.
         settings = {'prompt': agent.prompt, 'allowed': allowed(agent), 'repositories': repositories(agent),
                     'proxy': guest.PROXY_URL, 'user': agent.user.name, 'home': agent.user.home,
-                    'supervise': agent.supervise, 'supervise_wait': agent.supervise_wait}
+                    'supervise': agent.supervise, 'supervise_wait': agent.supervise_wait,
+                    'secrets': secrets(agent)}
         yield {
             'name': agent.name,
             'doc': f'render the system prompt of {agent.name}',
@@ -51,6 +52,12 @@ def repositories(agent: Agent) -> list[str]:
     """The git gate in words, one line per repository of the manifest's `git:` list."""
     return [f'{repo.url}: you may push {", ".join(p.removeprefix("refs/heads/") for p in repo.push)} '
             f'(fast-forwards only); {MODES[repo.mode]}' for repo in agent.git]
+
+
+def secrets(agent: Agent) -> list[str]:
+    """The bound secrets in words, one line per secret."""
+    return [f'{secret.name}: goes in the {secret.header} header of requests to {", ".join(secret.hosts)}'
+            for secret in agent.secrets]
 
 
 @action

@@ -4,6 +4,7 @@ exactly its prompt and skills (assert_fully_provisioned), where they land in the
 without some programs (path_without)."""
 from __future__ import annotations
 
+import json
 import os
 
 HOME = '/home/agent'
@@ -23,6 +24,16 @@ def setup_agent(bottles, name='a', skills=('review', 'style'), prompt='Be carefu
         if not (bottles.root / 'agents' / 'skills' / skill).exists():
             bottles.skill(skill, REVIEW if skill == 'review' else None)
     bottles.agent(name, prompt=prompt, skills=list(skills), **more)
+
+
+TEST_SECRET = {'name': 'BOTTLE_TEST_SECRET', 'hosts': ['api.test-secret.example'], 'header': 'Authorization',
+               'format': 'Bearer {}'}
+TEST_SECRET_NETWORK = {'allow_hosts': ['api.test-secret.example']}
+
+
+def placeholder_of(bottles, agent: str, name: str) -> str:
+    """The placeholder the bottle's guest holds for secret `name`."""
+    return json.loads((bottles.root / '.bottle' / 'agents' / agent / 'placeholders.json').read_text())[name]
 
 
 def path_without(programs, path: str, tmp) -> str:

@@ -11,7 +11,8 @@ import yaml
 from tasks.project import Project
 from tests.bottles import TEST_CLAUDE_VERSION, podman_containers, remove_podman_containers
 from tests.conftest import podman_problem
-from tests.scenario import PROMPT, SKILLS, assert_fully_provisioned, setup_agent
+from tests.scenario import (PROMPT, SKILLS, TEST_SECRET, TEST_SECRET_NETWORK, assert_fully_provisioned,
+                            placeholder_of, setup_agent)
 
 
 def test_image_from_the_offline_base_has_claude_git_curl_socat_and_a_non_root_agent(engine):
@@ -57,11 +58,12 @@ def test_machine_is_a_container_with_the_agents_resources_labels_and_no_network(
     assert engine.guest('a', 'echo $MODE; cat /proc/net/dev | tail -n +3 | cut -d: -f1').split() == ['review', 'lo']
 
 
-def test_attach_command_passes_secrets_by_name_only(engine):
-    setup_agent(engine, secrets=['BOTTLE_TEST_SECRET'])
+def test_attach_command_passes_a_secrets_placeholder_never_its_value(engine):
+    setup_agent(engine, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
     run = engine.doit('launch:a', env=engine.env(BOTTLE_TEST_SECRET='value-never-printed'))
-    assert (f'{engine.backend.cli} exec -it -u agent -w /home/agent -e HOME=/home/agent -e BOTTLE_TEST_SECRET '
-            f'{engine.machine("a")}') in run.stdout
+    placeholder = placeholder_of(engine, 'a', 'BOTTLE_TEST_SECRET')
+    assert (f'{engine.backend.cli} exec -it -u agent -w /home/agent -e HOME=/home/agent -e '
+            f'BOTTLE_TEST_SECRET={placeholder} {engine.machine("a")}') in run.stdout
     assert 'value-never-printed' not in run.output
 
 

@@ -38,7 +38,21 @@ CASES = {
     'missing prompt_file': ('a.yaml', 'prompt_file: prompts/a.md\n',
                             ["agents/a.yaml:1", "'prompt_file'", 'does not exist']),
     'prompt and prompt_file': ('a.yaml', 'prompt: hi\nprompt_file: x.md\n', ["'prompt_file'", 'not both']),
-    'secret also in env': ('a.yaml', 'env: {TOKEN: x}\nsecrets: [TOKEN]\n', ["'secrets[0]'", 'also set in env']),
+    'secret also in env': ('a.yaml', 'env: {ANTHROPIC_API_KEY: x}\nsecrets: [ANTHROPIC_API_KEY]\n',
+                           ["agents/a.yaml:2: key 'secrets[0]'", 'also set in env']),
+    'secret without a binding': ('a.yaml', 'prompt: hi\nsecrets: [TOKEN]\n',
+                                 ["agents/a.yaml:2: key 'secrets[0]'", "'TOKEN' has no binding", 'header: Authorization']),
+    'secret bound to a host not allowed': (
+        'a.yaml', 'secrets:\n  - {name: GITHUB_TOKEN, hosts: [api.github.com], header: Authorization}\n',
+        ["agents/a.yaml:2: key 'secrets[0]'", 'GITHUB_TOKEN is bound to api.github.com, which the bottle may not reach',
+         'network.allow_hosts']),
+    'secret in a header the proxy cannot set': (
+        'a.yaml', 'network: {allow_hosts: [api.github.com]}\nsecrets:\n  - name: GITHUB_TOKEN\n'
+                  '    hosts: [api.github.com]\n    header: Host\n',
+        ["agents/a.yaml:5: key 'secrets[0].header'", "'Host' frames or routes the request"]),
+    'secret format without a place for it': (
+        'a.yaml', 'secrets: [{name: T, hosts: [api.anthropic.com], header: Authorization, format: Bearer}]\n',
+        ["agents/a.yaml:1: key 'secrets[0].format'", "must hold \"{}\" exactly once"]),
     'yaml syntax': ('a.yaml', 'prompt: hi\nskills: [a, b\nimage: {}\n', ['agents/a.yaml:', 'YAML syntax error']),
     'not a mapping': ('a.yaml', '- just\n- a list\n', ['agents/a.yaml:1', 'expected a mapping']),
     'missing setup template': ('a.yaml', 'image: {setup: nope.sh.j2}\n',
@@ -238,7 +252,9 @@ def test_every_manifest_in_the_repository_validates_against_the_schema():
 AGREE = {   # manifest: does the tool accept it (with agents/skills/s present)?
     'prompt: hi\nskills: [s]\nresources: {cpus: 4, memory: 4096}\n': True,
     'image: {base: "ghcr.io/org/img:1.0", packages: [git]}\nuser: {name: dev, uid: 1001, home: /home/dev}\n': True,
-    'env: {A: 1, B: x, C: true}\nsecrets: [TOKEN]\nnetwork: {allow_hosts: [api.anthropic.com]}\n': True,
+    'env: {A: 1, B: x, C: true}\nsecrets: [ANTHROPIC_API_KEY, {name: T, hosts: [a.example], header: X-Key}]\n'
+    'network: {allow_hosts: [a.example]}\n': True,
+    'secrets: [{name: T, hosts: [a.example], header: X-Key, format: nothing}]\n': False,
     'skils: [s]\n': False,
     'resources: {cpus: 0}\n': False,
     'image: {base: "debian:"}\n': False,
@@ -246,7 +262,7 @@ AGREE = {   # manifest: does the tool accept it (with agents/skills/s present)?
     'prompt: hi\nprompt_file: p.md\n': False,
     'backend: qemu\n': False,
     'env: {1A: x}\n': False,
-    'secrets: [A, A]\n': False,
+    'secrets: [ANTHROPIC_API_KEY, ANTHROPIC_API_KEY]\n': False,
 }
 
 

@@ -11,7 +11,8 @@ import uuid
 
 from tasks.backends.disk import DISK_FILE
 from tests.bottles import TEST_CLAUDE_VERSION
-from tests.scenario import HOME, PROMPT, SKILLS, assert_fully_provisioned, path_without, setup_agent
+from tests.scenario import (HOME, PROMPT, SKILLS, TEST_SECRET, TEST_SECRET_NETWORK, assert_fully_provisioned,
+                            path_without, placeholder_of, setup_agent)
 
 
 def image_key(bottles) -> str:
@@ -249,26 +250,34 @@ def test_attach_without_a_prompt_omits_the_prompt_flag(bottles):
 
 
 def test_attach_refuses_on_a_terminal_when_a_secret_is_not_set(bottles):
-    setup_agent(bottles, secrets=['BOTTLE_TEST_SECRET'])
+    setup_agent(bottles, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
     attached = bottles.backend.attach(bottles, 'a', bottles.env(BOTTLE_TEST_SECRET=None))
     assert not attached.ok
     assert 'BOTTLE_TEST_SECRET' in attached.output and 'Traceback' not in attached.output
 
 
-def test_secret_reaches_claude_and_nothing_on_disk_or_in_argv(bottles):
+def test_claude_holds_a_placeholder_and_the_secret_is_nowhere_on_disk_nor_in_argv(bottles):
+    """The secret's value goes to the egress proxy only (tests/test_fence.py follows it into a request); Claude
+    gets the bottle's placeholder, the same at the next attach, and a rotated value changes nothing the guest has."""
     secret = f'sk-test-{uuid.uuid4().hex}'
-    setup_agent(bottles, secrets=['BOTTLE_TEST_SECRET'])
+    setup_agent(bottles, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
     attached = bottles.backend.attach(bottles, 'a', bottles.env(BOTTLE_TEST_SECRET=secret))
     assert attached.ok, attached.output
-    assert attached.claude['secret_sha256'] == hashlib.sha256(secret.encode()).hexdigest()
-    needle = secret.encode()
-    for place in [bottles.root, *bottles.backend.state_dirs()]:
-        for path in place.rglob('*'):
-            # a bottle's disk file is GiBs of mostly holes: what the guest wrote is read through its mount
-            if path.is_file() and not path.is_symlink() and path.name != DISK_FILE:
-                assert needle not in path.read_bytes(), f'the secret is in {path}'
+    placeholder = placeholder_of(bottles, 'a', 'BOTTLE_TEST_SECRET')
+    assert placeholder.startswith('bottle-placeholder-BOTTLE_TEST_SECRET-') and secret not in placeholder
+    assert attached.claude['secret_sha256'] == hashlib.sha256(placeholder.encode()).hexdigest()
+    rotated = f'sk-test-{uuid.uuid4().hex}'
+    again = bottles.backend.attach(bottles, 'a', bottles.env(BOTTLE_TEST_SECRET=rotated))
+    assert again.ok, again.output
+    assert again.claude['secret_sha256'] == hashlib.sha256(placeholder.encode()).hexdigest()
+    for needle in (secret.encode(), rotated.encode()):
+        for place in [bottles.root, *bottles.backend.state_dirs()]:
+            for path in place.rglob('*'):
+                # a bottle's disk file is GiBs of mostly holes: what the guest wrote is read through its mount
+                if path.is_file() and not path.is_symlink() and path.name != DISK_FILE:
+                    assert needle not in path.read_bytes(), f'the secret is in {path}'
     for argv in bottles.backend.calls_since(0):
-        assert secret not in ' '.join(argv)
+        assert secret not in ' '.join(argv) and rotated not in ' '.join(argv)
 
 
 def test_shared_defaults_apply_to_every_agent(standin):

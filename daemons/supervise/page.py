@@ -3,7 +3,7 @@
     GET  /?token=T                       sets the token as a cookie and redirects to /
     GET  /                               the page (it polls /api/state, so new requests show up unasked)
     GET  /api/state?page=N               bottles (status, approved hosts, requests waiting, recent blocked
-                                         requests), the waiting requests PAGE_SIZE at a time (page N, from 0),
+                                         requests, bound secrets by name with their use), the waiting requests PAGE_SIZE at a time (page N, from 0),
                                          the RECENT last decided ones: bounded however many wait
     GET  /api/held/<review_id>/diff      the whole change of a held push, cut at DIFF_CHARS
     POST /api/requests/<id>/approve      {}
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -32,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from daemons.gate import review
-from daemons.proxy.refusals import refusals
+from daemons.proxy.refusals import SecretUses, refusals
 from daemons.shown import unicode_form
 from daemons.supervise import approved, requests
 from daemons.supervise.store import SuperviseError, load_bottles
@@ -42,6 +43,7 @@ COOKIE = 'bottle_supervise_token'
 DECIDED_BY = 'page'
 PAGE_SIZE = 20          # waiting requests per page of the state
 BLOCKED_SHOWN = 10      # refused requests shown per bottle
+SECRETS_SHOWN = 20      # bound secrets listed per bottle
 COMMITS_SHOWN = 20      # of a held push, in the state (the diff has them all)
 FILES_SHOWN = 50
 DIFF_CHARS = 1_000_000
@@ -151,6 +153,21 @@ def page_app(state_dir: Path, token: str, port: int, waiters: Waiters | None = N
     ])
 
 
+SECRET_USES = SecretUses()
+
+
+def secrets_of(entry: dict) -> list[dict]:
+    """The bottle's bound secrets as the page lists them: name, hosts, header, how many requests used each;
+    from its rules file (never a value: the proxy alone has those; nor the placeholder, of no use here)."""
+    try:
+        bound = json.loads(Path(entry['rules']).read_text()).get('secrets') or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    uses = SECRET_USES(Path(entry['log']))
+    return [{'name': str(s.get('name')), 'hosts': [str(h) for h in s.get('hosts') or []], 'header': str(s.get('header')),
+             'uses': uses.get(str(s.get('name')), 0)} for s in bound if isinstance(s, dict)][:SECRETS_SHOWN]
+
+
 def overview(state_dir: Path, number: int = 0) -> dict:
     """Everything the page shows, bounded: page `number` of the waiting requests."""
     try:
@@ -166,7 +183,8 @@ def overview(state_dir: Path, number: int = 0) -> dict:
         except SuperviseError as err:
             hosts = [f'({err})']
         shown.append({'name': name, 'status': statuses.get(name), 'approved_hosts': hosts,
-                      'pending': waiting.get(name, 0), 'blocked': refusals(Path(entry['log']), BLOCKED_SHOWN)})
+                      'pending': waiting.get(name, 0), 'blocked': refusals(Path(entry['log']), BLOCKED_SHOWN),
+                      'secrets': secrets_of(entry)})
     total = sum(waiting.values())
     pages = max(1, -(-total // PAGE_SIZE))
     number = min(number, pages - 1)
@@ -441,6 +459,11 @@ function bottleCard(b) {
     revoke.append("Revoke ", visible(host, 300));
     revoke.onclick = () => send(`/api/bottles/${encodeURIComponent(b.name)}/revoke`, {host});
     card.append(revoke);
+  }
+  for (const x of b.secrets || []) {
+    const item = el("div", null, "secret");
+    item.append(visible(`secret ${x.name}: goes in ${x.header} to ${x.hosts.join(", ")}; used by ${x.uses} request(s)`, 600));
+    card.append(item);
   }
   if (b.blocked.length) {
     card.append(el("div", "recently blocked:", "muted"));

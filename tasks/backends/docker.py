@@ -12,6 +12,7 @@ import json
 import posixpath
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from tasks.backends import confine, disk
@@ -213,11 +214,9 @@ class Docker(Backend):
         return self._cli('exec', *flags, '-u', user, name, *argv, stdin=stdin).stdout.decode(errors='replace')
 
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
-                    secrets: tuple[str, ...]) -> list[str]:
-        env = []
-        for secret in secrets:
-            env += ['-e', secret]        # the value comes from the caller's environment
-        return [self.name, 'exec', '-it', '-u', user, '-w', home, '-e', f'HOME={home}', *env, name, *argv]
+                    env: Mapping[str, str]) -> list[str]:
+        variables = [arg for item in env.items() for arg in ('-e', '='.join(item))]
+        return [self.name, 'exec', '-it', '-u', user, '-w', home, '-e', f'HOME={home}', *variables, name, *argv]
 
 
 def image_ref(key: str) -> str:

@@ -214,6 +214,6 @@ class Backend(ABC):
 
     @abstractmethod
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
-                    secrets: tuple[str, ...]) -> list[str]:
-        """The host command that runs argv on a terminal as `user`, with the named
-        host environment variables passed at exec time only (names on the argv, never values)."""
+                    env: Mapping[str, str]) -> list[str]:
+        """The host command that runs argv on a terminal as `user`, with `env` besides (NAME: value on the
+        command line: a secret's placeholder, never a value)."""

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from contextlib import nullcontext
+from collections.abc import Mapping
 from pathlib import Path
 
 from tasks.backends.detect import alternatives
@@ -106,11 +107,10 @@ class Smolvm(Backend):
                             stdin=stdin).stdout.decode(errors='replace')
 
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
-                    secrets: tuple[str, ...]) -> list[str]:
-        env = ['-e', f'HOME={home}', '-e', f'USER={user}', '-e', f'LOGNAME={user}', '-e', 'TERM']
-        for secret in secrets:
-            env += ['--secret-env', f'{secret}={secret}']
-        return ['smolvm', 'machine', 'exec', '--name', name, '-it', '-w', home, *env, '--',
+                    env: Mapping[str, str]) -> list[str]:
+        variables = ['-e', f'HOME={home}', '-e', f'USER={user}', '-e', f'LOGNAME={user}', '-e', 'TERM']
+        variables += [arg for item in env.items() for arg in ('-e', '='.join(item))]
+        return ['smolvm', 'machine', 'exec', '--name', name, '-it', '-w', home, *variables, '--',
                 'setpriv', '--reuid', user, '--regid', user, '--init-groups', '--', *argv]
 
 

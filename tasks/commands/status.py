@@ -3,8 +3,9 @@
 For each agent: its backend and machine state, its image (built or not), whether its egress door
 answers, for an agent with repositories whether the git gate answers and how many of its pushes
 wait for review, for a supervised agent whether the supervisor answers and how many of its requests
-wait for the human, what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info`
-gives them, for every task on the way), and the requests its fence refused lately.
+wait for the human, its secrets by name (where each goes and how many requests used it, never a
+value), what the next `doit launch:<agent>` would run and why (doit's reasons, as `doit info` gives
+them, for every task on the way), and the requests its fence refused lately.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from doit.loader import load_tasks
 
 from daemons.gate import review
 from daemons import shown
-from daemons.proxy.refusals import refusals
+from daemons.proxy.refusals import refusals, secret_uses
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
 from tasks.backends.disk import DISK_LABEL, NOT_BOUNDED
@@ -66,6 +67,11 @@ def status(project: Project, dodo: dict):
                 print(f'    {name}: {why}')
         else:
             print('  next launch: nothing to do but attach')
+        if agent.secrets:
+            uses = secret_uses(egress.door(project, agent.name).log)
+            for secret in agent.secrets:
+                print(f'  secret {secret.name}: goes in {secret.header} to {", ".join(secret.hosts)}; used by '
+                      f'{uses.get(secret.name, 0)} request(s)')
         for line in _blocked(egress.door(project, agent.name).log):
             print(f'  blocked: {line}')
 

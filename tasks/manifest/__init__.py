@@ -20,6 +20,7 @@ The modules, each standing only on those above it:
     yaml_file.py  bounded, line-numbered reading of one untrusted file; Problem, ManifestError
     hosts.py      HostEntry, the host lists, CLAUDE_CODE_HOSTS, the hosts a skill declares
     git.py        GitRepo and the repository list
+    secrets.py    Secret, the secret list, the default bindings
     keys.py       KEYS, the one declaration
     agent.py      Agent, Recipe, GuestUser: what load_agents returns
     load.py       load_agents: reading, checking and merging with _defaults.yaml
@@ -34,8 +35,9 @@ from tasks.manifest.keys import KEYS, SECTIONS
 from tasks.manifest.load import load_agents
 from tasks.manifest.names import (BACKEND_ENV, DEBOOTSTRAP, MACHINE_PREFIX, default_project_name, is_local_base,
                                   machine_name)
+from tasks.manifest.secrets import Secret
 from tasks.manifest.yaml_file import ManifestError, Problem
 
-__all__ = ['Agent', 'GuestUser', 'Recipe', 'GitRepo', 'HostEntry', 'KEYS', 'SECTIONS', 'load_agents', 'BACKEND_ENV',
+__all__ = ['Agent', 'GuestUser', 'Recipe', 'GitRepo', 'HostEntry', 'Secret', 'KEYS', 'SECTIONS', 'load_agents', 'BACKEND_ENV',
            'DEBOOTSTRAP', 'MACHINE_PREFIX', 'default_project_name', 'is_local_base', 'machine_name', 'ManifestError',
            'Problem']

@@ -11,6 +11,7 @@ from pathlib import Path
 from tasks.manifest.git import GitRepo
 from tasks.manifest.hosts import HostEntry
 from tasks.manifest.names import machine_name
+from tasks.manifest.secrets import Secret
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Agent:
     addresses: dict[str, str]
     claude_code_hosts: tuple[HostEntry, ...]
     env: dict[str, str]
-    secrets: tuple[str, ...]
+    secrets: tuple[Secret, ...]
     user: GuestUser
     backend: str
     project: str
@@ -74,6 +75,8 @@ class Agent:
             rules['addresses'] = dict(sorted(self.addresses.items()))
         if self.git:
             rules['gated'] = [{'host': repo.parts['host'].lower(), 'path': f'/{repo.path}'} for repo in self.git]
+        if self.secrets:
+            rules['secrets'] = [secret.binding() for secret in self.secrets]     # tasks/secrets.py adds placeholders
         return rules
 
     def skill_dir(self, skill: str) -> Path:

@@ -90,6 +90,11 @@ class HostEntry:
     def name(self) -> str:
         return self.host.removeprefix(WILDCARD)
 
+    def covers(self, host: str) -> bool:
+        """Whether a request to `host` (a name in lower case) is to this entry's host (methods and paths aside)."""
+        name = self.name.lower()
+        return host == name or self.host.startswith(WILDCARD) and host.endswith(f'.{name}')
+
     def rule(self) -> dict:
         """The entry in the rules format, written by daemons/proxy/rules.py's own HostRule: methods sorted
         and each once, as the rules file holds them whatever order the manifest gives."""

@@ -14,6 +14,7 @@ from tasks.manifest.git import GitRepoList
 from tasks.manifest.hosts import CLAUDE_CODE_HOSTS, HOSTS, NETWORK, AddressMap
 from tasks.manifest.kinds import (MAX_NAME_BYTES, Boolean, Choice, EnvMap, GuestPath, HostPath, ImageBase, Integer,
                                   Kind, ListOf, TemplateName, Text, UserName)
+from tasks.manifest.secrets import ENV_NAME, SecretList
 from tasks.manifest.names import BACKEND_ENV, BACKENDS, MACHINE_NAME, MAX_PROJECT_NAME, PROJECT_KEY
 
 
@@ -31,8 +32,6 @@ class Key:
 
 SKILL_NAME = Text('name', 'a skill directory name (letters, digits, ".", "_" and "-")',
                   r'[A-Za-z0-9][A-Za-z0-9._-]*', max_length=MAX_NAME_BYTES)
-ENV_NAME = Text('name', 'an environment variable name such as API_TOKEN', r'[A-Za-z_][A-Za-z0-9_]*',
-                max_length=MAX_NAME_BYTES)
 
 
 MAX_SUPERVISE_WAIT = 3600     # Claude Code's per-server timeout is set past it; "pending" comes long before
@@ -102,8 +101,14 @@ KEYS: tuple[Key, ...] = (
         '(it checks later)', 'supervise_wait'),
     Key('env', EnvMap(ENV_NAME), {},
         'plain environment variables of the machine (merged with `_defaults.yaml` variable by variable)', 'env'),
-    Key('secrets', ListOf(ENV_NAME, 'list of variable names', unique=True), [],
-        'host environment variables handed to Claude at attach time only (never written anywhere)', 'secrets'),
+    Key('secrets', SecretList(), [],
+        'host environment variables the agent uses without ever holding them: each is bound to the hosts its value '
+        'may go to and the header it goes in (`{name: GITHUB_TOKEN, hosts: [api.github.com], header: Authorization, '
+        'format: "Bearer {}"}`, `format` default `{}`); the guest gets a placeholder, and the egress proxy puts the '
+        'value, handed to it at attach time, into that header of requests to those hosts (and refuses the '
+        'placeholder anywhere else). `ANTHROPIC_API_KEY` (`x-api-key`) and `CLAUDE_CODE_OAUTH_TOKEN` '
+        '(`Authorization: Bearer`) may be given by name alone: they go to the Anthropic API (the host of '
+        '`env`\'s `ANTHROPIC_BASE_URL` when set). A bound host must be allowed', 'secrets'),
     Key('user.name', UserName(), 'agent',
         'the non-root user Claude runs as', 'user.name'),
     Key('user.uid', Integer(1, 60000), 1000,

@@ -18,6 +18,7 @@ from tasks.manifest.agent import Agent, GuestUser, Recipe
 from tasks.manifest.hosts import HostEntry, skill_hosts
 from tasks.manifest.keys import KEY, KEYS, SECTIONS, TOP_LEVEL, Key
 from tasks.manifest.kinds import EnvMap, Index, printable, show
+from tasks.manifest.secrets import resolved
 from tasks.manifest.names import (BACKEND_ENV, BACKENDS, DEBOOTSTRAP, DEFAULTS_FILE, MACHINE_NAME, MACHINE_PREFIX,
                                   MANIFEST_SUFFIX, MAX_AGENT_NAME, PROJECT_KEY, TARBALL_SUFFIXES, default_project_name,
                                   is_local_base)
@@ -264,11 +265,26 @@ class _Draft:
                                   f'local base {self.display(where)} is neither a directory nor a tarball '
                                   f'({", ".join(TARBALL_SUFFIXES)}); fix the path (relative to the manifest\'s '
                                   'directory) or use an image name such as debian:bookworm-slim')
-        for i, secret in enumerate(values['secrets']):
-            if secret in values['env']:
-                yield self.report('secrets', ('secrets', Index(i)),
-                                  f'{secret!r} is also set in env; a secret comes only from the host '
-                                  'environment at attach time, so remove it from env')
+        if not wrong & {'secrets', 'env', 'network.allow_hosts', 'network.claude_code_hosts'}:
+            yield from self._check_secrets()
+
+    def _check_secrets(self) -> Iterator[Problem]:
+        """No secret is also plain env, and each goes only to hosts the bottle may reach."""
+        values = self.values
+        allowed = (KEY['network.allow_hosts'].kind.convert(values['network.allow_hosts'], self.base_dir)
+                   + KEY['network.claude_code_hosts'].kind.convert(values['network.claude_code_hosts'], self.base_dir)
+                   + self.skill_hosts)
+        env = KEY['env'].kind.convert(values['env'], self.base_dir)
+        for i, secret in enumerate(resolved(KEY['secrets'].kind.convert(values['secrets'], self.base_dir), env)):
+            at = ('secrets', Index(i))
+            if secret.name in values['env']:
+                yield self.report('secrets', at, f'{secret.name!r} is also set in env; a secret comes only from the '
+                                                 'host environment at attach time, so remove it from env')
+            for host in secret.hosts:
+                if not any(entry.covers(host) for entry in allowed):
+                    yield self.report('secrets', at, f'{secret.name} is bound to {host}, which the bottle may not '
+                                                     f'reach; add {host} to network.allow_hosts, or bind the secret '
+                                                     'to an allowed host')
 
     def _fields(self, backend: str) -> dict:
         """Agent attributes by KEYS' `attribute`, with the `recipe.` and `user.` ones grouped."""
@@ -281,6 +297,7 @@ class _Draft:
         fields['project'] = fields['project'] or self.default_project
         fields['git'] = tuple(repo if repo.push else dataclasses.replace(repo, push=(f'refs/heads/agent/{self.name}/*',))
                               for repo in fields['git'])
+        fields['secrets'] = resolved(fields['secrets'], fields['env'])
         fields['user'] = GuestUser(**groups['user'])
         fields['recipe'] = Recipe(**groups['recipe'], user=fields['user'], backend=backend,
                                   source_dir=self.base_dir)
