@@ -49,7 +49,7 @@ CASES = {
     'secret in a header the proxy cannot set': (
         'a.yaml', 'network: {allow_hosts: [api.github.com]}\nsecrets:\n  - name: GITHUB_TOKEN\n'
                   '    hosts: [api.github.com]\n    header: Host\n',
-        ["agents/a.yaml:5: key 'secrets[0].header'", "'Host' frames or routes the request"]),
+        ["agents/a.yaml:5: key 'secrets[0].header'", "Host is a header the egress proxy sets or drops itself"]),
     'secret format without a place for it': (
         'a.yaml', 'secrets: [{name: T, hosts: [api.anthropic.com], header: Authorization, format: Bearer}]\n',
         ["agents/a.yaml:1: key 'secrets[0].format'", "must hold \"{}\" exactly once"]),

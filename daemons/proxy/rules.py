@@ -79,25 +79,9 @@ GATE_KEY_HEADER = 'X-Claude-Bottle-Gate-Key'
 SUPERVISE_KEY_HEADER = 'X-Claude-Bottle-Supervise-Key'
 # The project's own services a bottle reaches through its door, by name: (host, key header).
 SERVICES = {'gate': (GATE_HOST, GATE_KEY_HEADER), 'supervise': (SUPERVISE_HOST, SUPERVISE_KEY_HEADER)}
-# Headers the proxy does not let a secret's value go in: the message's framing and routing, and the project's own.
-UNSETTABLE_HEADERS = frozenset({'host', 'content-length', 'transfer-encoding', 'connection', 'upgrade', 'te',
-                                'trailer', 'keep-alive', 'expect'})
-
-
-def settable_header(name: str) -> str | None:
-    """None when a secret's value may go in header `name`; else why not."""
-    lower = name.lower()
-    if lower in UNSETTABLE_HEADERS or lower.startswith('proxy-'):
-        return f'{name!r} frames or routes the request, and the proxy sets no secret in it; use the header the ' \
-               'service reads its key from, such as Authorization'
-    if lower.startswith(BOTTLE_HEADER.lower()):
-        return f'{name!r} is claude-bottle\'s own header; use the header the service reads its key from'
-    return None
-
-
 # Headers a bound secret cannot go in: the proxy sets, drops or frames by them itself.
 UNSETTABLE_HEADERS = frozenset({'host', 'content-length', 'transfer-encoding', 'connection', 'upgrade', 'te',
-                                'trailer', 'keep-alive'})
+                                'trailer', 'keep-alive', 'expect'})
 PLACEHOLDER_MIN = 24
 _PLACEHOLDER = re.compile(r'[A-Za-z0-9_-]+')
 _ENV_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
