@@ -131,7 +131,10 @@ def fence(request, tmp_path_factory, claude_cache, node_binary):
     private = [f'{address}/32']
     bottles.agent('open', prompt='Work.', network={        # the unlisted name: once approved
         'allow_hosts': [address, 'localhost'], 'allow_private': [*private, f'{unlisted_address}/32'],
-        'hosts': {UNLISTED: unlisted_address}})
+        'hosts': {UNLISTED: unlisted_address}},
+        env={'ANTHROPIC_BASE_URL': f'https://{address}'},    # the Anthropic API's host: the mock's
+        secrets=['ANTHROPIC_API_KEY', {'name': 'BOTTLE_FENCE_TOKEN', 'hosts': [address], 'header': 'Authorization',
+                                       'format': 'Bearer {}'}])
     bottles.agent('narrow', prompt='Read.', network={
         'allow_hosts': [{'host': address, 'methods': ['GET'], 'paths': ['/public/']}],
         'allow_private': private, 'claude_code_hosts': []})
@@ -568,6 +571,76 @@ def test_a_streamed_response_arrives_as_it_is_sent(fence):
     lines = [line.split(' ', 1) for line in stamped.splitlines()]
     assert [text for _, text in lines] == ['data: event 1', 'data: event 2', 'data: event 3']
     assert float(lines[0][0]) < fence.upstream.last_event_at - 1, (lines, fence.upstream.last_event_at)
+
+
+# --- secrets: the bottle holds placeholders, the proxy puts the values in ------------------------------
+
+def unmatchable(text: str) -> str:
+    """A grep -E pattern matching `text` that does not hold it (so the grep's own argv is no hit)."""
+    return re.escape(text[:-1]) + f'[{text[-1]}]'
+
+
+def test_claude_authenticates_with_a_key_the_bottle_never_holds_and_a_rotated_one_applies_at_the_next_attach(fence):
+    """The real `claude -p` in the bottle, with the placeholder of ANTHROPIC_API_KEY in its environment as the
+    attach command gives it, reaches the mock API with the real key in x-api-key; a custom secret works from
+    curl in its bound header and is refused (403 naming it) anywhere else, the upstream seeing nothing; no
+    guest file, process environment or command line and no host file of the project holds a value; a rotated
+    value applies at the next launch with the same proxy and the same machine."""
+    bottles, upstream = fence.bottles, fence.upstream
+    key, token = f'sk-ant-real-{os.urandom(12).hex()}', f'fence-token-{os.urandom(12).hex()}'
+    bottles.doit('launch:open', env=bottles.env(ANTHROPIC_API_KEY=key, BOTTLE_FENCE_TOKEN=token))
+    placeholders = json.loads((bottles.root / '.bottle' / 'agents' / 'open' / 'placeholders.json').read_text())
+    api_placeholder, token_placeholder = placeholders['ANTHROPIC_API_KEY'], placeholders['BOTTLE_FENCE_TOKEN']
+    assert api_placeholder.startswith('sk-ant-api03-bottle-placeholder-ANTHROPIC_API_KEY-')
+    assert 'BOTTLE_FENCE_TOKEN: goes in the Authorization header of requests to' in bottles.prompt_text('open')
+    proxy_pid = fence.proxy_pid()
+    bottles.guest('open', 'echo same > /tmp/machine-mark')
+
+    before = len(upstream.received)
+    out = bottles.guest('open', f'{AS_AGENT} ANTHROPIC_BASE_URL={fence.url} ANTHROPIC_API_KEY={api_placeholder} '
+                                'CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 timeout 300 claude -p ping < /dev/null 2>&1')
+    assert 'pong from the mock API' in out, out
+    calls = [r for r in upstream.received[before:] if r['path'].startswith('/v1/messages')]
+    assert calls and all(dict((n.lower(), v) for n, v in r['headers'])['x-api-key'] == key for r in calls), calls
+
+    authorized = ('-H', f'Authorization: Bearer {token_placeholder}')
+    assert fence.curl('open', *authorized, f'{fence.url}/tokened')[0] == 200
+    seen = dict((n.lower(), v) for n, v in upstream.received[-1]['headers'])
+    assert (upstream.received[-1]['path'], seen['authorization']) == ('/tokened', f'Bearer {token}')
+    before = len(upstream.received)
+    for elsewhere in [('-H', f'X-Token: {token_placeholder}', f'{fence.url}/other-header'),
+                      (f'{fence.url}/in-url?token={token_placeholder}',),
+                      ('--data', f'token={token_placeholder}', f'{fence.url}/in-body'),
+                      (*authorized, '--noproxy', '', 'https://localhost/another-host')]:       # an allowed host
+        status, body = fence.curl('open', *elsewhere)
+        assert status == 403 and 'BOTTLE_FENCE_TOKEN' in body, (elsewhere, status, body)
+        assert token not in body
+    assert len(upstream.received) == before, upstream.received[before:]
+
+    # Nowhere in the guest: no file, no process's environment or command line (as root, every process).
+    pattern = f'{unmatchable(key)}|{unmatchable(token)}'
+    found = bottles.guest('open', f'grep -rlsE --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev '
+                                  f'{shlex.quote(pattern)} / ; grep -lsE {shlex.quote(pattern)} /proc/[0-9]*/environ '
+                                  '/proc/[0-9]*/cmdline; true')
+    assert found.strip() == '', found
+    # Nor on the host, in the project (its state, logs, receipts, rules, doit's database) or the backend's state.
+    for place in [bottles.root, *bottles.backend.state_dirs()]:
+        for path in place.rglob('*'):
+            if path.is_file() and not path.is_symlink() and path.name != DISK_FILE:
+                data = path.read_bytes()
+                assert key.encode() not in data and token.encode() not in data, f'a value is in {path}'
+    status = bottles.doit('status').stdout
+    assert re.search(rf'secret BOTTLE_FENCE_TOKEN: goes in Authorization to {re.escape(fence.address)}; used by '
+                     r'[1-9]\d* request\(s\)', status), status
+    assert token not in status and key not in status and token_placeholder not in status
+
+    # A rotated value: the next launch hands it over; same proxy, same machine.
+    rotated = f'fence-token-{os.urandom(12).hex()}'
+    bottles.doit('launch:open', env=bottles.env(ANTHROPIC_API_KEY=key, BOTTLE_FENCE_TOKEN=rotated))
+    assert fence.curl('open', *authorized, f'{fence.url}/rotated')[0] == 200
+    seen = dict((n.lower(), v) for n, v in upstream.received[-1]['headers'])
+    assert seen['authorization'] == f'Bearer {rotated}'
+    assert fence.proxy_pid() == proxy_pid and bottles.guest('open', 'cat /tmp/machine-mark') == 'same\n'
 
 
 # --- the CA key stays in its own file; a new CA re-runs provision_ca only ----------------------

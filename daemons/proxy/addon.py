@@ -353,8 +353,6 @@ class EgressFence:
             self.to_service(flow, bottle, host)
         elif refusal := await self.refusal(flow, bottle):
             deny(flow, bottle, refusal)
-        elif flow.metadata['bottle_rules'].secrets and (refusal := self.bind_secrets(flow, bottle, host)):
-            deny(flow, bottle, refusal)
         else:
             request.headers['Host'] = message.host_header(host, request.port, request.scheme)
             flow.metadata['bottle_allowed'] = bottle
@@ -478,6 +476,8 @@ class EgressFence:
         if reason:
             return Refusal(reason, ALLOW_HOSTS)
         refusal = self.body_refusal(flow, rules, host)
+        if refusal is None and rules.secrets:     # before any DNS lookup: a placeholder astray goes nowhere
+            refusal = self.bind_secrets(flow, bottle, host)
         return refusal or await self.check_address(flow, rules, host, request.port)
 
     @staticmethod
