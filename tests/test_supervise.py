@@ -38,7 +38,7 @@ from tests.proxy_upstreams import GuestRelay
 
 pytestmark = pytest.mark.fast
 
-WAITS = {'a': 60, 'b': 60, 'quick': 2, 'flood': 1, 'flood2': 1, 'shown': 60}  # seconds each bottle's calls wait
+WAITS = {'a': 60, 'b': 60, 'quick': 2, 'flood': 1, 'flood2': 1, 'shown': 60, 'keyed': 60}  # seconds each bottle's calls wait
 POLL_SECONDS = 0.1
 POLL_LIMIT = 600        # polls of the page before a test gives up on seeing a request (about a minute)
 
@@ -563,6 +563,31 @@ def test_what_an_agent_asks_is_checked_before_a_person_sees_it(s):
 
 
 HOSTILE_REASON = 'need it\r\x1b[2K\x1b[1Amay it reach pypi.org? \u202egro.ipyp\u202c\u200b\u00a0'
+
+
+def test_the_page_lists_a_bottles_secrets_by_name_and_counts_their_uses_never_a_value(s):
+    """The page's state names each bound secret, where it goes and how many requests the proxy put it in
+    (from the bottle's egress log, read on from where the last look stopped); no placeholder, no value."""
+    placeholder = 'bottle-placeholder-API_TOKEN-' + '0' * 32
+    entry = s.bottles['keyed']
+    write_rules(Path(entry['rules']), {'hosts': [{'host': 'api.example.com'}], 'secrets': [
+        {'name': 'API_TOKEN', 'hosts': ['api.example.com'], 'header': 'Authorization', 'format': 'Bearer {}',
+         'placeholder': placeholder}]})
+    line = {'time': '2026-12-05T00:00:00Z', 'bottle': 'keyed', 'method': 'GET', 'host': 'api.example.com',
+            'port': 443, 'path': '/', 'status': 200, 'reason': None}
+    log = Path(entry['log'])
+    log.write_text(''.join(json.dumps({**line, 'allowed': allowed, 'secret': 'API_TOKEN'}) + '\n'
+                           for allowed in (True, True, False)))
+
+    def listed() -> list[dict]:
+        state = asyncio.run(s.page_state())
+        assert placeholder not in json.dumps(state)
+        return next(b for b in state['bottles'] if b['name'] == 'keyed')['secrets']
+
+    assert listed() == [{'name': 'API_TOKEN', 'hosts': ['api.example.com'], 'header': 'Authorization', 'uses': 2}]
+    with log.open('a') as more:
+        more.write(json.dumps({**line, 'allowed': True, 'secret': 'API_TOKEN'}) + '\n' + '{"cut')
+    assert listed()[0]['uses'] == 3
 
 
 def test_the_page_shows_what_the_agent_wrote_visibly_and_the_push_it_would_land(s, browser, tmp_path):
