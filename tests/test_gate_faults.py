@@ -49,20 +49,24 @@ class Faults:
     def __init__(self, root: Path):
         """The gate's state directory root/gate must be the tmpfs already (the fixture mounts it)."""
         self.setup = Setup(root)
-        self.dir = root / 'faults'
-        self.dir.mkdir()
-        self.setup.gate.env[FAULT_VARIABLE] = str(self.dir)
-        self.work = {}
-        for mode in POINTS:
-            name = f'{mode}-repo'
-            self.setup.add_repo(name, mode=mode)
-            hook = self.setup.git_root / f'{name}.git' / 'hooks' / 'pre-receive'
-            hook.write_text(UPSTREAM_HOOK.format(faults=self.dir))
-            hook.chmod(0o755)
-        assert self.setup.gate.ensure_running()
-        for mode in POINTS:
-            (root / 'work').mkdir(exist_ok=True)
-            self.work[mode] = self.setup.clone('a', f'{mode}-repo', root / 'work' / mode)
+        try:
+            self.dir = root / 'faults'
+            self.dir.mkdir()
+            self.setup.gate.env[FAULT_VARIABLE] = str(self.dir)
+            self.work = {}
+            for mode in POINTS:
+                name = f'{mode}-repo'
+                self.setup.add_repo(name, mode=mode)
+                hook = self.setup.git_root / f'{name}.git' / 'hooks' / 'pre-receive'
+                hook.write_text(UPSTREAM_HOOK.format(faults=self.dir))
+                hook.chmod(0o755)
+            assert self.setup.gate.ensure_running()
+            for mode in POINTS:
+                (root / 'work').mkdir(exist_ok=True)
+                self.work[mode] = self.setup.clone('a', f'{mode}-repo', root / 'work' / mode)
+        except BaseException:
+            self.close()      # the gate, and the upstream, started before what failed
+            raise
 
     @property
     def state(self) -> Path:
