@@ -37,12 +37,13 @@ from daemons.supervise import approved
 from tasks.cache import cache_dir
 from tasks.checks import FileExists
 from tasks.manifest import Agent
-from tasks.progress import progress
+from tasks.progress import progress, stopped
 from tasks.project import Project, action
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
 CA_KEY_FILE = 'mitmproxy-ca.pem'      # in the CA directory, mitmproxy's name (daemons/proxy/ca.py)
 UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
+WHAT = 'the project\'s egress proxy'
 
 
 def proxy(project: Project) -> EgressProxy:
@@ -160,5 +161,5 @@ def open_door(project: Project, agent: Agent):
 def close_door(project: Project, agent_name: str):
     """Close the bottle's door if the project ever opened one; the proxy stops with the last."""
     egress = proxy(project)
-    if egress.doors_file.exists():
-        egress.close_door(agent_name)
+    if egress.doors_file.exists() and egress.close_door(agent_name):
+        stopped(WHAT)

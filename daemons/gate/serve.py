@@ -36,6 +36,7 @@ from daemons.gate.store import LOCK_SECONDS, LockTimeout, mirror_dir, mirror_loc
 from daemons.gate.upstream import UpstreamError, host_env, update_mirror
 from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
+from daemons.proxy.statedir import exit_when_gone
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536
@@ -257,6 +258,7 @@ async def locked(mirror: Path):
 def main(argv: list[str]) -> int:
     logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
+    exit_when_gone(state_dir)       # the checkout deleted: the gate goes too
     key = (state_dir / 'key').read_text().strip()
     instance = secrets.randbits(INSTANCE_BITS)
     listener = socket.socket()
