@@ -3,7 +3,8 @@ directory at the same path (deleted and made again), the daemon exits by itself.
 
 exit_when_gone(state_dir) starts a thread that looks every CHECK_SECONDS (BOTTLE_STATE_CHECK_SECONDS in the
 daemon's environment, for tests) whether the path still names the directory the daemon started in (its device
-and inode). When it does not, the thread writes one line to stderr (the daemon's log) and ends the daemon as
+and inode; the thread holds the directory open, so its inode number cannot be given to a new directory made
+at the same path, a checkout cloned again where it was). When it does not, the thread writes one line to stderr (the daemon's log) and ends the daemon as
 `doit` stops it: SIGTERM to its process group (daemons.lifecycle starts each daemon leading a group of its own),
 which each daemon answers by shutting down cleanly; if it is still there GRACE_SECONDS later, it exits at once.
 
@@ -27,7 +28,13 @@ GRACE_SECONDS = 10.0
 def exit_when_gone(state_dir: str | os.PathLike) -> threading.Thread:
     """Watch `state_dir` from a daemon thread; the process ends soon after the directory is gone."""
     path = os.path.realpath(state_dir)
-    thread = threading.Thread(target=_watch, args=(path, _identity(path), check_seconds()),
+    try:
+        held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)      # for the life of the process
+        info = os.fstat(held)
+        started_in = info.st_dev, info.st_ino
+    except OSError:
+        started_in = None       # gone already: the first look ends the daemon
+    thread = threading.Thread(target=_watch, args=(path, started_in, check_seconds()),
                               name='state-dir-watch', daemon=True)
     thread.start()
     return thread
