@@ -8,7 +8,8 @@ stand on. Nothing here imports `tasks`.
     atomic.py        writing a file so readers see the old one or the whole new one
     hostprograms.py  the programs claude-bottle runs on the host, each with its Debian package
     proxy/           the egress proxy: control.py (host side), serve.py + addon.py + doors.py + bounds.py
-                     (mitmproxy), rules, what a request says (message.py), the CA
+                     (mitmproxy), rules, what a request says (message.py), the CA; and what every daemon
+                     uses: logbound.py (bounded logs), statedir.py (exit once the state directory is gone)
     gate/            the git gate: control.py, serve.py (ASGI), the receive hooks, reviews, mirrors
     supervise/       the supervisor: control.py, serve.py (MCP server and page), the requests, approvals
 """

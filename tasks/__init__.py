@@ -2,7 +2,8 @@
 
     input       manifest/ (agents/*.yaml validated), project.py (paths, templates, @action), setup_template.py
     graph       bases.py, image.py, egress.py, services.py + gate.py + supervise.py, machine.py, prompt.py,
-                provision.py, launch.py: one module per task family, each module's docstring names its tasks
+                provision.py, launch.py: one module per task family, each module's docstring names its tasks;
+                lifetime.py: the daemons stopped when no bottle uses them (teardown, prune)
     backends/   the machine runtimes behind one protocol: smolvm, docker, podman
     commands/   what a person runs by name, never part of a launch: status, prune, the supervisor's commands
     helpers     errors.py, cache.py, checks.py (up-to-date checks that ask a machine), guest.py, progress.py

@@ -40,11 +40,12 @@ from tasks import secrets
 from tasks.cache import cache_dir
 from tasks.checks import FileExists
 from tasks.manifest import Agent
-from tasks.progress import progress
+from tasks.progress import progress, stopped
 from tasks.project import Project, action
 
 ENV_TASK = f'egress_env:{MITMPROXY_VERSION}'
 UPSTREAM_CA_ENV = 'BOTTLE_UPSTREAM_CA'
+WHAT = 'the project\'s egress proxy'
 
 
 def proxy(project: Project) -> EgressProxy:
@@ -166,5 +167,5 @@ def open_door(project: Project, agent: Agent):
 def close_door(project: Project, agent_name: str):
     """Close the bottle's door if the project ever opened one; the proxy stops with the last."""
     egress = proxy(project)
-    if egress.doors_file.exists():
-        egress.close_door(agent_name)
+    if egress.doors_file.exists() and egress.close_door(agent_name):
+        stopped(WHAT)

@@ -7,7 +7,7 @@ machine:<agent>   `create --from <image>` with the agent's resources and labels,
                   replaced outside doit.
 start:<agent>     the machine running; starting is idempotent.
 teardown:<agent>  machine stopped and deleted, its egress door closed, the agent's state dir
-                  removed.
+                  removed; the project's daemons no other bottle uses stopped (tasks/lifetime.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import egress, guest
+from tasks import egress, guest, lifetime
 from tasks.backends import confine
 from tasks.backends.disk import outermost
 from tasks.backends.pick import backend
@@ -71,8 +71,9 @@ def teardown_tasks(project: Project):
             'name': agent.name,
             'doc': f'stop and delete {agent.machine}, close its egress door and forget its state',
             'actions': [(delete, [project, agent]), (egress.close_door, [project, agent.name]),
-                        (shutil.rmtree, [state], {'ignore_errors': True})],
+                        (shutil.rmtree, [state], {'ignore_errors': True}), (stop_unused, [project])],
             'uptodate': [MachineAbsent(agent), PathAbsent(state, 'state dir')],
+            'verbosity': 2,         # the daemons it stops, in a line each
         }
 
 
@@ -154,3 +155,6 @@ def start(agent: Agent):
 @action
 def delete(project: Project, agent: Agent):
     _delete_everywhere(project, agent)
+
+
+stop_unused = action(lifetime.stop_unused)

@@ -1,6 +1,7 @@
 """The project's services behind the egress proxy (the git gate, the supervisor), doit's side: one task
 per service that runs it for the agents that use it and routes the bottles' requests for its name to it
-(rules.SERVICES), or stops it when no agent uses it. Neither costs a backend call.
+(rules.SERVICES), or stops it when no agent uses it. Neither costs a backend call. `stop` is also how
+tasks/lifetime.py stops a service no bottle uses any more.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from doit.tools import config_changed
 
 from daemons.service import KeyedService
 from tasks import egress
+from tasks.progress import stopped
 from tasks.project import Project, action
 
 
@@ -43,13 +45,13 @@ def task(project: Project, name: str, service: KeyedService, served: dict, what:
     """`served`: the service's bottles file; empty, the service is stopped (`unused` says why)."""
     if not served:
         return {
-            'actions': [(close, [project, name, service])],
+            'actions': [(close, [project, name, service, what, unused])],
             'uptodate': [Stopped(service, what)],
         }
     return {
         'actions': [(open_, [project, name, service, served])],
         'uptodate': [config_changed(served), Serving(project, name, service, what)],
-        'clean': [(close, [project, name, service])],
+        'clean': [(close, [project, name, service, what, 'doit clean'])],
     }
 
 
@@ -64,9 +66,16 @@ def open_(project: Project, name: str, service: KeyedService, served: dict):
     egress.proxy(project).route_service(name, service.port(), service.key_file)
 
 
-@action
-def close(project: Project, name: str, service: KeyedService):
+def stop(project: Project, name: str, service: KeyedService, what: str, why: str):
+    """Stop the service and take the proxy's route to it away; idempotent. A running one stopped is said
+    in one line, with `why`."""
+    running = service.daemon().pid() is not None
     service.stop()
     egress_proxy = egress.proxy(project)
     if egress_proxy.doors_file.exists():
         egress_proxy.route_service(name, None, None)
+    if running:
+        stopped(what, why)
+
+
+close = action(stop)

@@ -43,6 +43,7 @@ from daemons.gate.upstream import (Bounds, UpstreamError, UpstreamTimeout, end_a
                                    update_mirror)
 from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, GATE_KEY_HEADER, LISTEN_HOST
+from daemons.proxy.statedir import exit_when_gone
 
 HOOKS = Path(__file__).resolve().parent / 'hooks'
 READ_BYTES = 65536
@@ -288,6 +289,7 @@ async def answer(send, status: int, text: str, content_type: str = 'text/plain; 
 def main(argv: list[str]) -> int:
     logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
+    exit_when_gone(state_dir)       # the checkout deleted: the gate goes too
     key = (state_dir / 'key').read_text().strip()
     instance = secrets.randbits(INSTANCE_BITS)
     listener = socket.socket()

@@ -182,8 +182,9 @@ class EgressProxy:
             self._ensure_running(doors)
         return door
 
-    def close_door(self, bottle: str) -> None:
-        """Remove the bottle's door (the proxy stops listening on it); the proxy stops with the last door."""
+    def close_door(self, bottle: str) -> bool:
+        """Remove the bottle's door (the proxy stops listening on it); the proxy stops with the last door.
+        True when this stopped a running proxy."""
         with self._locked():
             doors = self._doors()
             entry = doors.pop(bottle, None)
@@ -197,7 +198,15 @@ class EgressProxy:
                     pass            # not empty or already gone: not ours to clear
                 self._write_doors(doors)
             if not doors:
-                self.daemon().stop()
+                daemon = self.daemon()
+                running = daemon.pid() is not None
+                daemon.stop()
+                return running
+            return False
+
+    def bottles(self) -> list[str]:
+        """The bottles that have a door: those whose launch opened it and no teardown closed it."""
+        return sorted(self._doors())
 
     def ensure_running(self) -> bool:
         """Start the proxy when it is not healthy (after a crash, a reboot), which opens every door; True

@@ -16,6 +16,7 @@ limit is raised to the hard limit (two descriptors a connection, doors.CONNECTIO
 connection may cost it is bounded (bounds.py), and so is its log: a line at most LOG_LINE_BYTES, at most
 LOG_LINES lines a minute (mitmproxy logs a failed TLS handshake with the guest's bytes in hex), and the file
 (its stdout and stderr, proxy.log) at most logbound.DAEMON_LOG_BYTES before it is rotated to proxy.log.1.
+It exits by itself once the directory of its doors file is gone (statedir.py: the checkout was deleted).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 import addon
 import bounds
 import logbound
+import statedir
 
 LOG_LINE_BYTES = 1024
 LOG_LINES = 60           # a minute; past it, lines are counted and the count logged when the minute is over
@@ -98,6 +100,9 @@ async def serve(settings: list[str], fence: list) -> int:
 def main() -> int:
     logbound.bound_output()     # first: the log handler made in serve() takes the bounded sys.stderr
     bounds.apply()
+    doors = [setting.partition('=')[2] for setting in sys.argv[1:] if setting.startswith('bottle_doors=')]
+    if doors:
+        statedir.exit_when_gone(os.path.dirname(doors[-1]))    # the project's proxy directory: gone, the proxy goes
     return asyncio.run(serve(sys.argv[1:], addon.addons))
 
 

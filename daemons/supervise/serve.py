@@ -33,6 +33,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from daemons.atomic import write_atomic
 from daemons.proxy import logbound
 from daemons.proxy.rules import BOTTLE_HEADER, LISTEN_HOST, SUPERVISE_KEY_HEADER
+from daemons.proxy.statedir import exit_when_gone
 from daemons.supervise import requests
 from daemons.supervise.page import page_app
 from daemons.supervise.store import PENDING, Request, SuperviseError
@@ -208,6 +209,7 @@ def listen() -> socket.socket:
 def main(argv: list[str]) -> int:
     logbound.bound_output()     # first: uvicorn's log handlers take the bounded sys.stderr
     state_dir = Path(argv[1]).resolve()
+    exit_when_gone(state_dir)       # the checkout deleted: the supervisor goes too
     key = (state_dir / 'key').read_text().strip()
     token = (state_dir / 'page-token').read_text().strip()
     mcp_listener, page_listener = listen(), listen()

@@ -9,6 +9,8 @@
   with other debootstrap options, or named the old way). Bases of other suites, still current for
   other projects, stay.
 
+Then the project's daemons no bottle uses any more are stopped (tasks/lifetime.py), each said in one line.
+
 Never touches what a current agent needs. Run by hand (`doit prune`), never as part of a launch;
 a second run finds nothing.
 """
@@ -21,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from daemons.supervise import approved
-from tasks import egress
+from tasks import egress, lifetime
 from tasks.backends.pick import backend
 from tasks.backends.protocol import PROJECT_LABEL, BackendError, BackendMissing
 from tasks.bases import debootstrap_name
@@ -43,6 +45,7 @@ def task(project: Project) -> dict:
 @action
 def prune(project: Project):
     removed = _gone_agents(project) + _old_images(project) + _superseded_bases()   # machines before their images
+    lifetime.stop_unused(project)       # after the gone agents' doors closed
     if not removed:
         print('prune: nothing to remove')
         return
