@@ -1,7 +1,7 @@
 """What is about smolvm itself: its argv, its absence, and packs cut short."""
 from __future__ import annotations
 
-from tests.scenario import setup_agent
+from tests.scenario import TEST_SECRET, TEST_SECRET_NETWORK, placeholder_of, setup_agent
 
 
 def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_its_door(standin):
@@ -44,9 +44,9 @@ def test_a_machine_this_project_did_not_make_is_never_deleted(standin):
     assert standin.backend.machine_state(standin.machine('a')) == 'created'
 
 
-def test_attach_command_names_secrets_but_never_their_values(standin):
-    setup_agent(standin, secrets=['BOTTLE_TEST_SECRET'])
+def test_attach_command_passes_a_secrets_placeholder_never_its_value(standin):
+    setup_agent(standin, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
     run = standin.doit('launch:a', env=standin.env(BOTTLE_TEST_SECRET='value-never-printed'))
-    assert '--secret-env BOTTLE_TEST_SECRET=BOTTLE_TEST_SECRET' in run.stdout
-    assert 'value-never-printed' not in run.output
+    assert f'-e BOTTLE_TEST_SECRET={placeholder_of(standin, "a", "BOTTLE_TEST_SECRET")}' in run.stdout
+    assert '--secret-env' not in run.stdout and 'value-never-printed' not in run.output
     assert 'setpriv --reuid agent' in run.stdout
