@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from daemons.proxy.control import EgressProxy
 from daemons.supervise import requests
 from daemons.supervise.control import Supervisor
 from tasks.backends.disk import DISK_FILE
@@ -347,11 +348,14 @@ def test_guest_root_flooding_its_door_makes_no_host_process_and_leaves_other_bot
 @pytest.mark.extended         # an attack on the door
 def test_no_other_local_user_reaches_any_socket_of_the_proxy(fence):
     """As `nobody` on the host, against every listener the proxy holds: no TCP port (there is none), and each
-    Unix socket (the bottles' doors) refuses the connection. So no other local user can speak as a bottle."""
+    Unix socket (the bottles' doors, the hand-over of secrets' values) refuses the connection. So no other
+    local user can speak as a bottle, or hand it values."""
     pid = fence.proxy_pid()
     assert tcp_listeners(pid) == []
     doors = unix_listeners(pid)
-    assert sorted(doors) == sorted(str(fence.bottles.door_dir(a) / 'egress.sock') for a in ('open', 'narrow', 'shut'))
+    hand_over = EgressProxy(fence.bottles.root / '.bottle' / 'egress', Path('unused')).secrets_socket
+    assert sorted(doors) == sorted([str(hand_over), *(str(fence.bottles.door_dir(a) / 'egress.sock')
+                                                      for a in ('open', 'narrow', 'shut'))])
     for door in doors:
         connect = f'import socket; socket.socket(socket.AF_UNIX).connect({door!r})'
         tried = subprocess.run(['setpriv', '--reuid', 'nobody', '--regid', 'nogroup', '--clear-groups',
