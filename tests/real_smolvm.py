@@ -1,0 +1,73 @@
+"""The real smolvm CLI, for the contract tests (tests/test_smolvm_contract.py): smolvm 1.32.2, from PyPI's
+`smolmachines` wheel, which carries it as smol/smol-vmm beside libkrun. Copied (not linked) under the name
+`smolvm` next to its libraries, it runs; it cannot boot a VM on a host without hardware virtualization,
+but it parses every command and answers those that need no running machine.
+
+    python -m tests.real_smolvm          install it into $BOTTLE_TEST_CACHE/smolvm-1.32.2 (test.sh does)
+
+Never on PATH for the scenarios: the contract tests run it through a wrapper of their own, with a HOME of
+their own, so it keeps nothing anywhere else.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+VERSION = '1.32.2'
+WHEEL = f'smolmachines=={VERSION}'
+MEMBERS = ('smol/smol-vmm', 'smol/libkrun.so', 'smol/libkrunfw.so.5', 'smol/agent-rootfs.tar.zst',
+           'smol/overlay-template.ext4.zst', 'smol/storage-template.ext4.zst')
+CACHE_ENV = 'BOTTLE_TEST_CACHE'
+
+
+def directory(cache: Path) -> Path:
+    return Path(cache) / f'smolvm-{VERSION}'
+
+
+def binary(cache: Path) -> Path | None:
+    """The installed real smolvm, or None."""
+    path = directory(cache) / 'smolvm'
+    return path if os.access(path, os.X_OK) else None
+
+
+def install(cache: Path) -> Path:
+    """Download the pinned wheel (PyPI) and unpack the CLI and its libraries; whole or not at all."""
+    found = binary(cache)
+    if found:
+        return found
+    target = directory(cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.'))
+    try:
+        subprocess.run([sys.executable, '-m', 'pip', 'download', '--quiet', '--disable-pip-version-check',
+                        '--no-deps', '--only-binary=:all:', WHEEL, '-d', str(build)], check=True, timeout=600)
+        wheel = next(build.glob('smolmachines-*.whl'))
+        with zipfile.ZipFile(wheel) as archive:
+            for member in MEMBERS:
+                with archive.open(member) as source, open(build / Path(member).name, 'wb') as out:
+                    shutil.copyfileobj(source, out)
+                os.chmod(build / Path(member).name, 0o755)
+        wheel.unlink()
+        shutil.copy2(build / 'smol-vmm', build / 'smolvm')
+        version = subprocess.run([str(build / 'smolvm'), '--version'], capture_output=True, text=True, timeout=60,
+                                 env={'PATH': os.environ['PATH'], 'HOME': str(build)})
+        if version.stdout.strip() != f'smolvm {VERSION}':
+            raise SystemExit(f'the smolvm of {WHEEL} answered {version.stdout!r} {version.stderr!r}, not smolvm {VERSION}')
+        for made in ('.cache', '.local', '.config'):
+            shutil.rmtree(build / made, ignore_errors=True)
+        os.rename(build, target)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return target / 'smolvm'
+
+
+if __name__ == '__main__':
+    cache = os.environ.get(CACHE_ENV)
+    if not cache:
+        sys.exit(f'{CACHE_ENV} is not set: run ./test.sh, which sets it')
+    print(f'the real smolvm {VERSION} for the contract tests: {install(Path(cache))}')
