@@ -57,6 +57,7 @@ def test_a_misspelt_flag_is_a_parse_refusal(real):
 
 
 def test_every_command_the_backend_sends_gets_past_the_real_parser(standin, real):
+    standin.own_images()            # the launch builds its image: the commands of a build are replayed too
     setup_agent(standin, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
     run = standin.doit('launch:a', env=standin.env(BOTTLE_TEST_SECRET='value-never-printed'))
     standin.doit('teardown:a')
