@@ -7,12 +7,11 @@ the rest of the manifest.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 
 from daemons.gate.config import MODES as GIT_MODES    # standard library only, shared with the gate
-from tasks.manifest.kinds import Choice, Index, Integer, Kind, show
+from tasks.manifest.kinds import Choice, Index, Integer, Kind, show, unknown_keys
 
 # A repository URL as git takes it: https://host[:port]/path, ssh://[user@]host[:port]/path or the
 # scp-like [user@]host:path. The path is plain (letters, digits, ".", "_", "~", "-" and "/").
@@ -90,11 +89,8 @@ class GitRepoList(Kind):
             if not isinstance(entry, dict):
                 yield at, f'expected a mapping such as {self.EXAMPLE}, got {show(entry)}'
                 continue
-            for key in entry:
-                if key not in self.ENTRY_KEYS:
-                    close = difflib.get_close_matches(str(key)[:100], self.ENTRY_KEYS, n=1)
-                    yield at + (key,), ('unknown key; ' + (f'did you mean {close[0]!r}?' if close else
-                                                           f'a repository has {", ".join(self.ENTRY_KEYS)}'))
+            for key, problem in unknown_keys(entry, self.ENTRY_KEYS, 'a repository'):
+                yield at + (key,), problem
             url = entry.get('url')
             if not isinstance(url, str) or not any(p.fullmatch(url) for p in REPO_URLS):
                 yield at + ('url',), (f'expected a repository URL such as https://github.com/acme/app.git, '

@@ -7,13 +7,12 @@ Apart because one syntax serves manifests and skills, and what it means is the e
 """
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemons.proxy.rules import HostRule, is_ip, noncanonical_ipv4    # standard library only, shared with the proxy
-from tasks.manifest.kinds import Index, Kind, Text, quote, show
+from tasks.manifest.kinds import Index, Kind, Text, quote, show, unknown_keys
 from tasks.manifest.yaml_file import YAML_LINE_BREAK, Document, Problem, parse, read_text
 
 HOST_NAME = Text('host name', 'a host name such as api.anthropic.com',
@@ -122,11 +121,8 @@ class HostList(Kind):
                            f'methods: [GET], paths: [/repos/acme/]}}, got {show(entry)}')
 
     def _entry_problems(self, entry: dict):
-        for key in entry:
-            if key not in self.ENTRY_KEYS:
-                close = difflib.get_close_matches(str(key)[:100], self.ENTRY_KEYS, n=1)
-                yield (key,), ('unknown key; ' + (f'did you mean {close[0]!r}?' if close else
-                                                  f'a host entry has {", ".join(self.ENTRY_KEYS)}'))
+        for key, problem in unknown_keys(entry, self.ENTRY_KEYS, 'a host entry'):
+            yield (key,), problem
         if 'host' not in entry:
             yield (), 'a host entry needs host: NAME or *.DOMAIN'
         else:

@@ -6,6 +6,7 @@ git.py) and the file reader (yaml_file.py) stand on them without standing on the
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import reprlib
@@ -38,6 +39,15 @@ def printable(text: str) -> str:
     """Text for a one-line message: control and unencodable characters escaped."""
     return ''.join(c if c.isprintable() else c.encode('unicode_escape', 'backslashreplace').decode()
                    for c in text)
+
+
+def unknown_keys(entry: dict, keys: tuple[str, ...], what: str):
+    """(key, problem) for each key of a mapping entry that is not one of `keys`, with the closest one when
+    there is one: `what` names the entry ("a secret")."""
+    for key in entry:
+        if key not in keys:
+            close = difflib.get_close_matches(str(key)[:100], keys, n=1)
+            yield key, 'unknown key; ' + (f'did you mean {close[0]!r}?' if close else f'{what} has {", ".join(keys)}')
 
 
 class Index(int):

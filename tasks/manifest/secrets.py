@@ -8,14 +8,13 @@ is the proxy's, like hosts.py.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from daemons.proxy.rules import settable_header      # standard library only, shared with the proxy
 from tasks.manifest.hosts import HOST_NAME
-from tasks.manifest.kinds import MAX_NAME_BYTES, Index, Kind, Text, quote, show
+from tasks.manifest.kinds import MAX_NAME_BYTES, Index, Kind, Text, quote, show, unknown_keys
 
 ENV_NAME = Text('name', 'an environment variable name such as API_TOKEN', r'[A-Za-z_][A-Za-z0-9_]*',
                 max_length=MAX_NAME_BYTES)
@@ -83,11 +82,8 @@ class SecretList(Kind):
             seen.add(name if isinstance(name, str) else None)
 
     def _entry_problems(self, at: tuple, entry: dict):
-        for key in entry:
-            if key not in self.ENTRY_KEYS:
-                close = difflib.get_close_matches(str(key)[:100], self.ENTRY_KEYS, n=1)
-                yield at + (key,), ('unknown key; ' + (f'did you mean {close[0]!r}?' if close else
-                                                       f'a secret has {", ".join(self.ENTRY_KEYS)}'))
+        for key, problem in unknown_keys(entry, self.ENTRY_KEYS, 'a secret'):
+            yield at + (key,), problem
         if 'name' not in entry:
             yield at, f'a secret needs its name, such as {self.EXAMPLE}'
         else:
