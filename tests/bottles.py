@@ -516,9 +516,10 @@ SKIP_ONBOARDING = ('echo \'{"hasCompletedOnboarding": true}\' > /home/agent/.cla
                    'chown agent:agent /home/agent/.claude.json')
 
 
-def make_logging_shim(shim_dir: Path, program: str, log: Path) -> Path:
-    """`program` on PATH that logs its argv (one JSON line) and execs the real one."""
-    real = shutil.which(program)
+def make_logging_shim(shim_dir: Path, program: str, log: Path, real: Path | None = None) -> Path:
+    """`program` on PATH that logs its argv (one JSON line) and execs the real one (`real`, else the one on
+    PATH)."""
+    real = str(real) if real else shutil.which(program)
     shim_dir.mkdir(parents=True, exist_ok=True)
     shim = shim_dir / program
     shim.write_text(f'''#!{sys.executable}
@@ -684,10 +685,10 @@ class LoggedCli:
     """A real backend CLI whose calls a shim on PATH logs, for counting."""
     cli: str
 
-    def __init__(self, tmp: Path, cache: Path):
+    def __init__(self, tmp: Path, cache: Path, real: Path | None = None):
         self.log = tmp / f'{self.cli}-calls.jsonl'
         self.shims = tmp / 'shims'
-        make_logging_shim(self.shims, self.cli, self.log)
+        make_logging_shim(self.shims, self.cli, self.log, real)
         self.cache = cache
 
     def env(self) -> dict:
@@ -813,8 +814,9 @@ exit 1
 
 
 class RealSmolvm(LoggedCli, StandinSmolvm):
-    """The real smolvm, when it is on PATH: its calls logged by a shim, real images and Claude.
-    What it shares with the stand-in (argv kinds, exec, state) comes from StandinSmolvm."""
+    """The real smolvm (`real`: the one on PATH or the suite's own, tests/real_smolvm.py), where it boots a
+    machine: its calls logged by a shim, real images and Claude. What it shares with the stand-in (argv
+    kinds, exec, state) comes from StandinSmolvm."""
     name = 'smolvm'
     cli = 'smolvm'
     shares_images = False           # its images share keys with the stand-in's

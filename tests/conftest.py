@@ -5,6 +5,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,18 @@ import pytest
 # The support modules' asserts say what they compared, as a test module's do.
 pytest.register_assert_rewrite('tests.scenario', 'tests.gate_setup', 'tests.audit_log', 'tests.bottles')
 
+from tasks.backends import smolvm_boot  # noqa: E402
 from tasks.backends.disk import release_under  # noqa: E402
 from tasks.cache import cache_dir  # noqa: E402
 from tasks.project import Project
 from tests.bottles import (Bottles, Docker, Dockerd, ImageStash, Podman, RealSmolvm, StandinSmolvm,
                            make_fake_claude_archive, make_standin_images)
+from tests import real_smolvm as real_smolvm_install  # noqa: E402
 
 # Downloads and debootstrap bases are cached here when set (CI points it at a
 # directory the machine keeps); otherwise per test session.
 CACHE_ENV = 'BOTTLE_TEST_CACHE'
+REAL_SMOLVM_ENV = 'BOTTLE_REAL_SMOLVM'     # `require`: a real smolvm that cannot boot fails the run
 
 
 def pytest_itemcollected(item):
@@ -173,10 +177,28 @@ def _docker(request, tmp_path, claude_cache):
     return Docker(tmp_path, claude_cache, request.getfixturevalue('dockerd'))
 
 
+@pytest.fixture(scope='session')
+def real_smolvm() -> Path:
+    """The real smolvm where it boots a machine: the one on PATH, else the suite's own (test.sh installs it).
+    A probe boots a bare machine once per test session (per worker); where none boots, the real-smolvm
+    scenarios are skipped with smolvm's reason, unless BOTTLE_REAL_SMOLVM=require (tests/real-smolvm.sh)."""
+    where = Path(tempfile.mkdtemp(prefix='claude-bottle-smolvm-'))
+    try:
+        cache = os.environ.get(CACHE_ENV)
+        exe = shutil.which('smolvm') or (cache and real_smolvm_install.runnable(Path(cache), where))
+        problem = (smolvm_boot.probe(str(exe)) if exe else
+                   f'the real smolvm is not installed ({CACHE_ENV} unset: ./test.sh installs it)')
+        if problem and os.environ.get(REAL_SMOLVM_ENV) == 'require':
+            pytest.fail(f'{REAL_SMOLVM_ENV}=require, but smolvm cannot boot a machine here: {problem}')
+        if problem:
+            pytest.skip(f'smolvm cannot boot a machine here: {problem}; the same scenarios ran against the stand-in')
+        yield Path(exe)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def _smolvm(request, tmp_path, claude_cache):
-    if not shutil.which('smolvm'):
-        pytest.skip('the real smolvm is not on PATH; the same scenarios ran against the stand-in')
-    return RealSmolvm(tmp_path, claude_cache)
+    return RealSmolvm(tmp_path, claude_cache, request.getfixturevalue('real_smolvm'))
 
 
 BACKENDS = {'standin': _standin, 'smolvm': _smolvm, 'podman': _podman, 'docker': _docker}

@@ -5,8 +5,8 @@ but it parses every command and answers those that need no running machine.
 
     python -m tests.real_smolvm          install it into $BOTTLE_TEST_CACHE/smolvm-1.32.2 (test.sh does)
 
-Never on PATH for the scenarios: the contract tests run it through a wrapper of their own, with a HOME of
-their own, so it keeps nothing anywhere else.
+Never on PATH by itself: the contract tests run it with a HOME of their own, and the real-smolvm scenarios
+(tests/conftest.py) run it through a logging shim where a probe boots a machine with it (runnable()).
 """
 from __future__ import annotations
 
@@ -33,6 +33,26 @@ def binary(cache: Path) -> Path | None:
     """The installed real smolvm, or None."""
     path = directory(cache) / 'smolvm'
     return path if os.access(path, os.X_OK) else None
+
+
+def runnable(cache: Path, where: Path) -> Path | None:
+    """The installed smolvm as it must be to boot (or to reach the reason it cannot): its files linked (copied
+    across filesystems) into `where`, a directory every user may enter. As root, smolvm runs a machine's VM
+    process as another uid, which must reach the libraries beside the binary; the test cache, under root's
+    private home, is closed to it (smolvm then says "libkrun/libkrunfw not found")."""
+    installed = binary(cache)
+    if installed is None:
+        return None
+    where.mkdir(parents=True, exist_ok=True)
+    where.chmod(0o755)
+    for source in installed.parent.iterdir():
+        target = where / source.name
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    return where / 'smolvm'
 
 
 def install(cache: Path) -> Path:

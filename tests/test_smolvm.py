@@ -1,17 +1,22 @@
 """What is about smolvm itself: its argv, its absence, and packs cut short."""
 from __future__ import annotations
 
+import json
+
 from tests.scenario import TEST_SECRET, TEST_SECRET_NETWORK, placeholder_of, setup_agent
 
 
 def test_machine_is_created_from_the_pack_with_resources_labels_no_network_and_its_door(standin):
     standin.own_images()                # the build machine's calls are looked at
-    setup_agent(standin, resources={'cpus': 3, 'memory': 1024}, env={'MODE': 'review'},
+    setup_agent(standin, resources={'cpus': 3, 'memory': 1024, 'disk': 5}, env={'MODE': 'review'},
                 network={'allow_hosts': ['api.anthropic.com', 'pypi.org']})
     run = standin.doit('provision')
     create = next(c for c in run.calls if c[:2] == ['machine', 'create'] and standin.machine('a') in c)
     assert create[create.index('--from') + 1].endswith('.smolmachine')
     assert create[create.index('--cpus') + 1] == '3' and create[create.index('--mem') + 1] == '1024'
+    assert create[create.index('--overlay') + 1] == '5'            # resources.disk: the overlay, where it writes
+    listed = {m['name']: m for m in json.loads(standin.backend.smolvm('machine', 'ls', '--json').stdout)}
+    assert listed[standin.machine('a')]['overlay_gb'] == 5 and listed[standin.machine('a')]['storage_gb'] is None
     assert not {'--allow-host', '--net', '--allow-cidr'} & set(create)      # no network card at all
     door = standin.door_dir('a') / 'egress.sock'
     assert create[create.index('--mount-socket') + 1] == f'{door}:/run/bottle/egress.sock'

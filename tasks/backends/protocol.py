@@ -77,17 +77,30 @@ class ImageBuild:
     artifact: Path                   # where the packed image must end up
 
 
-def run(argv: list[str], *, stdin: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a backend command; on failure raise BackendError showing its stderr."""
-    proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                          capture_output=True)
+def run(argv: list[str], *, stdin: bytes | None = None, check: bool = True,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a backend command; on failure raise BackendError showing its stderr, and when it runs past
+    `timeout` seconds, one saying so."""
+    try:
+        proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f'`{_shown(argv)}` did not finish within {timeout:g} s and was stopped') from None
     if check and proc.returncode != 0:
-        shown = ' '.join(argv[:6]) + (' ...' if len(argv) > 6 else '')
-        err = proc.stderr.decode(errors='replace').strip() or proc.stdout.decode(errors='replace').strip()
-        how = (f'was killed by {_signal_name(-proc.returncode)}' if proc.returncode < 0
-               else f'failed with exit code {proc.returncode}')
-        raise BackendError(f'`{shown}` {how}:\n{err or "(it printed nothing)"}')
+        raise failure(proc)
     return proc
+
+
+def failure(proc: subprocess.CompletedProcess) -> BackendError:
+    """The error of a backend command that failed, showing its stderr."""
+    err = proc.stderr.decode(errors='replace').strip() or proc.stdout.decode(errors='replace').strip()
+    how = (f'was killed by {_signal_name(-proc.returncode)}' if proc.returncode < 0
+           else f'failed with exit code {proc.returncode}')
+    return BackendError(f'`{_shown(proc.args)}` {how}:\n{err or "(it printed nothing)"}')
+
+
+def _shown(argv: list[str]) -> str:
+    return ' '.join(argv[:6]) + (' ...' if len(argv) > 6 else '')
 
 
 def _signal_name(number: int) -> str:

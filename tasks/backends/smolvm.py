@@ -1,4 +1,4 @@
-"""smolvm (libkrun microVMs): argv exactly as smolvm 1.9.x parses it.
+"""smolvm (libkrun microVMs): argv exactly as smolvm 1.32 parses it (and 1.9 did).
 
 See ../shared/research/smolvm-cli.md. The facts this module leans on:
 - the machine name is always `--name` (`exec` has no `-n`), except `cp NAME:PATH`;
@@ -13,7 +13,11 @@ See ../shared/research/smolvm-cli.md. The facts this module leans on:
   so a local base is served as a registry image on 127.0.0.1 from the build machine's
   create through its pack, which pulls it again (registry.py says why that works);
 - there is no `--user` on exec: attach and exec as the agent user drop root with setpriv;
-- `cp` writes as root: it is used only for destinations no one but root can change.
+- `cp` writes as root: it is used only for destinations no one but root can change;
+- a machine's changes to its root go to its overlay disk, `--overlay GiB`: the manifest's resources.disk;
+- where smolvm cannot boot a machine, the first start says so in one line and is remembered, so later
+  starts fail at once (smolvm_boot.py).
+The real smolvm 1.32.2 parses every command line here (tests/test_smolvm_contract.py).
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from contextlib import nullcontext
 from collections.abc import Mapping
 from pathlib import Path
 
+from tasks.backends import smolvm_boot
 from tasks.backends.detect import alternatives
+from tasks.backends.disk import DISK_LABEL
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
-                                     run)
+                                     failure, run)
 from tasks.progress import progress
 
 INSTALL_HELP = (
@@ -41,11 +47,21 @@ class Smolvm(Backend):
     name = 'smolvm'
     artifact_name = 'image.smolmachine'
 
-    def _smolvm(self, *args: str, stdin: bytes | None = None):
+    @staticmethod
+    def _exe() -> str:
         exe = shutil.which('smolvm')
         if exe is None:
             raise BackendMissing(INSTALL_HELP + alternatives('smolvm'))
-        return run([exe, *args], stdin=stdin)
+        return exe
+
+    def _smolvm(self, *args: str, stdin: bytes | None = None):
+        return run([self._exe(), *args], stdin=stdin)
+
+    def _bootable(self):
+        """Before a machine is made or started: fail at once where this smolvm could not boot one before."""
+        problem = smolvm_boot.known_problem(self._exe())
+        if problem:
+            raise problem
 
     def _probe(self) -> dict[str, Machine]:
         out = self._smolvm('machine', 'ls', '--json').stdout
@@ -56,10 +72,11 @@ class Smolvm(Backend):
             shown = out[:200].decode(errors='replace')
             raise BackendError(f'`smolvm machine ls --json` printed what is not a list of machines '
                                f'({type(err).__name__}: {err}; it began {shown!r}); is the smolvm on PATH '
-                               'a supported version (1.9 or later)?') from None
+                               'a supported version (1.32; 1.9 spoke the same commands)?') from None
 
     def build_image(self, build: ImageBuild):
         from tasks.backends.registry import serve_base  # an HTTP server: imported when an image is built
+        self._bootable()
         local = os.path.isabs(build.base)
         with serve_base(Path(build.base)) if local else nullcontext(build.base) as image, \
                 self.build_machine(build.machine):
@@ -72,18 +89,29 @@ class Smolvm(Backend):
             self._smolvm('pack', 'create', '--from-vm', build.machine, '-o', str(stub))
             os.unlink(stub)                      # only the .smolmachine payload is used
 
-    def _create(self, spec: MachineSpec):
+    def _create(self, spec: MachineSpec) -> dict[str, str]:
+        self._bootable()
         args = ['machine', 'create', '--name', spec.name, '--from', str(spec.image),
                 '--cpus', str(spec.cpus), '--mem', str(spec.memory_mib)]
-        for key, value in spec.labels.items():
+        added = {}
+        if spec.disk_gib is not None:
+            args += ['--overlay', str(spec.disk_gib)]       # the overlay disk: what the guest changes
+            added[DISK_LABEL] = f'{spec.disk_gib} GiB'
+        for key, value in {**spec.labels, **added}.items():
             args += ['--label', f'{key}={value}']
         for key, value in spec.env.items():
             args += ['-e', f'{key}={value}']
         args += ['--mount-socket', f'{spec.door}:{spec.guest_door}']
         self._smolvm(*args, '--', *spec.workload)
+        return added
 
     def _start(self, name: str):
-        self._smolvm('machine', 'start', '--name', name)
+        self._bootable()
+        exe = self._exe()
+        proc = run([exe, 'machine', 'start', '--name', name], check=False, timeout=smolvm_boot.start_seconds())
+        if proc.returncode != 0:
+            reason = smolvm_boot.boot_problem(proc.stderr.decode(errors='replace'))
+            raise smolvm_boot.remember(exe, reason) if reason else failure(proc)
 
     def _stop(self, name: str):
         self._smolvm('machine', 'stop', '--name', name)
