@@ -9,7 +9,7 @@ owner and mode, the user): from then on a start on this host fails at once, in o
 is made, until one of those changes or the file is deleted. Nothing here switches backends: the line says
 how to.
 
-`probe()` boots a throwaway bare machine in a state directory of its own, for the test suite (its
+`probe()` boots a throwaway bare machine, for the test suite (its
 real-smolvm scenarios run only where it boots) and for `python -m tasks.backends.smolvm_boot`.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,13 +58,17 @@ def boot_problem(stderr: str) -> str | None:
         return None
     errors = [line for line in stderr.splitlines() if line.startswith('Error:')]
     said = errors[-1].removeprefix('Error:') if errors else stderr.strip().splitlines()[-1]
-    said = said.split('libkrun detail:', 1)[-1]
-    said = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', said)
-    said = ' '.join(''.join(c if c.isprintable() else ' ' for c in said).split())[:REASON_CHARS]
+    said = _one_line(said.split('libkrun detail:', 1)[-1])
     kvm = re.search(r'KvmOpen\(Error\((\d+)\)\)', said)
     if kvm:
         said += f' ({KVM}: {os.strerror(int(kvm.group(1)))} for smolvm\'s VM process)'
     return said or 'smolvm did not say why'
+
+
+def _one_line(text: str) -> str:
+    """What smolvm (or a record) said, as one line of printable text, bounded."""
+    text = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', text)
+    return ' '.join(''.join(c if c.isprintable() else ' ' for c in text).split())[:REASON_CHARS]
 
 
 def version(exe: str) -> str:
@@ -110,7 +113,7 @@ def known_problem(exe: str) -> CannotBoot | None:
     try:
         with open(path, 'rb') as f:
             record = json.loads(f.read(RECORD_BYTES))
-        reason, said_version = str(record['reason']), str(record['smolvm'])
+        reason, said_version = _one_line(str(record['reason'])), _one_line(str(record['smolvm']))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, LookupError, TypeError):
@@ -135,36 +138,34 @@ def _cannot_boot(said_version: str, reason: str, path: Path) -> CannotBoot:
 
 
 def probe(exe: str, deadline: float = PROBE_SECONDS) -> str | None:
-    """Boot a bare machine (no image) in a state directory of its own, within `deadline` seconds: None when it
-    booted, else why not. Leaves nothing: the machine and its state directory are removed."""
-    state = Path(tempfile.mkdtemp(prefix='claude-bottle-boot-probe-'))
-    name = f'boot-probe-{os.getpid()}'
+    """Boot a bare machine (no image) within `deadline` seconds: None when it booted and ran a command, else
+    why not. Its state is smolvm's own, where the bottles' machines go; the machine is removed afterwards."""
+    name = f'claude-bottle-boot-probe-{os.getpid()}'
 
     def smolvm(*args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([exe, *args, '--state-dir', str(state)], capture_output=True, text=True,
+        return subprocess.run([exe, 'machine', *args, '--name', name], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True)
     try:
-        made = smolvm('machine', 'create', '--name', name, timeout=60)
+        made = smolvm('create', timeout=60)
         if made.returncode != 0:
-            return f'`smolvm machine create` failed: {made.stderr.strip()[:REASON_CHARS]}'
+            return f'`smolvm machine create` failed: {_one_line(made.stderr)}'
         try:
-            started = smolvm('machine', 'start', '--name', name, timeout=deadline)
+            started = smolvm('start', timeout=deadline)
         except subprocess.TimeoutExpired:
             return f'no machine booted within {deadline:g} s'
         if started.returncode != 0:
-            return boot_problem(started.stderr) or f'`smolvm machine start` failed: ' \
-                                                   f'{started.stderr.strip()[-REASON_CHARS:]}'
-        ran = smolvm('machine', 'exec', '--name', name, '--', 'true', timeout=60)
-        return None if ran.returncode == 0 else f'a booted machine could not run `true`: {ran.stderr.strip()[:200]}'
+            return boot_problem(started.stderr) or f'`smolvm machine start` failed: {_one_line(started.stderr)}'
+        ran = subprocess.run([exe, 'machine', 'exec', '--name', name, '--', 'true'], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=60)
+        return None if ran.returncode == 0 else f'a booted machine could not run `true`: {_one_line(ran.stderr)}'
     except (OSError, subprocess.TimeoutExpired) as err:
         return f'smolvm did not answer: {err}'
     finally:
-        for step in (('machine', 'stop', '--name', name), ('machine', 'delete', '--name', name, '-f')):
+        for step in ('stop', 'delete'):
             try:
-                smolvm(*step, timeout=60)
+                smolvm(step, *(['-f'] if step == 'delete' else []), timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> int:
