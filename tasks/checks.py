@@ -21,7 +21,7 @@ class _Check:
 
     def __call__(self, task, values):
         try:
-            return self.holds(backend(self.agent.backend).machine(self.agent.machine), values)
+            return self.holds(backend(self.agent.backend, self.agent.engine).machine(self.agent.machine), values)
         except Exception:    # BottleError or worse: the action meets it again and reports it
             return False
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tasks import egress, guest, secrets
+from tasks.backends.engines import on
 from tasks.backends.pick import backend
 from tasks.errors import BottleError
 from tasks.manifest import BACKEND_ENV, Agent
@@ -67,15 +68,15 @@ def attach(project: Project, agent: Agent):
     """Claude Code on this terminal, its secrets as placeholders; their values, from this environment, handed
     to the egress proxy first (a rotated value applies from this attach on). Without a terminal: the values
     present are handed over all the same, and the command that attaches is printed."""
-    command = backend(agent.backend).attach_argv(
+    command = backend(agent.backend, agent.engine).attach_argv(
         agent.machine, claude_argv(project, agent), user=agent.user.name, home=agent.user.home,
         env=secrets.placeholders(project, agent))
     values, missing = secrets.present(agent)
     if not (os.isatty(0) and os.isatty(1)):
         if values:
             egress.proxy(project).hand_over(agent.name, values)
-        print(f'{agent.name} is up and provisioned in {agent.machine} on {agent.backend}. Attach Claude '
-              f'Code from a terminal with\n  {relaunch_command(project, agent)}\nor directly with\n'
+        print(f'{agent.name} is up and provisioned in {agent.machine} on {on(agent.backend, agent.engine)}. '
+              f'Attach Claude Code from a terminal with\n  {relaunch_command(project, agent)}\nor directly with\n'
               f'  {shlex.join(command)}')
         if missing:
             print(f'Set {", ".join(missing)} in your environment first; the egress proxy gets '

@@ -21,6 +21,7 @@ from doit.tools import config_changed
 from tasks import egress, guest, lifetime
 from tasks.backends import confine
 from tasks.backends.disk import outermost
+from tasks.backends.engines import on
 from tasks.backends.pick import backend
 from tasks.backends.protocol import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, MachineSpec
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
@@ -38,13 +39,14 @@ def tasks(project: Project):
         config = {'name': agent.machine, 'image': image.key, 'cpus': agent.cpus, 'memory_mib': agent.memory_mib,
                   'disk_gib': agent.disk_gib, 'writable': outermost(guest.writable_paths(agent)),   # skills in /tmp: no change
                   'env': machine_env(agent), 'backend': agent.backend,
+                  **({'engine': agent.engine} if agent.engine else {}),      # this host's: as before engines
                   'door': [str(egress.door_socket(project, agent.name)), guest.DOOR],
                   'door_mount': 'read-only',       # machines made before the door was read-only are made again
                   'confinement': confine.LEVEL,    # and those made with another kernel surface (backends/confine.py)
                   'workload': list(guest.DOOR_RELAY)}
         yield {
             'name': agent.name,
-            'doc': f'create machine {agent.machine} on {agent.backend} from image {image.key}',
+            'doc': f'create machine {agent.machine} on {on(agent.backend, agent.engine)} from image {image.key}',
             'actions': [(create, [project, agent, image])],
             'task_dep': [f'egress:{agent.name}'],      # an engine mounts the door's directory at create
             'file_dep': [image.manifest],
@@ -85,60 +87,60 @@ def machine_env(agent: Agent) -> dict[str, str]:
 
 def placement(project: Project, agent: Agent) -> Path:
     """The record of where the agent's machine is: after the manifest moves the agent to another
-    backend, or the machine's name changes (a new `project` name; names without one, from before
+    backend or engine, or the machine's name changes (a new `project` name; names without one, from before
     checkouts had their own), the old machine is still found and taken down."""
     return project.agent_dir(agent.name) / 'machine.json'
 
 
-def _ours(project: Project, backend_name: str, name: str):
+def _ours(project: Project, backend_name: str, engine: str | None, name: str):
     """The machine of that name on that backend if it exists; an error if it belongs to someone else."""
-    machine = backend(backend_name).machine(name)
+    machine = backend(backend_name, engine).machine(name)
     if machine is not None and machine.labels.get(PROJECT_LABEL) != project.label:
         raise BottleError(
-            f'a machine named {name} exists on {backend_name} but was not made by this checkout '
+            f'a machine named {name} exists on {on(backend_name, engine)} but was not made by this checkout '
             f'({project.root}); delete it with the {backend_name} CLI, or give this checkout its own '
             f'`project` name in agents/_defaults.yaml')
     return machine
 
 
-def _delete(project: Project, backend_name: str, name: str):
-    if _ours(project, backend_name, name) is not None:
-        backend(backend_name).delete(name)
-
-
 def _delete_everywhere(project: Project, agent: Agent):
     """Delete the agent's machine, and the one its record names if that is another (on another
-    backend, or under another name)."""
+    backend or engine, or under another name)."""
     try:
         record = json.loads(placement(project, agent).read_text())
-        previous = (record['backend'], record['machine'])
-    except (OSError, ValueError, KeyError, TypeError):
+        previous = (record['backend'], record.get('engine'), record['machine'])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         previous = None
-    if previous and previous != (agent.backend, agent.machine):
+    if previous and previous != (agent.backend, agent.engine, agent.machine):
+        where, engine, name = previous
         try:
-            machine = backend(previous[0]).machine(previous[1])
+            machine = backend(where, engine).machine(name)
             if machine is not None and machine.labels.get(PROJECT_LABEL) != project.label:
                 # a record that came with a copy of another checkout's .bottle/: that machine is not ours
-                print(f'note: {previous[1]} on {previous[0]} belongs to another checkout; left alone')
+                print(f'note: {name} on {on(where, engine)} belongs to another checkout; left alone')
             elif machine is not None:
-                backend(previous[0]).delete(previous[1])
+                backend(where, engine).delete(name)
         except BackendMissing:
-            print(f'note: {previous[1]} may still exist on {previous[0]}, whose CLI is gone')
-    _delete(project, agent.backend, agent.machine)
+            print(f'note: {name} may still exist on {on(where, engine)}, whose CLI is gone')
+        except BottleError as err:      # an engine gone or unreachable: the record stays for the next try
+            raise BottleError(f'{name} on {on(where, engine)}, where agent {agent.name} ran before, could not be '
+                              f'taken down: {err}') from None
+    if _ours(project, agent.backend, agent.engine, agent.machine) is not None:
+        backend(agent.backend, agent.engine).delete(agent.machine)
 
 
 @action
 def create(project: Project, agent: Agent, image: Image):
     _delete_everywhere(project, agent)
     identity = uuid.uuid4().hex
-    backend(agent.backend).create(MachineSpec(
+    backend(agent.backend, agent.engine).create(MachineSpec(
         name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
         memory_mib=agent.memory_mib, env=machine_env(agent), door=egress.door_socket(project, agent.name),
         guest_door=guest.DOOR, workload=guest.DOOR_RELAY, disk_gib=agent.disk_gib,
         disk=disk_file(project, agent), writable=guest.writable_paths(agent),
         labels={AGENT_LABEL: agent.name, PROJECT_LABEL: project.label, IMAGE_LABEL: image.key,
                 ID_LABEL: identity}))
-    write_json(placement(project, agent), {'backend': agent.backend, 'machine': agent.machine})
+    write_json(placement(project, agent), {'backend': agent.backend, 'engine': agent.engine, 'machine': agent.machine})
     return {'machine_id': identity}
 
 
@@ -149,7 +151,7 @@ def disk_file(project: Project, agent: Agent) -> Path:
 
 @action
 def start(agent: Agent):
-    backend(agent.backend).start(agent.machine)
+    backend(agent.backend, agent.engine).start(agent.machine)
 
 
 @action

@@ -22,6 +22,7 @@ from daemons import shown
 from daemons.atomic import write_atomic
 from tasks import setup_template
 from tasks.backends.detect import default_backend
+from tasks.backends.engines import connections
 from tasks.errors import IN_WORDS, BottleError
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
@@ -54,7 +55,8 @@ class Project:
     def agents(self) -> dict[str, Agent]:
         """Every agent manifest, validated; all problems at once, before any task runs."""
         try:
-            return load_agents(self.agents_dir, self.root, self.setup_template_problem, default_backend)
+            return load_agents(self.agents_dir, self.root, self.setup_template_problem, default_backend,
+                               lambda backend: connections(backend).keys())
         except (ManifestError, BottleError) as err:     # BottleError: no backend works here
             raise InvalidDodoFile(str(err)) from None
 

@@ -271,7 +271,7 @@ def _prune_step(agent: Agent) -> dict:
 
 
 def _current_identity(agent: Agent) -> str:
-    machine = backend(agent.backend).machine(agent.machine)
+    machine = backend(agent.backend, agent.engine).machine(agent.machine)
     if machine is None or not machine.running:
         raise BottleError(f'machine {agent.machine} is not running; run `doit launch:{agent.name}`')
     return machine.identity
@@ -280,7 +280,7 @@ def _current_identity(agent: Agent) -> str:
 @action
 def trust_ca(agent: Agent, cert: Path, script: str):
     identity = _current_identity(agent)
-    runtime = backend(agent.backend)
+    runtime = backend(agent.backend, agent.engine)
     runtime.exec(agent.machine, ['sh', '-c', script], stdin=cert.read_bytes())
     runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', f'{agent.user.home}/.curlrc', '644'],
                  stdin=CURLRC.encode(), user=agent.user.name)
@@ -292,7 +292,7 @@ def configure_git(project: Project, agent: Agent, gitconfig: str):
     identity = _current_identity(agent)
     if agent.git:
         gate.sync(project, agent.name)      # its mirrors, made with the host's credentials: a wrong URL fails here
-    backend(agent.backend).exec(agent.machine, ['sh', '-c', RECEIVE_GITCONFIG, 'sh', guest.GATE_GITCONFIG],
+    backend(agent.backend, agent.engine).exec(agent.machine, ['sh', '-c', RECEIVE_GITCONFIG, 'sh', guest.GATE_GITCONFIG],
                                 stdin=gitconfig.encode())
     return {'machine_id': identity}
 
@@ -300,7 +300,7 @@ def configure_git(project: Project, agent: Agent, gitconfig: str):
 @action
 def register_supervisor(agent: Agent, registration: str):
     identity = _current_identity(agent)
-    backend(agent.backend).exec(agent.machine, ['sh', '-c', REGISTER_MCP, 'sh', agent.user.home, guest.SUPERVISE_MCP,
+    backend(agent.backend, agent.engine).exec(agent.machine, ['sh', '-c', REGISTER_MCP, 'sh', agent.user.home, guest.SUPERVISE_MCP,
                                                 registration], user=agent.user.name)
     return {'machine_id': identity}
 
@@ -308,7 +308,7 @@ def register_supervisor(agent: Agent, registration: str):
 @action
 def copy_prompt(agent: Agent, source: Path):
     identity = _current_identity(agent)
-    runtime = backend(agent.backend)
+    runtime = backend(agent.backend, agent.engine)
     if source.stat().st_size:
         runtime.exec(agent.machine, ['sh', '-c', RECEIVE_AGENT_FILE, 'sh', guest.prompt_path(agent), '600'],
                      stdin=source.read_bytes(), user=agent.user.name)
@@ -327,7 +327,7 @@ def copy_skill(agent: Agent, skill: str):
     with tarfile.open(fileobj=stream, mode='w') as tar:
         for path in sorted(agent.skill_dir(skill).rglob('*')):
             tar.add(path, arcname=str(path.relative_to(agent.skill_dir(skill))), recursive=False)
-    runtime = backend(agent.backend)
+    runtime = backend(agent.backend, agent.engine)
     skills_dir = guest.skills_dir(agent)
     if not _in_home(agent, skills_dir):     # the agent may not be allowed to make it there
         runtime.exec(agent.machine, ['sh', '-c', PREPARE_SKILLS_DIR, 'sh', skills_dir,
@@ -340,7 +340,7 @@ def copy_skill(agent: Agent, skill: str):
 @action
 def prune_skills(agent: Agent):
     identity = _current_identity(agent)
-    backend(agent.backend).exec(agent.machine, ['sh', '-c', PRUNE_SKILLS, 'sh', guest.skills_dir(agent),
+    backend(agent.backend, agent.engine).exec(agent.machine, ['sh', '-c', PRUNE_SKILLS, 'sh', guest.skills_dir(agent),
                                                 guest.MANAGED_SKILLS, *agent.skills], user=agent.user.name)
     return {'machine_id': identity}
 

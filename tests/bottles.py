@@ -717,6 +717,8 @@ class DockerFamily(LoggedCli):
 
     @staticmethod
     def kind(argv: list[str]) -> str:
+        if argv[:1] == ['--connection']:
+            argv = argv[2:]             # a call to an engine elsewhere is of the same kind
         verb = argv[0] if argv else ''
         if verb == 'ps':
             return 'probe'

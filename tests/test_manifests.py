@@ -60,6 +60,14 @@ CASES = {
     'bad debootstrap suite': ('a.yaml', 'image: {base: "debootstrap:Book worm"}\n', ["'image.base'", 'Debian suite']),
     'missing local base': ('a.yaml', 'image: {base: ./rootfs.tar}\n', ["'image.base'", 'neither a directory']),
     'duplicate key': ('a.yaml', 'prompt: a\nprompt: b\n', ["agents/a.yaml:2", "'prompt'", 'twice']),
+    'engine on smolvm': ('a.yaml', 'prompt: hi\nengine: worker1\n',
+                         ["agents/a.yaml:2: key 'engine'", 'podman system connection, but this agent runs on smolvm',
+                          'backend: podman']),
+    'engine podman does not know': ('a.yaml', 'backend: podman\nengine: no-such-worker\n',
+                                    ["agents/a.yaml:2: key 'engine'", "no podman system connection is named "
+                                     "'no-such-worker'", 'podman system connection add no-such-worker ssh://']),
+    'engine name that is no connection name': ('a.yaml', 'backend: podman\nengine: "-x y"\n',
+                                               ["agents/a.yaml:2: key 'engine'", 'not a podman system connection name']),
 }
 
 
@@ -261,6 +269,8 @@ AGREE = {   # manifest: does the tool accept it (with agents/skills/s present)?
     'user: {name: root}\n': False,
     'prompt: hi\nprompt_file: p.md\n': False,
     'backend: qemu\n': False,
+    'backend: podman\nengine: worker-1.example\n': True,
+    'engine: "worker 1"\n': False,
     'env: {1A: x}\n': False,
     'secrets: [ANTHROPIC_API_KEY, ANTHROPIC_API_KEY]\n': False,
 }

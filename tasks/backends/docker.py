@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tasks.backends import confine, disk
 from tasks.backends.detect import alternatives
+from tasks.backends.engines import connection, on
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
                                      run)
 from tasks.progress import progress
@@ -56,11 +57,17 @@ mv -fT "$tmp" "$dest"
 class Docker(Backend):
     artifact_name = 'image.tar'
 
-    def __init__(self, cli: str):
+    def __init__(self, cli: str, engine: str | None = None):
         super().__init__()
         self.name = cli
+        self.engine = engine            # a podman system connection (engines.py); None: this host's engine
+        self._prefix = ['--connection', engine] if engine else []
 
-    def _cli(self, *args: str, stdin: bytes | None = None, check: bool = True):
+    @property
+    def where(self) -> str:
+        return on(self.name, self.engine)
+
+    def _exe(self) -> str:
         exe = shutil.which(self.name)
         if exe is None:
             raise BackendMissing(
@@ -68,7 +75,10 @@ class Docker(Backend):
                 f'(Debian: `apt-get install {"podman runc" if self.name == "podman" else "docker.io"}`), '
                 'or pick another backend with BOTTLE_BACKEND=smolvm|docker|podman or the manifest '
                 'key backend.' + alternatives(self.name))
-        return run([exe, *args], stdin=stdin, check=check)
+        return exe
+
+    def _cli(self, *args: str, stdin: bytes | None = None, check: bool = True):
+        return run([self._exe(), *self._prefix, *args], stdin=stdin, check=check)
 
     def _probe(self) -> dict[str, Machine]:
         if self.name == 'podman':
@@ -135,9 +145,13 @@ class Docker(Backend):
         return True
 
     def _create(self, spec: MachineSpec) -> dict[str, str]:
+        if self.engine and connection(self.name, self.engine).ssh:
+            raise BackendError(f'{spec.name} cannot be made on {self.where} yet: its connection is over SSH, and the '
+                               'forward of the bottle\'s door to a worker is not built yet; use an engine of this '
+                               'host (a unix:// connection) or remove engine')
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):
-            progress(f'loading {ref} into {self.name} from {spec.image}')
+            progress(f'loading {ref} into {self.where} from {spec.image}')
             self._cli('load', '-i', str(spec.image))
         args = ['create', '--name', spec.name, *STOP, '--cpus', str(spec.cpus),
                 '--memory', f'{spec.memory_mib}m']
@@ -216,7 +230,8 @@ class Docker(Backend):
     def attach_argv(self, name: str, argv: list[str], *, user: str, home: str,
                     env: Mapping[str, str]) -> list[str]:
         variables = [arg for item in env.items() for arg in ('-e', '='.join(item))]
-        return [self.name, 'exec', '-it', '-u', user, '-w', home, '-e', f'HOME={home}', *variables, name, *argv]
+        return [self.name, *self._prefix, 'exec', '-it', '-u', user, '-w', home, '-e', f'HOME={home}', *variables,
+                name, *argv]
 
 
 def image_ref(key: str) -> str:

@@ -1,5 +1,6 @@
-"""backend(name): the process-wide instance of each machine runtime, so all tasks of a run share its one
-probe. The runtimes' modules are imported only when asked for (smolvm's or the docker CLI's)."""
+"""backend(name, engine): the process-wide instance of each machine runtime (on each engine: a podman system
+connection, or None for this host's), so all tasks of a run share its one probe. The runtimes' modules are
+imported only when asked for (smolvm's or the docker CLI's)."""
 from __future__ import annotations
 
 import threading
@@ -7,20 +8,23 @@ import threading
 from tasks.backends.protocol import Backend
 from tasks.errors import BottleError
 
-_backends: dict[str, Backend] = {}
+_backends: dict[tuple[str, str | None], Backend] = {}
 _backends_lock = threading.Lock()
 
 
-def backend(name: str) -> Backend:
-    """The process-wide instance of a backend, so all tasks share one probe."""
+def backend(name: str, engine: str | None = None) -> Backend:
+    """The process-wide instance of a backend on an engine (None: this host's), so all tasks share one probe
+    of each."""
     with _backends_lock:
-        if name not in _backends:
-            if name == 'smolvm':
+        if (name, engine) not in _backends:
+            if name == 'smolvm' and engine is None:
                 from tasks.backends.smolvm import Smolvm
-                _backends[name] = Smolvm()
-            elif name in ('docker', 'podman'):
+                _backends[name, engine] = Smolvm()
+            elif name == 'podman' or (name == 'docker' and engine is None):
                 from tasks.backends.docker import Docker
-                _backends[name] = Docker(name)
+                _backends[name, engine] = Docker(name, engine)
+            elif engine is not None:
+                raise BottleError(f'engine {engine!r}: only podman runs bottles on an engine elsewhere, not {name}')
             else:
                 raise BottleError(f'unknown backend {name!r}; choose smolvm, docker or podman')
-        return _backends[name]
+        return _backends[name, engine]

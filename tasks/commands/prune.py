@@ -1,8 +1,8 @@
 """prune: remove what no current agent or recipe of the project uses, and say what and how much.
 
 - image directories in .bottle/images/ whose key no current agent's recipe has, and the engine's
-  tag of each (docker/podman; another checkout that still needs that image loads it again from
-  its own archive);
+  tag of each (docker/podman; on every engine elsewhere the project's bottles use or used, too; another
+  checkout that still needs that image loads it again from its own archive);
 - the state of agents whose manifest is gone: their machine (only one this project made), door,
   state directory and the hosts approved for them through the supervisor;
 - debootstrap bases in the user cache that this version of claude-bottle can no longer use (made
@@ -24,10 +24,12 @@ from pathlib import Path
 
 from daemons.supervise import approved
 from tasks import egress, lifetime
+from tasks.backends.engines import on
 from tasks.backends.pick import backend
-from tasks.backends.protocol import PROJECT_LABEL, BackendError, BackendMissing
+from tasks.backends.protocol import PROJECT_LABEL, BackendMissing
 from tasks.bases import debootstrap_name
 from tasks.cache import cache_dir
+from tasks.errors import BottleError
 from tasks.image import image_of
 from tasks.project import Project, action
 
@@ -44,7 +46,8 @@ def task(project: Project) -> dict:
 
 @action
 def prune(project: Project):
-    removed = _gone_agents(project) + _old_images(project) + _superseded_bases()   # machines before their images
+    engines = _engines(project)
+    removed = _gone_agents(project, engines) + _old_images(project, engines) + _superseded_bases()   # machines first
     lifetime.stop_unused(project)       # after the gone agents' doors closed
     if not removed:
         print('prune: nothing to remove')
@@ -54,7 +57,7 @@ def prune(project: Project):
     print(f'prune: {_size(sum(size for _, size in removed))} freed')
 
 
-def _old_images(project: Project) -> list[tuple[str, int]]:
+def _old_images(project: Project, engines: dict[str, set[str]]) -> list[tuple[str, int]]:
     current = {image_of(project, agent.recipe).key for agent in project.agents.values()}
     removed = []
     images = project.state_dir / 'images'
@@ -69,21 +72,32 @@ def _old_images(project: Project) -> list[tuple[str, int]]:
         shutil.rmtree(directory)
         removed.append((f'image {directory.name} ({directory})', size))
         if engine:
-            removed += _forget_image(engine, directory.name)
+            for elsewhere in [None, *sorted(engines.get(engine, ()))]:    # loaded into each engine its bottles use
+                removed += _forget_image(engine, elsewhere, directory.name)
     return removed
 
 
-def _forget_image(engine: str, key: str) -> list[tuple[str, int]]:
+def _engines(project: Project) -> dict[str, set[str]]:
+    """The engines elsewhere (podman system connections) the project's bottles use or used, by backend."""
+    used: dict[str, set[str]] = {}
+    for agent in project.agents.values():
+        if agent.engine:
+            used.setdefault(agent.backend, set()).add(agent.engine)
+    return used
+
+
+def _forget_image(name: str, engine: str | None, key: str) -> list[tuple[str, int]]:
+    where = on(name, engine)
     try:
-        return [(f'image {key} from {engine}', 0)] if backend(engine).forget_image(key) else []
+        return [(f'image {key} from {where}', 0)] if backend(name, engine).forget_image(key) else []
     except BackendMissing:
         return []                   # its CLI is gone, and with it whatever it held
-    except BackendError as err:     # another checkout's machine still runs on it: that one keeps it
-        print(f'prune: kept image {key} in {engine}: {str(err).splitlines()[-1]}')
+    except BottleError as err:      # another checkout's machine still runs on it, or the engine is away
+        print(f'prune: kept image {key} in {where}: {str(err).splitlines()[-1]}')
         return []
 
 
-def _gone_agents(project: Project) -> list[tuple[str, int]]:
+def _gone_agents(project: Project, engines: dict[str, set[str]]) -> list[tuple[str, int]]:
     removed = []
     agents = project.state_dir / 'agents'
     for state in sorted(agents.iterdir()) if agents.is_dir() else []:
@@ -94,12 +108,15 @@ def _gone_agents(project: Project) -> list[tuple[str, int]]:
         except (OSError, ValueError):
             placed = None
         if placed:
-            runtime = backend(placed['backend'])
+            engine = placed.get('engine')
+            if engine:
+                engines.setdefault(placed['backend'], set()).add(engine)
+            runtime = backend(placed['backend'], engine)
             machine = runtime.machine(placed['machine'])
             if machine is not None and machine.labels.get(PROJECT_LABEL) == project.label:
                 runtime.delete(placed['machine'])
-                removed.append((f'machine {placed["machine"]} on {placed["backend"]} (agent {state.name} '
-                                'has no manifest)', 0))
+                removed.append((f'machine {placed["machine"]} on {on(placed["backend"], engine)} (agent '
+                                f'{state.name} has no manifest)', 0))
         egress.close_door(project, state.name)
         size = _bytes(state)
         shutil.rmtree(state)

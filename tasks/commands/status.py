@@ -20,6 +20,7 @@ from daemons.proxy.refusals import refusals, secret_uses
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
 from tasks.backends.disk import DISK_LABEL, NOT_BOUNDED
+from tasks.backends.engines import on
 from tasks.backends.pick import backend
 from tasks.image import image_of
 from tasks.project import Project, action
@@ -48,9 +49,9 @@ def status(project: Project, dodo: dict):
     waiting = [request.bottle for request in requests.pending(supervisor.state_dir)] \
         if supervisor.db_file.exists() else []
     for agent in project.agents.values():
-        machine = backend(agent.backend).machine(agent.machine)      # one probe per backend, shared
+        machine = backend(agent.backend, agent.engine).machine(agent.machine)      # one probe per engine, shared
         image = image_of(project, agent.recipe)
-        print(f'{agent.name}: {agent.machine} on {agent.backend}, '
+        print(f'{agent.name}: {agent.machine} on {on(agent.backend, agent.engine)}, '
               f'{machine.state if machine else "no machine"}; image {image.key}'
               f'{"" if image.manifest.exists() else " (not built)"}; egress door '
               f'{"open" if proxy.door_healthy(agent.name) else _stopped("closed", proxy.daemon())}'

@@ -59,6 +59,7 @@ class Agent:
     supervise: bool = True
     supervise_wait: int = 600
     skill_hosts: tuple[HostEntry, ...] = ()     # declared by the agent's skills (SKILL_HOSTS_KEY)
+    engine: str | None = None                   # a podman system connection; None: this host's engine
 
     @property
     def machine(self) -> str:

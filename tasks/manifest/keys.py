@@ -15,7 +15,8 @@ from tasks.manifest.hosts import CLAUDE_CODE_HOSTS, HOSTS, NETWORK, AddressMap
 from tasks.manifest.kinds import (MAX_NAME_BYTES, Boolean, Choice, EnvMap, GuestPath, HostPath, ImageBase, Integer,
                                   Kind, ListOf, TemplateName, Text, UserName)
 from tasks.manifest.secrets import ENV_NAME, SecretList
-from tasks.manifest.names import BACKEND_ENV, BACKENDS, MACHINE_NAME, MAX_PROJECT_NAME, PROJECT_KEY
+from tasks.manifest.names import (BACKEND_ENV, BACKENDS, ENGINE_NAME, MACHINE_NAME, MAX_ENGINE_NAME, MAX_PROJECT_NAME,
+                                  PROJECT_KEY)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,12 @@ KEYS: tuple[Key, ...] = (
     Key('backend', Choice(*BACKENDS), None, 'where the bottle runs', 'backend',
         default_text=f'`{BACKEND_ENV}` (it also overrides `_defaults.yaml`), else the first that works '
                      'here: smolvm, podman, docker'),
+    Key('engine', Text('connection', 'a podman system connection name such as worker1 (letters, digits, ".", "_" '
+                       'and "-")', ENGINE_NAME.pattern, max_length=MAX_ENGINE_NAME), None,
+        'the engine the machine runs on, by podman\'s own name for it: a `podman system connection` (podman only); '
+        'its host, user and key stay in podman\'s configuration. The fence stays on this host: the bottle\'s '
+        'door is forwarded to it over SSH. Moving an agent to another engine takes its old machine down',
+        'engine', default_text='this host\'s engine'),
 )
 KEY = {key.path: key for key in KEYS}
 SECTIONS = {

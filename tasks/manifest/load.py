@@ -12,16 +12,16 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from tasks.manifest.agent import Agent, GuestUser, Recipe
 from tasks.manifest.hosts import HostEntry, skill_hosts
 from tasks.manifest.keys import KEY, KEYS, SECTIONS, TOP_LEVEL, Key
 from tasks.manifest.kinds import EnvMap, Index, printable, show
 from tasks.manifest.secrets import resolved
-from tasks.manifest.names import (BACKEND_ENV, BACKENDS, DEBOOTSTRAP, DEFAULTS_FILE, MACHINE_NAME, MACHINE_PREFIX,
-                                  MANIFEST_SUFFIX, MAX_AGENT_NAME, PROJECT_KEY, TARBALL_SUFFIXES, default_project_name,
-                                  is_local_base)
+from tasks.manifest.names import (BACKEND_ENV, BACKENDS, DEBOOTSTRAP, DEFAULTS_FILE, ENGINE_BACKENDS, MACHINE_NAME,
+                                  MACHINE_PREFIX, MANIFEST_SUFFIX, MAX_AGENT_NAME, PROJECT_KEY, TARBALL_SUFFIXES,
+                                  default_project_name, is_local_base)
 from tasks.manifest.yaml_file import Document, ManifestError, Problem, parse, read_text, regular_text_problem
 
 
@@ -80,13 +80,16 @@ def _check(doc: Document, problems: list[Problem]):
 
 
 def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], str | None],
-                default_backend: Callable[[], str]) -> dict[str, Agent]:
+                default_backend: Callable[[], str],
+                engines: Callable[[str], Collection[str]] | None = None) -> dict[str, Agent]:
     """Read and validate every agents/*.yaml of the project at `root`; raise ManifestError listing
     all problems. Paths in problems are shown relative to `root`.
 
     `setup_problem(recipe)` says why the recipe's setup template cannot be used, or None.
     `default_backend()` picks the backend of agents whose manifests and environment name none;
-    it is called at most once, and only when every manifest is valid (it may raise BottleError)."""
+    it is called at most once, and only when every manifest is valid (it may raise BottleError).
+    `engines(backend)` names the engines (podman's system connections) the key `engine` may name; it is called
+    once per backend, only for agents that name one (None: any name is taken)."""
     problems: list[Problem] = []
 
     def display(path: Path) -> str:
@@ -162,7 +165,35 @@ def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], 
             detected.append(default_backend())
         return detected[0]
 
+    known: dict[str, Collection[str]] = {}
+    for draft in drafts:
+        engine = draft.values['engine']
+        if engine is None:
+            continue
+        where = backend_of(draft)
+        if where not in ENGINE_BACKENDS:
+            problems.append(draft.report('engine', ('engine',), _engine_on(where)))
+        elif engines is not None:
+            if where not in known:
+                known[where] = engines(where)
+            if engine not in known[where]:
+                problems.append(draft.report('engine', ('engine',), _unknown_engine(engine, known[where])))
+    if problems:
+        raise ManifestError(list(dict.fromkeys(problems)))
     return {draft.name: draft.agent(backend_of(draft)) for draft in drafts}
+
+
+def _engine_on(backend: str) -> str:
+    return (f'engine names a podman system connection, but this agent runs on {backend}; set `backend: podman` '
+            'for an engine elsewhere, or remove engine to run the bottle on this host')
+
+
+def _unknown_engine(engine: str, names: Collection[str]) -> str:
+    near = difflib.get_close_matches(engine, list(names), n=1)
+    have = f'podman knows {", ".join(sorted(names))}' if names else 'podman knows none'
+    return (f'no podman system connection is named {engine!r} ({have}{f"; did you mean {near[0]!r}?" if near else ""}); '
+            f'add the worker with `podman system connection add {engine} ssh://USER@HOST/run/podman/podman.sock` '
+            '(the README\'s Remote engines says how), or fix the name')
 
 
 def _agent_name_problem(name: str, display: str) -> Problem | None:

@@ -23,6 +23,9 @@ MAX_AGENT_NAME = MAX_MACHINE_NAME - len(MACHINE_PREFIX) - MAX_PROJECT_NAME - 1
 PROJECT_KEY = 'project'      # the checkout's, so only in _defaults.yaml
 BACKENDS = ('smolvm', 'docker', 'podman')
 BACKEND_ENV = 'BOTTLE_BACKEND'     # the backend of agents whose manifests name none
+ENGINE_BACKENDS = ('podman',)      # the backends whose engines may be elsewhere (manifest key `engine`)
+ENGINE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
+MAX_ENGINE_NAME = 64
 DEBOOTSTRAP = 'debootstrap:'
 TARBALL_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 

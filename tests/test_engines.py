@@ -1,0 +1,91 @@
+"""Engines elsewhere (issue 25): the manifest key `engine` names a podman system connection, and the agent's
+machine lives there. Here the connection is this host's own podman API service on a socket of the test's
+(`unix://`): what placement means (every engine call through the connection, one probe per engine, the
+engine in what launch and status say, a move between engines taking the old machine down) without a worker.
+The worker over SSH, with the door forwarded, is tests/test_remote_engine.py."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.scenario import setup_agent
+
+SERVICE_SECONDS = 30
+
+
+@pytest.fixture(scope='module')
+def here(tmp_path_factory):
+    """A podman API service of this host on a socket of its own, known to podman as the system connection
+    `here` through a containers.conf of the test's (CONTAINERS_CONF): the host's own is never changed."""
+    directory = tmp_path_factory.mktemp('engine-here')
+    sock = directory / 'podman.sock'
+    log = open(directory / 'service.log', 'wb')
+    service = subprocess.Popen(['podman', 'system', 'service', '--time=0', f'unix://{sock}'], stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + SERVICE_SECONDS
+    while not _answers(sock):
+        if service.poll() is not None or time.monotonic() > deadline:
+            service.kill()
+            pytest.skip(f'podman system service did not start: {(directory / "service.log").read_text()[-300:]}')
+        time.sleep(0.1)
+    conf = directory / 'containers.conf'
+    conf.write_text(_host_settings() + f'\n[engine.service_destinations.here]\nuri = "unix://{sock}"\n')
+    try:
+        yield conf
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        try:
+            service.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.pid, signal.SIGKILL)
+            service.wait()
+        log.close()
+
+
+def _host_settings() -> str:
+    """What this host's podman reads besides (CONTAINERS_CONF replaces it all: `./demo.sh setup`'s ulimits)."""
+    files = [Path('/etc/containers/containers.conf'), *sorted(Path('/etc/containers/containers.conf.d').glob('*.conf'))]
+    return ''.join(f.read_text() + '\n' for f in files if f.is_file())
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+
+
+def test_an_agent_on_an_engine_is_placed_there_said_so_and_moved_back_whole(podman, here):
+    podman.extra_env['CONTAINERS_CONF'] = str(here)
+    setup_agent(podman, 'a', engine='here')
+    setup_agent(podman, 'b')
+    listed = podman.doit('list', '--all')
+    assert f'create machine {podman.machine("a")} on podman engine here' in listed.stdout, listed.stdout
+
+    launched = podman.doit('launch:a')
+    machine_calls = [call for call in launched.calls if podman.machine('a') in call]
+    assert {podman.backend.kind(call) for call in machine_calls} >= {'create', 'start', 'exec'}, launched.calls
+    assert all(call[:2] == ['--connection', 'here'] for call in machine_calls), launched.calls   # built here, run there
+    assert f'in {podman.machine("a")} on podman engine here.' in launched.stdout, launched.stdout
+    status = podman.doit('status')
+    assert f'a: {podman.machine("a")} on podman engine here, running' in status.stdout, status.stdout
+
+    both = podman.doit('launch:a', 'launch:b')
+    probes = [call for call in both.calls if podman.backend.kind(call) == 'probe']
+    assert sorted(call[:2] == ['--connection', 'here'] for call in probes) == [False, True], both.calls  # one each
+
+    setup_agent(podman, 'a')                    # back to this host's engine: the machine on `here` goes
+    moved = podman.doit('launch:a')
+    deleted = [call for call in moved.calls if podman.backend.kind(call) == 'delete']
+    assert deleted and deleted[0][:2] == ['--connection', 'here'], moved.calls
+    assert f'in {podman.machine("a")} on podman.' in moved.stdout, moved.stdout
+    assert podman.guest('a', 'echo up') == 'up\n'
