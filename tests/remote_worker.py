@@ -8,12 +8,14 @@ tmpfs mounts hide from the worker:
 
 - the directory that holds the control host's test paths (`hide`, /tmp by default, where pytest's
   temporary directories are): a file the control host makes there is absent on the worker;
-- /run, /dev/shm and /var/lib/containers: the host podman's run state, its socket, its storage and its
-  lock memory (podman's locks live in /dev/shm/libpod_lock: a second podman sharing it would share the
-  host podman's lock table, and the first start of a fresh service frees every lock in it).
+- /run, /dev/shm and /var/lib/containers: the host podman's run state (runc's too), its socket, its storage
+  and its lock table (/dev/shm/libpod_lock, from which the worker's containers would otherwise take their
+  locks).
 
 The worker's own state (sshd's files, the service's --root, --runroot, --tmpdir, its socket) lives in a
-directory under /var/tmp, outside those. The control side gets a client key (0600), a known_hosts file
+directory under /var/tmp, outside those. Its podman reads a copy of the host's containers.conf.d, bound over
+it, with a drop-in of its own: no network for a container that asks for none in particular (the worker shares
+the host's network namespace). The control side gets a client key (0600), a known_hosts file
 holding the worker's host key, an `ssh` argv that checks that key strictly, and a podman connection
 written to a containers.conf of the test's own (CONTAINERS_CONF) with a HOME of the test's own, so the
 host's /etc/containers/containers.conf and ~/.ssh are never touched.
