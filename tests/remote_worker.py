@@ -116,9 +116,13 @@ wait
 '''
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl       # looked up before any fork
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent():
-    """In the child before exec: SIGKILL when the process that started it ends (PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    """In the child before exec: SIGKILL when the process that started it ends."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _namespace(pid: int, kind: str) -> str | None:
@@ -129,11 +133,22 @@ def _namespace(pid: int, kind: str) -> str | None:
 
 
 def started_at(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of its stat): a pid and this name one process."""
+    """The process's start time in clock ticks since boot (field 22 of its stat): a pid and this name one process;
+    None once it has ended (also while it waits, a zombie, for its parent to reap it)."""
     try:
-        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    except OSError:
         return None
+    return None if fields[0] in ('Z', 'X') else fields[19]
+
+
+def accepts(address: str, port: int) -> bool:
+    """Whether something accepts TCP connections there."""
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 def make_key(path: Path, comment: str) -> Path:
@@ -265,11 +280,7 @@ class Worker:
 
     def listening(self) -> bool:
         """Whether something accepts connections at the worker's ssh address and port."""
-        try:
-            socket.create_connection((self.address, self.port), timeout=5).close()
-        except OSError:
-            return False
-        return True
+        return accepts(self.address, self.port)
 
     # --- start and stop -------------------------------------------------------------------------------
 

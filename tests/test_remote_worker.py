@@ -7,9 +7,11 @@ stop() leaves nothing running, so a second worker starts the same way."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 
 from tests.conftest import podman_problem
 from tests.remote_worker import worker  # noqa: F401 (the fixture)
-from tests.remote_worker import CONNECTION, Worker, make_key, make_tiny_image, started_at
+from tests.remote_worker import CONNECTION, Worker, accepts, make_key, make_tiny_image, started_at, sweep
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.extended        # seconds per worker, a podman service and images
 
@@ -290,3 +294,41 @@ def test_stop_leaves_nothing_of_the_worker_and_a_second_one_starts(tmp_path, ima
         assert second.ssh('true').returncode == 0
         assert second.podman('images', '--format', '{{.Repository}}').stdout == b''       # storage of its own
     assert second.pids() == set() and not second.listening()
+
+
+KEEP_A_WORKER = """
+import json, sys, time
+from pathlib import Path
+from tests.remote_worker import Worker, started_at
+worker = Worker(Path(sys.argv[1])).start()
+print(json.dumps({'address': worker.address, 'port': worker.port, 'state': str(worker.state),
+                  'started': {pid: started_at(pid) for pid in worker.pids()}}), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
+    """A test process killed before its stop() leaves no sshd or service running; the next sweep() removes the
+    worker's files."""
+    if Worker.problem():
+        pytest.skip(Worker.problem())
+    keeper = subprocess.Popen([sys.executable, '-c', KEEP_A_WORKER, str(tmp_path / 'control')], cwd=REPO,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([keeper.stdout], [], [], 120)
+        assert ready, 'the worker did not start within 120 s'
+        line = keeper.stdout.readline()
+        assert line, keeper.stderr.read().decode()
+        made = json.loads(line)
+        assert made['started'] and accepts(made['address'], made['port'])
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=60)
+        keeper.stdout.close()
+        keeper.stderr.close()
+    wait_for('the killed worker\'s processes to end', lambda: all(
+        started_at(int(pid)) != at for pid, at in made['started'].items()))
+    assert not accepts(made['address'], made['port'])
+    assert Path(made['state']).exists()
+    sweep()
+    assert not Path(made['state']).exists()
