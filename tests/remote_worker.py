@@ -240,9 +240,11 @@ class Worker:
         return f'[{self.address}]:{self.port} {key_type} {key_text}\n'
 
     def client_env(self) -> dict[str, str]:
-        """The environment of a podman client using the worker's connections: podman 4.3.1 reads and writes
-        connections in the file CONTAINERS_CONF names (instead of /etc/containers/containers.conf, as root), and
-        checks host keys against $HOME/.ssh/known_hosts (adding an unknown host's key to an existing file)."""
+        """The environment of a podman client using the worker's connections. podman 4.3.1 reads and writes
+        connections in the file CONTAINERS_CONF names (instead of /etc/containers/containers.conf, as root) and
+        then reads no other containers.conf, containers.conf.d included: never an environment for the local
+        engine. CONTAINER_HOST would win over --connection. Host keys are checked against $HOME/.ssh/known_hosts
+        (an unknown host's key is added to an existing file; with none, no key is checked)."""
         env = {k: v for k, v in os.environ.items() if k not in PODMAN_CLIENT_VARIABLES}
         return {**env, 'CONTAINERS_CONF': str(self.containers_conf), 'HOME': str(self.home)}
 
