@@ -12,7 +12,7 @@ The task graph, top to bottom: each family lives in its own module under tasks/.
 """
 from pathlib import Path
 
-from tasks import bases, egress, gate, image, launch, machine, prompt, provision, supervise
+from tasks import bases, egress, forward, gate, image, launch, machine, prompt, provision, supervise
 from tasks.commands import prune, review, status
 from tasks.project import Project
 
@@ -38,6 +38,11 @@ def task_base():
 def task_image():
     """Build and pack agent images, one per distinct recipe."""
     yield from image.tasks(PROJECT)
+
+
+def task_forward():
+    """Forward the doors of the bottles on an engine elsewhere to its worker, over SSH."""
+    yield from forward.tasks(PROJECT)
 
 
 def task_machine():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The no-op launch against its floor, and where a cold launch's time goes.
 
-    python bench/bench_noop.py [--runs N] [--backends podman,standin] [--cache DIR]
+    python bench/bench_noop.py [--runs N] [--backends podman,standin,podman-remote] [--cache DIR]
 
 For each backend: a throwaway project with one supervised agent (a prompt, two skills), launched once
 (the cold launch, timed task by task from doit's JSON reporter), then, side by side in one loop, N rounds
@@ -17,13 +17,16 @@ made exactly one backend call and ran no task but `launch`. The project's own mo
 measured, not of the floor; their bytecode is compiled first, as an installed package has it.
 
 podman needs root and the debootstrap base (built into the cache the first time, minutes); the stand-in
-needs bubblewrap. The images get the tests' small stand-in for Claude Code: the image does not matter to
+needs bubblewrap. podman-remote runs the agent on the tests' worker (tests/remote_worker.py: sshd and a podman
+API service of its own on a loopback address), its door forwarded over SSH: its floor is the remote probe
+(`podman --connection w ps -a --format json`), and its no-op also asks podman for its connections. The images get the tests' small stand-in for Claude Code: the image does not matter to
 a no-op, and a cold launch's image build is shown as one phase.
 """
 from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import json
 import os
 import statistics
@@ -44,6 +47,7 @@ PROMPT = 'You are the benchmark agent. Keep changes small and explain each one.'
 PHASES = {
     'image and its inputs': ('claude_code', 'base', 'image'),
     'egress: CA, rules, proxy and door': ('egress_env', 'egress_ca', 'allowlist', 'egress'),
+    'the door forwarded to the worker': ('forward',),
     'git gate and supervisor': ('gate', 'supervisor'),
     'machine created and started': ('machine', 'start'),
     'provisioning (CA, git, supervisor, prompt, skills)': ('provision_ca', 'provision_git', 'provision_supervise',
@@ -82,13 +86,31 @@ def cold_phases(bottles: Bottles) -> tuple[float, dict[str, float]]:
     return total, phases
 
 
-def project(tmp: Path, backend) -> Bottles:
+def project(tmp: Path, backend, **manifest) -> Bottles:
     bottles = Bottles(tmp / 'project', backend)
     bottles.supervise()                  # as a user's agents are by default
     for skill in ('review', 'style'):
         bottles.skill(skill)
-    bottles.agent('a', prompt=PROMPT, skills=['review', 'style'])
+    bottles.agent('a', prompt=PROMPT, skills=['review', 'style'], **manifest)
     return bottles
+
+
+def remote_project(work: Path, cache: Path, stack: contextlib.ExitStack) -> tuple[Bottles, list[str]]:
+    """A project whose agent runs on the tests' worker, and the probe of that engine."""
+    from tests.remote_worker import Worker
+    from tests.test_engines import _host_settings
+    (work / 'worker-control').mkdir()
+    worker = stack.enter_context(Worker(work / 'worker-control'))
+    home = work / 'home'
+    (home / '.ssh').mkdir(parents=True, mode=0o700)
+    (home / '.ssh' / 'known_hosts').write_text(worker.known_hosts.read_text())
+    conf = work / 'containers.conf'
+    conf.write_text(_host_settings() + f'\n[engine.service_destinations.w]\nuri = "{worker.uri}"\n'
+                                       f'identity = "{worker.key}"\n')
+    bottles = project(work, Podman(work, cache), engine='w')
+    bottles.extra_env.update(CONTAINERS_CONF=str(conf), HOME=str(home))
+    stack.callback(lambda: worker.ssh('rm', '-rf', '/root/.claude-bottle', check=False))
+    return bottles, ['podman', '--connection', 'w', 'ps', '-a', '--format', 'json']
 
 
 def measure(name: str, bottles: Bottles, probe: list[str], plain_env: dict, runs: int, log) -> dict:
@@ -96,7 +118,8 @@ def measure(name: str, bottles: Bottles, probe: list[str], plain_env: dict, runs
     cold, phases = cold_phases(bottles)
     bottles.doit('launch:a')             # settles anything a first run leaves (renders remembered, ...)
     check = bottles.doit('launch:a')     # through the backend's logged CLI: what a no-op does
-    if check.kinds != {'probe': 1} or check.executed != {'launch:a'}:
+    expected = {'probe': 1, 'system': 1} if name == 'podman-remote' else {'probe': 1}   # and podman's connections
+    if check.kinds != expected or check.executed != {'launch:a'}:
         raise BenchFailure(f'{name}: a no-op launch made {dict(check.kinds)} and ran {sorted(check.executed)}')
     floor_python = [sys.executable, '-c', 'import doit, yaml']
     noop = [sys.executable, '-m', 'doit', 'launch:a']
@@ -113,7 +136,8 @@ def measure(name: str, bottles: Bottles, probe: list[str], plain_env: dict, runs
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=9, help='rounds of floor and no-op (at least 7)')
-    parser.add_argument('--backends', default='podman,standin', help='comma-separated: podman, standin')
+    parser.add_argument('--backends', default='podman,standin',
+                        help='comma-separated: podman, standin, podman-remote')
     parser.add_argument('--cache', type=Path, default=Path(os.environ.get('BOTTLE_TEST_CACHE') or
                                                           Path.home() / '.cache' / 'claude-bottle-bench'),
                         help='download cache (Claude Code, the debootstrap base); kept between runs')
@@ -129,12 +153,15 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     make_fake_claude_archive(args.cache)
     results = []
-    with tempfile.TemporaryDirectory(prefix='bench-noop-') as tmp_text:
+    with tempfile.TemporaryDirectory(prefix='bench-noop-') as tmp_text, \
+            contextlib.ExitStack() as stack:
         tmp = Path(tmp_text)
         for name in args.backends.split(','):
             work = tmp / name
             work.mkdir()
-            if name == 'standin':
+            if name == 'podman-remote':
+                bottles, probe = remote_project(work, args.cache, stack)
+            elif name == 'standin':
                 backend = StandinSmolvm(work, make_standin_images(work / 'images'), args.cache)
                 probe = ['smolvm', 'machine', 'ls', '--json']
             elif name == 'podman':
@@ -142,9 +169,10 @@ def main() -> int:
                 probe = ['podman', 'ps', '-a', '--format', 'json']
             else:
                 parser.error(f'unknown backend {name!r}')
-            bottles = project(work, backend)
+            if name != 'podman-remote':
+                bottles = project(work, backend)
             plain = bottles.env()
-            if name == 'podman':       # timed without the tests' logging shim in front of podman
+            if name.startswith('podman'):       # timed without the tests' logging shim in front of podman
                 plain['PATH'] = os.environ['PATH']
             try:
                 results.append(measure(name, bottles, probe, plain, args.runs, log))
@@ -153,11 +181,12 @@ def main() -> int:
                 bottles.stop_daemons()
                 if name == 'standin':
                     harness.stop_all(backend.data)
+
     print(f'no-op launch against its floor (medians of {args.runs} whole-process runs each, supervised; '
           f'Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at the end)')
-    print(f'{"backend":9} {"floor s":>8} {"no-op s":>8} {"ratio":>6}  no-op range')
+    print(f'{"backend":13} {"floor s":>8} {"no-op s":>8} {"ratio":>6}  no-op range')
     for r in results:
-        print(f'{r["backend"]:9} {r["floor"]:8.3f} {r["noop"]:8.3f} {r["ratio"]:6.2f}  '
+        print(f'{r["backend"]:13} {r["floor"]:8.3f} {r["noop"]:8.3f} {r["ratio"]:6.2f}  '
               f'{r["spread"][0]:.3f}-{r["spread"][1]:.3f}')
     for r in results:
         print(f'\ncold launch on {r["backend"]}: {r["cold"]:.1f} s in all; by phase (the tasks\' own time):')

@@ -3,6 +3,7 @@ a paragraph, never a traceback (tasks.project.action): doit names the task and r
 the next run does it again."""
 from __future__ import annotations
 
+from daemons.forward.connections import EngineError
 from daemons.gate.control import GateError
 from daemons.gate.review import ReviewError
 from daemons.hostprograms import HostProgramMissing
@@ -19,4 +20,4 @@ class BottleError(Exception):
 # Every error whose message says what to fix: the graph's own and the daemons' (the proxy, its rules, the git
 # gate and its reviews, the supervisor, a daemon that would not start), and a missing host program.
 IN_WORDS = (BottleError, HostProgramMissing, DaemonError, ProxyError, RulesError, GateError, ReviewError,
-            SuperviseError)
+            SuperviseError, EngineError)

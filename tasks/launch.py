@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tasks import egress, guest, secrets
-from tasks.backends.engines import on
+from tasks.backends.protocol import on
 from tasks.backends.pick import backend
 from tasks.errors import BottleError
 from tasks.manifest import BACKEND_ENV, Agent

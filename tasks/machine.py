@@ -18,12 +18,11 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from tasks import egress, guest, lifetime
+from tasks import egress, forward, guest, lifetime
 from tasks.backends import confine
 from tasks.backends.disk import outermost
-from tasks.backends.engines import on
 from tasks.backends.pick import backend
-from tasks.backends.protocol import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, MachineSpec
+from tasks.backends.protocol import AGENT_LABEL, ID_LABEL, PROJECT_LABEL, BackendMissing, MachineSpec, on
 from tasks.checks import MachineAbsent, MachineRunning, PathAbsent, SameMachine
 from tasks.errors import BottleError
 from tasks.image import Image, image_of
@@ -48,7 +47,8 @@ def tasks(project: Project):
             'name': agent.name,
             'doc': f'create machine {agent.machine} on {on(agent.backend, agent.engine)} from image {image.key}',
             'actions': [(create, [project, agent, image])],
-            'task_dep': [f'egress:{agent.name}'],      # an engine mounts the door's directory at create
+            'task_dep': [f'egress:{agent.name}',      # an engine mounts the door's directory at create
+                         *([f'forward:{agent.engine}'] if forward.forwarded(agent) else [])],   # ...on the worker
             'file_dep': [image.manifest],
             'uptodate': [config_changed(config), SameMachine(agent)],
             'clean': [(delete, [project, agent])],
@@ -133,9 +133,13 @@ def _delete_everywhere(project: Project, agent: Agent):
 def create(project: Project, agent: Agent, image: Image):
     _delete_everywhere(project, agent)
     identity = uuid.uuid4().hex
+    door, files = egress.door_socket(project, agent.name), None
+    if forward.forwarded(agent):            # the door as the worker has it, forwarded from this host's
+        there = forward.forward(project, agent.engine)
+        door, files = Path(there.door(agent.name)), there.files_dir()
     backend(agent.backend, agent.engine).create(MachineSpec(
         name=agent.machine, image=image.artifact, image_key=image.key, cpus=agent.cpus,
-        memory_mib=agent.memory_mib, env=machine_env(agent), door=egress.door_socket(project, agent.name),
+        memory_mib=agent.memory_mib, env=machine_env(agent), door=door, engine_files=files,
         guest_door=guest.DOOR, workload=guest.DOOR_RELAY, disk_gib=agent.disk_gib,
         disk=disk_file(project, agent), writable=guest.writable_paths(agent),
         labels={AGENT_LABEL: agent.name, PROJECT_LABEL: project.label, IMAGE_LABEL: image.key,

@@ -22,7 +22,7 @@ from daemons import shown
 from daemons.atomic import write_atomic
 from tasks import setup_template
 from tasks.backends.detect import default_backend
-from tasks.backends.engines import connections
+from daemons.forward.connections import connections
 from tasks.errors import IN_WORDS, BottleError
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
@@ -88,6 +88,7 @@ class Project:
             'backend': 'sqlite3',          # safe with parallel runs; dbm files are not
             'par_type': 'thread',          # actions are CLI calls; threads share the machine probe
             'default_tasks': ['provision'],
+            'continue': True,              # one agent's failure (its worker down) leaves the others' launches be
         }
 
     def daemon_dir(self, name: str) -> Path:

@@ -157,8 +157,9 @@ class Bottles:
     @staticmethod
     def stop_daemons_of(root: Path):
         """Stop the project's daemons at `root` that it ever started: the supervisor, the git gate, the egress
-        proxy and its door relays."""
+        proxy and its door relays, the forwards to workers."""
         from daemons.gate.control import GitGate
+        from daemons.lifecycle import Daemon
         from daemons.proxy.control import EgressProxy
         from daemons.supervise.control import Supervisor
         state = root / '.bottle'
@@ -166,6 +167,8 @@ class Bottles:
                            ('egress', lambda d: EgressProxy(d, Path('/nonexistent')).stop())):
             if (state / name).exists():
                 stop(state / name)
+        for forward in sorted((state / 'forward').glob('forward-*.pid')):      # the doors forwarded to workers
+            Daemon(forward.stem, forward.parent, []).stop()
 
     # -- writing the project
 

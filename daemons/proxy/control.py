@@ -169,7 +169,7 @@ class EgressProxy:
         door = Door(bottle, Path(bottle_dir).resolve(), Path(door_dir))
         _check_socket_path(door.socket)
         with self._locked():
-            _private_dir(door.directory)
+            private_dir(door.directory)
             _stop_old_relay(door)
             doors = self._doors()
             entry = {'door': str(door.directory), 'dir': str(door.bottle_dir), 'rules': str(door.rules),
@@ -338,9 +338,9 @@ class EgressProxy:
             return False
         self._make_ca()
         _check_socket_path(self.secrets_socket)
-        _private_dir(self.secrets_socket.parent)
+        private_dir(self.secrets_socket.parent)
         for bottle, entry in doors.items():
-            _private_dir(Door.of(bottle, entry).directory)      # gone after a reboot when it is in /tmp
+            private_dir(Door.of(bottle, entry).directory)      # gone after a reboot when it is in /tmp
             _stop_old_relay(Door.of(bottle, entry))
         return self.daemon().ensure_running()
 
@@ -450,7 +450,7 @@ def _check_socket_path(path: Path) -> None:
                          f'most {UNIX_PATH_MAX}: move the project to a shorter path')
 
 
-def _private_dir(path: Path) -> None:
+def private_dir(path: Path) -> None:
     """Make `path` (and a missing parent) mode 0700; refuse one that another user could change or
     that is a symbolic link: whoever can swap the door can speak for the bottle."""
     for directory in (path.parent, path):

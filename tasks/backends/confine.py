@@ -218,19 +218,26 @@ def _write_if_changed(path: Path, text: str):
     write_atomic(path, text, mode=0o644)
 
 
-def create_flags(engine: str, directory: Path | None = None) -> list[str]:
-    """The `create` flags of a bottle on docker or podman (`engine`), the files they name written to
-    `directory` (default: confinement_dir())."""
-    if engine not in ('docker', 'podman'):
-        raise ValueError(f'confinement is for the docker and podman engines, not {engine!r}')
+def write_files(directory: Path | None = None) -> Path:
+    """The files the engines read (the seccomp profile, hosts, resolv.conf) in `directory` (default:
+    confinement_dir()); returns it."""
     directory = directory or confinement_dir()
     files = {'seccomp.json': seccomp_profile(), 'hosts': HOSTS, 'resolv.conf': RESOLV_CONF}
     for name, text in files.items():
         _write_if_changed(directory / name, text)
-    flags = ['--security-opt', 'no-new-privileges', '--security-opt', f'seccomp={directory / "seccomp.json"}',
+    return directory
+
+
+def create_flags(engine: str, directory: Path | None = None, at: str | None = None) -> list[str]:
+    """The `create` flags of a bottle on docker or podman (`engine`), the files they name written to
+    `directory` (default: confinement_dir()) and named where the engine's host has them: `at`, a directory on
+    an engine elsewhere that holds copies (daemons/forward), else `directory` itself."""
+    if engine not in ('docker', 'podman'):
+        raise ValueError(f'confinement is for the docker and podman engines, not {engine!r}')
+    where = at or str(write_files(directory))
+    flags = ['--security-opt', 'no-new-privileges', '--security-opt', f'seccomp={where}/seccomp.json',
              '--cap-drop', 'ALL']
     for capability in KEPT:
         flags += ['--cap-add', capability]
-    flags += ['-v', f'{directory / "hosts"}:{GUEST_HOSTS}:ro',
-              '-v', f'{directory / "resolv.conf"}:{GUEST_RESOLV_CONF}:ro']
+    flags += ['-v', f'{where}/hosts:{GUEST_HOSTS}:ro', '-v', f'{where}/resolv.conf:{GUEST_RESOLV_CONF}:ro']
     return flags

@@ -9,17 +9,18 @@ configuration (containers.conf, daemon.json), not here.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from daemons.forward.connections import EngineError, connection
 from tasks.backends import confine, disk
 from tasks.backends.detect import alternatives
-from tasks.backends.engines import connection, on
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
-                                     run)
+                                     on, run)
 from tasks.progress import progress
 
 # One JSON object per container, with only what the probe needs: `{{json .}}` would make
@@ -27,6 +28,8 @@ from tasks.progress import progress
 # docker joins the labels with commas; the disk's file, a host path, is asked for by itself.
 DOCKER_PS_FORMAT = ('{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}, '
                     f'"disk": {{{{json (.Label "{disk.FILE_LABEL}")}}}}}}')
+# What would take a podman call to another engine or key than its --connection's.
+ENGINE_VARIABLES = ('CONTAINER_HOST', 'CONTAINER_CONNECTION', 'CONTAINER_SSHKEY', 'CONTAINER_PASSPHRASE')
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
 STOP = ['--stop-signal', 'SIGKILL']
 
@@ -60,8 +63,9 @@ class Docker(Backend):
     def __init__(self, cli: str, engine: str | None = None):
         super().__init__()
         self.name = cli
-        self.engine = engine            # a podman system connection (engines.py); None: this host's engine
+        self.engine = engine            # a podman system connection (daemons/forward); None: this host's engine
         self._prefix = ['--connection', engine] if engine else []
+        self._engine_env: dict[str, str] | None = None
 
     @property
     def where(self) -> str:
@@ -78,7 +82,20 @@ class Docker(Backend):
         return exe
 
     def _cli(self, *args: str, stdin: bytes | None = None, check: bool = True):
-        return run([self._exe(), *self._prefix, *args], stdin=stdin, check=check)
+        return run([self._exe(), *self._prefix, *args], stdin=stdin, check=check, env=self._env())
+
+    def _env(self) -> dict[str, str] | None:
+        """For an engine elsewhere: checked once (its host key known here), and the variables that would
+        take podman to another engine or key left out (CONTAINER_HOST wins over --connection)."""
+        if not self.engine:
+            return None
+        if self._engine_env is None:
+            conn = connection(self.name, self.engine)
+            problem = conn.host_key_problem() if conn.ssh else None
+            if problem:
+                raise EngineError(problem)
+            self._engine_env = {k: v for k, v in os.environ.items() if k not in ENGINE_VARIABLES}
+        return self._engine_env
 
     def _probe(self) -> dict[str, Machine]:
         if self.name == 'podman':
@@ -145,10 +162,6 @@ class Docker(Backend):
         return True
 
     def _create(self, spec: MachineSpec) -> dict[str, str]:
-        if self.engine and connection(self.name, self.engine).ssh:
-            raise BackendError(f'{spec.name} cannot be made on {self.where} yet: its connection is over SSH, and the '
-                               'forward of the bottle\'s door to a worker is not built yet; use an engine of this '
-                               'host (a unix:// connection) or remove engine')
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):
             progress(f'loading {ref} into {self.where} from {spec.image}')
@@ -165,7 +178,8 @@ class Docker(Backend):
         # recreates the socket after a restart is then reached again without a container restart. Read-only:
         # guest root connects to the door but can neither replace it nor leave a file on the host.
         args += ['--network', 'none', '-v', f'{spec.door.parent}:{posixpath.dirname(spec.guest_door)}:ro']
-        args += confine.create_flags(self.name)     # the least kernel surface (confine.py); not for build machines
+        # the least kernel surface (confine.py); not for build machines
+        args += confine.create_flags(self.name, at=spec.engine_files)
         try:
             self._cli(*args, ref, *spec.workload)
         except BackendError:
@@ -179,7 +193,8 @@ class Docker(Backend):
         if spec.disk is None or spec.disk_gib is None:
             return [], {}
         bounded = disk.Disk(spec.disk)
-        why = disk.why_not_bounded()
+        why = (f'it runs on {self.where}, and a disk is made only on this host' if spec.engine_files else
+               disk.why_not_bounded())
         if not why:
             progress(f'making the {spec.disk_gib} GiB disk of {spec.name}')
             try:

@@ -65,6 +65,8 @@ class MachineSpec:
     disk: Path | None = None         # ...on a filesystem in this host file
     writable: Mapping[str, str] = field(default_factory=dict)   # guest paths it may write (the rest of its
     #                                root is read-only), each with the uid:gid it gets if the image lacks it
+    engine_files: str | None = None  # on an engine elsewhere: the worker's directory of the confinement files
+    #                                (then `door` is the worker's forwarded socket: daemons/forward)
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,18 @@ class ImageBuild:
     artifact: Path                   # where the packed image must end up
 
 
+def on(backend: str, engine: str | None) -> str:
+    """Where a machine is, in words: `podman`, `podman engine worker1` (engine: a podman system connection)."""
+    return f'{backend} engine {engine}' if engine else backend
+
+
 def run(argv: list[str], *, stdin: bytes | None = None, check: bool = True,
-        timeout: float | None = None) -> subprocess.CompletedProcess:
+        timeout: float | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a backend command; on failure raise BackendError showing its stderr, and when it runs past
     `timeout` seconds, one saying so."""
     try:
         proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise BackendError(f'`{_shown(argv)}` did not finish within {timeout:g} s and was stopped') from None
     if check and proc.returncode != 0:

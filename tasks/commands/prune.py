@@ -24,9 +24,8 @@ from pathlib import Path
 
 from daemons.supervise import approved
 from tasks import egress, lifetime
-from tasks.backends.engines import on
 from tasks.backends.pick import backend
-from tasks.backends.protocol import PROJECT_LABEL, BackendMissing
+from tasks.backends.protocol import PROJECT_LABEL, BackendMissing, on
 from tasks.bases import debootstrap_name
 from tasks.cache import cache_dir
 from tasks.errors import BottleError

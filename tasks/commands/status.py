@@ -20,7 +20,7 @@ from daemons.proxy.refusals import refusals, secret_uses
 from daemons.supervise import requests
 from tasks import egress, gate, supervise
 from tasks.backends.disk import DISK_LABEL, NOT_BOUNDED
-from tasks.backends.engines import on
+from tasks.backends.protocol import on
 from tasks.backends.pick import backend
 from tasks.image import image_of
 from tasks.project import Project, action
