@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -24,6 +25,7 @@ from tests.proxy_upstreams import Upstream, make_upstream_ca, random_loopback_ad
 from tests.remote_worker import worker  # noqa: F401  (the module's worker fixture)
 from tests.scenario import TEST_SECRET, TEST_SECRET_NETWORK, placeholder_of, setup_agent
 from tests.test_engines import _host_settings
+from tests.test_git_gate import PASSWORD, host_git_config, make_repository
 
 pytestmark = pytest.mark.extended
 ENGINE = 'w1'
@@ -77,14 +79,20 @@ def remote(worker, tmp_path_factory, claude_cache):  # noqa: F811
     env = {'CONTAINERS_CONF': str(conf), 'HOME': str(home)}
     address = random_loopback_address()
     ca, cert, key = make_upstream_ca(tmp, address)
-    upstream = Upstream(address, cert, key)
+    git_root = tmp / 'git'
+    git_root.mkdir()
+    make_repository(git_root, 'app')
+    upstream = Upstream(address, cert, key, git_root=git_root, git_credentials=('gate-user', PASSWORD))
     bottles = Bottles(tmp / 'project', RemotePodman(tmp, claude_cache, env))
-    bottles.extra_env.update(env, BOTTLE_UPSTREAM_CA=str(ca))
-    setup_agent(bottles, 'a', engine=ENGINE, secrets=[TEST_SECRET],
+    bottles.supervise()
+    bottles.extra_env.update(env, BOTTLE_UPSTREAM_CA=str(ca), GIT_SSL_CAINFO=str(ca),
+                             GIT_CONFIG_GLOBAL=str(host_git_config(tmp, address, ca)))
+    setup_agent(bottles, 'a', engine=ENGINE, secrets=[TEST_SECRET], supervise_wait=1,
+                git=[{'url': f'https://{address}/git/app.git', 'mode': 'forward'}],
                 network={'allow_hosts': [address, *TEST_SECRET_NETWORK['allow_hosts']],
                          'allow_private': [f'{address}/32']})
     try:
-        yield bottles, worker, address, upstream
+        yield bottles, worker, address, upstream, git_root
     finally:
         bottles.backend.close(Project(bottles.root).label)
         bottles.stop_daemons()
@@ -103,7 +111,7 @@ def curl(bottles, address: str, path: str) -> tuple[int, str]:
 
 
 def test_a_cold_launch_runs_the_bottle_on_the_worker_with_its_door_forwarded(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     run = bottles.doit('launch:a', env=bottles.env(BOTTLE_TEST_SECRET=SECRET))
     assert run.count('load') == 1, run.calls                       # loaded into the worker's engine once
     machine_calls = [call for call in run.calls if bottles.machine('a') in call]
@@ -124,7 +132,7 @@ def test_a_cold_launch_runs_the_bottle_on_the_worker_with_its_door_forwarded(rem
 
 
 def test_egress_is_allowed_and_denied_by_this_hosts_proxy_through_the_forwarded_door(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     assert curl(bottles, address, '/hello') == (200, 'upstream saw GET /hello')
     status, body = curl(bottles, 'denied.bottle-test.example', '/x')
     assert status == 403, body
@@ -132,8 +140,53 @@ def test_egress_is_allowed_and_denied_by_this_hosts_proxy_through_the_forwarded_
     assert '/hello' in log and 'denied.bottle-test.example' in log     # the fence on this host saw both
 
 
+def test_a_push_through_the_gate_lands_upstream(remote):
+    bottles, worker, address, upstream, git_root = remote
+    out = bottles.guest('a', f'cd /tmp && rm -rf app && git clone -q https://{address}/git/app.git app && cd app && '
+                             'git -c user.name=A -c user.email=a@example.invalid commit -q --allow-empty -m remote && '
+                             'git rev-parse HEAD && git push origin HEAD:agent/a/remote 2>&1')
+    sha = out.split()[0]
+    assert 'landed upstream in' in out, out
+    landed = subprocess.run(['git', '--git-dir', str(git_root / 'app.git'), 'rev-parse', 'refs/heads/agent/a/remote'],
+                            capture_output=True, text=True).stdout.strip()
+    assert landed == sha
+
+
+# The agent's MCP client, as curl: initialize, then one call of a supervisor tool, through the door.
+ASK = r'''set -eu
+mcp=http://supervise.bottle.invalid/mcp
+post() { curl -sS --max-time 60 -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' "$@" $mcp; }
+sid=$(post -D - -o /dev/null -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}' | tr -d '\r' | sed -n 's/^[Mm]cp-[Ss]ession-[Ii]d: //p')
+post -H "mcp-session-id: $sid" -d '{"jsonrpc":"2.0","method":"notifications/initialized"}' > /dev/null
+post -H "mcp-session-id: $sid" -d "$1"
+'''
+
+
+def test_a_request_to_the_supervisor_from_the_worker_is_approved_here(remote):
+    bottles, worker, address, upstream, git_root = remote
+    call = json.dumps({'jsonrpc': '2.0', 'id': 2, 'method': 'tools/call', 'params': {
+        'name': 'request_egress', 'arguments': {'host': 'docs.example.org', 'reason': 'the manual'}}})
+    answer = bottles.guest('a', f'sh -c {shlex.quote(ASK)} sh {shlex.quote(call)}')
+    found = re.search(r'still pending as request (\S+?);', answer)
+    assert found, answer
+    approved = bottles.doit('approve', '--id', found.group(1))
+    assert 'granted: host docs.example.org for bottle a' in approved.stdout, approved.stdout
+    rules = json.loads((bottles.root / '.bottle' / 'agents' / 'a' / 'egress-rules.json').read_text())
+    assert 'docs.example.org' in [entry['host'] for entry in rules['hosts']]
+
+
+def test_another_user_of_the_worker_cannot_speak_through_a_bottles_door(remote):
+    bottles, worker, address, upstream, git_root = remote
+    doors = worker.ssh('sh', '-c', 'ls $HOME/.claude-bottle/*/*/egress.sock').stdout.decode().split()
+    assert doors
+    for door in doors:
+        tried = worker.ssh('setpriv', '--reuid', 'nobody', '--regid', 'nogroup', '--clear-groups', 'python3', '-c',
+                           f'import socket; socket.socket(socket.AF_UNIX).connect({door!r})', check=False)
+        assert tried.returncode != 0 and b'PermissionError' in tried.stderr, tried.stderr
+
+
 def test_a_relaunch_makes_one_probe_of_the_engine_and_an_edited_skill_one_transfer(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     again = bottles.doit('launch:a')
     probes = [call for call in again.calls if call[:2] == ['--connection', ENGINE]]
     assert again.kinds == {'probe': 1, 'system': 1} and len(probes) == 1, again.calls    # and podman's connections
@@ -144,7 +197,7 @@ def test_a_relaunch_makes_one_probe_of_the_engine_and_an_edited_skill_one_transf
 
 
 def test_a_forward_killed_behind_doits_back_is_restored_by_the_next_launch_without_a_new_machine(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     before = forward_pid(bottles)
     os.kill(before, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -157,7 +210,7 @@ def test_a_forward_killed_behind_doits_back_is_restored_by_the_next_launch_witho
 
 
 def test_a_stale_socket_on_the_worker_is_replaced(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     Daemon(f'forward-{ENGINE}', bottles.root / '.bottle' / 'forward', []).stop()
     leftovers = worker.ssh('sh', '-c', 'ls -d $HOME/.claude-bottle/*/*/').stdout.decode().split()
     for directory in leftovers:           # a socket nobody listens on, as a crashed sshd would leave
@@ -169,7 +222,7 @@ def test_a_stale_socket_on_the_worker_is_replaced(remote):
 
 
 def test_an_unknown_host_key_is_refused_in_one_line_before_any_call(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     known = Path(bottles.extra_env['HOME']) / '.ssh' / 'known_hosts'
     kept = known.read_text()
     known.write_text('')
@@ -185,7 +238,7 @@ def test_an_unknown_host_key_is_refused_in_one_line_before_any_call(remote):
 
 
 def test_a_worker_that_does_not_answer_fails_its_agent_in_one_line_and_the_others_go_on(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     setup_agent(bottles, 'down', engine=DOWN)
     setup_agent(bottles, 'here')
     try:
@@ -203,7 +256,7 @@ def test_a_worker_that_does_not_answer_fails_its_agent_in_one_line_and_the_other
 
 
 def test_teardown_and_prune_leave_nothing_on_the_worker(remote):
-    bottles, worker, address, upstream = remote
+    bottles, worker, address, upstream, git_root = remote
     bottles.doit('teardown:a')
     assert forward_pid(bottles) is None
     assert bottles.machine('a') not in worker.podman('ps', '-a', '--format', '{{.Names}}').stdout.decode().split()
