@@ -121,6 +121,9 @@ def test_a_cold_launch_runs_the_bottle_on_the_worker_with_its_door_forwarded(rem
     here = subprocess.run(['podman', 'ps', '-a', '--format', '{{.Names}}'], capture_output=True, text=True).stdout
     assert bottles.machine('a') not in here.split()                 # nothing of it on this host's engine
     assert f'on podman engine {ENGINE}' in run.stdout and forward_pid(bottles), run.output
+    status = bottles.doit('status').stdout
+    assert f'a: {bottles.machine("a")} on podman engine {ENGINE}, running' in status, status
+    assert 'door forwarded to the worker up' in status, status
     door = bottles.guest('a', 'ls -ln /run/bottle/ && touch /run/bottle/x 2>&1; true')
     assert 'egress.sock' in door and 'Read-only file system' in door, door      # the door's directory, read-only
     assert bottles.guest('a', 'tail -n +3 /proc/net/dev | cut -d: -f1').split() == ['lo']

@@ -109,6 +109,13 @@ class Forward:
         except EngineError:
             return False
 
+    def healthy(self) -> bool:
+        """Ours, current, and the probe passes: for `doit status`. Never raises."""
+        try:
+            return self.daemon().healthy()
+        except EngineError:
+            return False
+
     def probe(self) -> bool:
         """The SSH connection is up and every bottle's door is a socket on the worker."""
         try:

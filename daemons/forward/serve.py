@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         print(f'preparing the worker failed (exit code {prepare.returncode})', file=sys.stderr)
         return 1
     home = prepare.stdout.decode(errors='replace')
-    if not home.startswith('/') or '\n' in home:
+    if not home.startswith('/') or '\n' in home or len(home) > 200:
         print(f'the worker named no home directory (it said {home[:100]!r})', file=sys.stderr)
         return 1
     base = f'{home}/.claude-bottle/{project_key}'

@@ -18,7 +18,7 @@ from daemons.gate import review
 from daemons import shown
 from daemons.proxy.refusals import refusals, secret_uses
 from daemons.supervise import requests
-from tasks import egress, gate, supervise
+from tasks import egress, forward, gate, supervise
 from tasks.backends.disk import DISK_LABEL, NOT_BOUNDED
 from tasks.backends.protocol import on
 from tasks.backends.pick import backend
@@ -55,6 +55,7 @@ def status(project: Project, dodo: dict):
               f'{machine.state if machine else "no machine"}; image {image.key}'
               f'{"" if image.manifest.exists() else " (not built)"}; egress door '
               f'{"open" if proxy.door_healthy(agent.name) else _stopped("closed", proxy.daemon())}'
+              + (f'; door forwarded to the worker {_forward_state(project, agent)}' if forward.forwarded(agent) else '')
               + (f'; git gate {gate_state}, {held.count(agent.name)} push(es) held for review' if agent.git else '')
               + (f'; supervisor {supervisor_state}, {waiting.count(agent.name)} request(s) waiting (doit supervise)'
                  if agent.supervise else ''))
@@ -82,6 +83,15 @@ def _answering(service) -> str:
     if service.healthy():
         return 'answering'
     return 'not answering (it runs: see its log)' if service.running() else _stopped('not running', service.daemon())
+
+
+def _forward_state(project: Project, agent) -> str:
+    """The forward of the agent's worker in a word, from its protocol (the SSH connection and the worker's sockets)."""
+    there = forward.forward(project, agent.engine)
+    daemon = there.daemon()
+    if daemon.pid() is None:
+        return _stopped('stopped', daemon)
+    return 'up' if there.healthy() else 'not answering'
 
 
 def _stopped(state: str, daemon) -> str:
