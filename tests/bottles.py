@@ -720,7 +720,7 @@ class DockerFamily(LoggedCli):
 
     @staticmethod
     def kind(argv: list[str]) -> str:
-        if argv[:1] == ['--connection']:
+        if argv[:1] in (['--connection'], ['--context']):
             argv = argv[2:]             # a call to an engine elsewhere is of the same kind
         verb = argv[0] if argv else ''
         if verb == 'ps':

@@ -1,8 +1,8 @@
-"""Engines elsewhere (issue 25): the manifest key `engine` names a podman system connection, and the agent's
-machine lives there. Here the connection is this host's own podman API service on a socket of the test's
-(`unix://`): what placement means (every engine call through the connection, one probe per engine, the
-engine in what launch and status say, a move between engines taking the old machine down) without a worker.
-The worker over SSH, with the door forwarded, is tests/test_remote_engine.py."""
+"""Engines elsewhere (issues 25 and 26): the manifest key `engine` names a podman system connection or a docker
+context, and the agent's machine lives there. Here the engine is this host's own, on a socket of the test's
+(`unix://`: podman's API service, the suite's dockerd): what placement means (every engine call through the
+connection, one probe per engine, the engine in what launch and status say, a move between engines taking the old
+machine down) without a worker. The worker over SSH, with the door forwarded, is tests/test_remote_engine.py."""
 from __future__ import annotations
 
 import os
@@ -64,28 +64,46 @@ def _answers(sock: Path) -> bool:
         return False
 
 
-def test_an_agent_on_an_engine_is_placed_there_said_so_and_moved_back_whole(podman, here):
-    podman.extra_env['CONTAINERS_CONF'] = str(here)
-    setup_agent(podman, 'a', engine='here')
-    setup_agent(podman, 'b')
-    listed = podman.doit('list', '--all')
-    assert f'create machine {podman.machine("a")} on podman engine here' in listed.stdout, listed.stdout
+@pytest.fixture
+def elsewhere(engine, request, tmp_path):
+    """The project on `engine` (podman, docker) with an engine `here` of that CLI: podman's connection to its API
+    service above, or a docker context (in a DOCKER_CONFIG of the test's) on the suite's dockerd."""
+    cli = engine.backend.name
+    if cli == 'podman':
+        engine.extra_env['CONTAINERS_CONF'] = str(request.getfixturevalue('here'))
+    else:
+        config = tmp_path / 'docker-config'
+        config.mkdir()
+        made = subprocess.run(['docker', 'context', 'create', 'here', '--docker',
+                               f'host={engine.backend.engine.env["DOCKER_HOST"]}'], capture_output=True, text=True,
+                              env={**os.environ, 'DOCKER_CONFIG': str(config)})
+        assert made.returncode == 0, made.stderr
+        engine.extra_env['DOCKER_CONFIG'] = str(config)
+    return engine, cli, ['--connection' if cli == 'podman' else '--context', 'here']
 
-    launched = podman.doit('launch:a')
-    machine_calls = [call for call in launched.calls if podman.machine('a') in call]
-    assert {podman.backend.kind(call) for call in machine_calls} >= {'create', 'start', 'exec'}, launched.calls
-    assert all(call[:2] == ['--connection', 'here'] for call in machine_calls), launched.calls   # built here, run there
-    assert f'in {podman.machine("a")} on podman engine here.' in launched.stdout, launched.stdout
-    status = podman.doit('status')
-    assert f'a: {podman.machine("a")} on podman engine here, running' in status.stdout, status.stdout
 
-    both = podman.doit('launch:a', 'launch:b')
-    probes = [call for call in both.calls if podman.backend.kind(call) == 'probe']
-    assert sorted(call[:2] == ['--connection', 'here'] for call in probes) == [False, True], both.calls  # one each
+def test_an_agent_on_an_engine_is_placed_there_said_so_and_moved_back_whole(elsewhere):
+    bottles, cli, prefix = elsewhere
+    setup_agent(bottles, 'a', engine='here')
+    setup_agent(bottles, 'b')
+    listed = bottles.doit('list', '--all')
+    assert f'create machine {bottles.machine("a")} on {cli} engine here' in listed.stdout, listed.stdout
 
-    setup_agent(podman, 'a')                    # back to this host's engine: the machine on `here` goes
-    moved = podman.doit('launch:a')
-    deleted = [call for call in moved.calls if podman.backend.kind(call) == 'delete']
-    assert deleted and deleted[0][:2] == ['--connection', 'here'], moved.calls
-    assert f'in {podman.machine("a")} on podman.' in moved.stdout, moved.stdout
-    assert podman.guest('a', 'echo up') == 'up\n'
+    launched = bottles.doit('launch:a')
+    machine_calls = [call for call in launched.calls if bottles.machine('a') in call]
+    assert {bottles.backend.kind(call) for call in machine_calls} >= {'create', 'start', 'exec'}, launched.calls
+    assert all(call[:2] == prefix for call in machine_calls), launched.calls   # built here, run there
+    assert f'in {bottles.machine("a")} on {cli} engine here.' in launched.stdout, launched.stdout
+    status = bottles.doit('status')
+    assert f'a: {bottles.machine("a")} on {cli} engine here, running' in status.stdout, status.stdout
+
+    both = bottles.doit('launch:a', 'launch:b')
+    probes = [call for call in both.calls if bottles.backend.kind(call) == 'probe']
+    assert sorted(call[:2] == prefix for call in probes) == [False, True], both.calls     # one each
+
+    setup_agent(bottles, 'a')                    # back to this host's engine: the machine on `here` goes
+    moved = bottles.doit('launch:a')
+    deleted = [call for call in moved.calls if bottles.backend.kind(call) == 'delete']
+    assert deleted and deleted[0][:2] == prefix, moved.calls
+    assert f'in {bottles.machine("a")} on {cli}.' in moved.stdout, moved.stdout
+    assert bottles.guest('a', 'echo up') == 'up\n'

@@ -61,13 +61,17 @@ CASES = {
     'missing local base': ('a.yaml', 'image: {base: ./rootfs.tar}\n', ["'image.base'", 'neither a directory']),
     'duplicate key': ('a.yaml', 'prompt: a\nprompt: b\n', ["agents/a.yaml:2", "'prompt'", 'twice']),
     'engine on smolvm': ('a.yaml', 'prompt: hi\nengine: worker1\n',
-                         ["agents/a.yaml:2: key 'engine'", 'podman system connection, but this agent runs on smolvm',
+                         ["agents/a.yaml:2: key 'engine'", 'a docker context, but this agent runs on smolvm',
                           'backend: podman']),
     'engine podman does not know': ('a.yaml', 'backend: podman\nengine: no-such-worker\n',
                                     ["agents/a.yaml:2: key 'engine'", "no podman system connection is named "
                                      "'no-such-worker'", 'podman system connection add no-such-worker ssh://']),
     'engine name that is no connection name': ('a.yaml', 'backend: podman\nengine: "-x y"\n',
-                                               ["agents/a.yaml:2: key 'engine'", 'not a podman system connection name']),
+                                               ["agents/a.yaml:2: key 'engine'", 'is not a podman system connection or '
+                                                'docker context name']),
+    'engine docker does not know': ('a.yaml', 'backend: docker\nengine: no-such-context\n',
+                                    ["agents/a.yaml:2: key 'engine'", "no docker context is named 'no-such-context'",
+                                     'docker context create no-such-context --docker host=ssh://']),
 }
 
 

@@ -1,7 +1,8 @@
-"""podman's system connections: the engine's own name for a podman API service reached over SSH
-(`ssh://user@host:port/path/podman.sock`) or on a socket of this host (`unix:///path`). Its host, user and key
-stay in podman's configuration (`podman system connection add`, containers.conf): they are asked of podman when
-needed and kept nowhere else.
+"""Engines elsewhere by their CLI's own names: podman's system connections (a podman API service reached over SSH,
+`ssh://user@host:port/path/podman.sock`, or on a socket of this host, `unix:///path`) and docker's contexts
+(`ssh://user@host`, or a socket). Their host, user and key stay in the CLI's configuration (`podman system
+connection add`, containers.conf; `docker context create`, ~/.docker): they are asked of it when needed and kept
+nowhere else.
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ LIST_SECONDS = 30
 
 
 class EngineError(Exception):
-    """podman's connections could not be read, or one is missing; the message says what to do."""
+    """An engine's connection could not be read, or is missing; the message says what to do."""
 
 
 @dataclass(frozen=True)
 class Connection:
     name: str
     uri: str
-    identity: str          # the key file podman uses for it ('' when none is set)
+    identity: str          # the key file podman uses for it ('' when none is set, and for docker's)
 
     @property
     def ssh(self) -> bool:
@@ -65,7 +66,7 @@ class Connection:
                 continue
             if found.returncode == 0 and found.stdout.strip():
                 return None
-        return (f'the host key of {self.known_as} (podman engine {self.name}) is in no known_hosts file here '
+        return (f'the host key of {self.known_as} (engine {self.name}) is in no known_hosts file here '
                 f'({files[0]}, {files[1]}); check its fingerprint with the worker\'s admin, then add it '
                 f'(`ssh-keyscan -p {self.port} {self.host} >> {files[0]}`) and run again')
 
@@ -76,34 +77,60 @@ class Connection:
         return unquote(urlsplit(self.uri).path)
 
 
+@dataclass(frozen=True)
+class Engines:
+    """How one CLI names its engines elsewhere, lists them and is pointed at one."""
+    noun: str                   # what the manifest key `engine` names
+    listing: tuple[str, ...]    # the command that lists them, as JSON
+    flag: str                   # the option that points a call at one
+    add: str                    # how a person adds a worker
+    install: str
+
+    def parse(self, out: str) -> list[Connection]:
+        if self.flag == '--connection':         # podman: one JSON list
+            return [Connection(str(c['Name']), str(c['URI']), str(c.get('Identity') or ''))
+                    for c in json.loads(out or '[]')]
+        return [Connection(str(c['Name']), str(c.get('DockerEndpoint') or ''), '')     # docker: a JSON object a line
+                for c in map(json.loads, filter(None, out.splitlines()))]
+
+
+ENGINES = {
+    'podman': Engines('podman system connection', ('system', 'connection', 'list', '--format', 'json'),
+                      '--connection', 'podman system connection add {name} ssh://USER@HOST/run/podman/podman.sock',
+                      'apt-get install podman runc'),
+    'docker': Engines('docker context', ('context', 'ls', '--format', '{{json .}}'), '--context',
+                      'docker context create {name} --docker host=ssh://USER@HOST', 'apt-get install docker.io'),
+}
+
+
 @functools.cache
 def connections(cli: str = 'podman') -> dict[str, Connection]:
-    """Every system connection podman knows, by name; asked once per process."""
+    """Every engine elsewhere the CLI knows (podman's system connections, docker's contexts), by name; asked once
+    per process."""
+    kind = ENGINES[cli]
     exe = shutil.which(cli)
     if exe is None:
-        raise EngineError(f'an agent names an engine, but there is no `{cli}` on PATH to ask for its connections; '
-                          f'install {cli} (Debian: `apt-get install podman runc`)')
+        raise EngineError(f'an agent names an engine, but there is no `{cli}` on PATH to ask for its '
+                          f'{kind.noun}s; install {cli} (Debian: `{kind.install}`)')
+    shown = f'{cli} {" ".join(kind.listing)}'
     try:
-        proc = subprocess.run([exe, 'system', 'connection', 'list', '--format', 'json'], capture_output=True,
-                              text=True, timeout=LIST_SECONDS, stdin=subprocess.DEVNULL)
+        proc = subprocess.run([exe, *kind.listing], capture_output=True, text=True, timeout=LIST_SECONDS,
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise EngineError(f'`{cli} system connection list` did not answer within {LIST_SECONDS} s') from None
+        raise EngineError(f'`{shown}` did not answer within {LIST_SECONDS} s') from None
     if proc.returncode != 0:
-        raise EngineError(f'`{cli} system connection list` failed (exit code {proc.returncode}): '
-                          f'{proc.stderr.strip()[:300]}')
+        raise EngineError(f'`{shown}` failed (exit code {proc.returncode}): {proc.stderr.strip()[:300]}')
     try:
-        listed = json.loads(proc.stdout or '[]')
-        return {str(c['Name']): Connection(str(c['Name']), str(c['URI']), str(c.get('Identity') or ''))
-                for c in listed}
+        return {c.name: c for c in kind.parse(proc.stdout)}
     except (ValueError, LookupError, TypeError, AttributeError) as err:
-        raise EngineError(f'`{cli} system connection list --format json` printed what is not a list of '
-                          f'connections ({type(err).__name__}: {err}); is it podman 4 or later?') from None
+        raise EngineError(f'`{shown}` printed what is not a list of {kind.noun}s ({type(err).__name__}: {err}); '
+                          f'is the {cli} on PATH a supported version?') from None
 
 
 def connection(cli: str, name: str) -> Connection:
     try:
         return connections(cli)[name]
     except KeyError:
-        raise EngineError(f'podman has no system connection named {name!r} any more; add it again '
-                          f'(`podman system connection add {name} ssh://USER@HOST/run/podman/podman.sock`) or '
-                          'change the manifest key engine') from None
+        kind = ENGINES[cli]
+        raise EngineError(f'{cli} has no {kind.noun} named {name!r} any more; add it again '
+                          f'(`{kind.add.format(name=name)}`) or change the manifest key engine') from None

@@ -31,7 +31,7 @@ START_SECONDS = 60.0
 # What the worker said when it could not be reached, and what to do about it.
 HINTS = (('Host key verification failed', 'its host key is not known here: check the key with the worker\'s '
           'admin, then add it (`ssh-keyscan -p {port} {host} >> ~/.ssh/known_hosts`) and launch again'),
-         ('Permission denied', 'the key podman uses for it ({identity}) is not accepted there'),
+         ('Permission denied', 'the key used for it ({identity}) is not accepted there'),
          ('Connection refused', 'nothing answers SSH on {host} port {port}: is the worker (its sshd) up?'),
          ('timed out', '{host} port {port} does not answer: is the worker up and reachable?'),
          ('Could not resolve', '{host} is not a name this host can resolve'),
@@ -67,7 +67,7 @@ class Forward:
                 return str(record['home'])
         except (OSError, ValueError, LookupError, TypeError):
             pass
-        raise EngineError(f'the forward to podman engine {self.engine} is not running; launch again')
+        raise EngineError(f'the forward to {self.cli} engine {self.engine} is not running; launch again')
 
     def base(self) -> str:
         return f'{self.home()}/.claude-bottle/{self.project_key}'
@@ -81,8 +81,17 @@ class Forward:
 
     # -- the daemon
 
+    @staticmethod
+    def cli_of(state_dir: Path, engine: str) -> str:
+        """The CLI whose engine a running forward serves, as it recorded; podman when it recorded none."""
+        try:
+            cli = json.loads((Path(state_dir) / f'forward-{engine}.json').read_text())['cli']
+            return cli if cli in ('podman', 'docker') else 'podman'
+        except (OSError, ValueError, LookupError, TypeError):
+            return 'podman'
+
     def daemon(self, config: str | None = None) -> Daemon:
-        """The daemon; `config` '' to stop or find it whatever it was started with (no podman call)."""
+        """The daemon; `config` '' to stop or find it whatever it was started with (no call to the CLI)."""
         python_path = os.pathsep.join(p for p in (str(ROOT), self.env.get('PYTHONPATH')) if p)
         return Daemon(self.name, self.state_dir,
                       [sys.executable, '-P', '-m', 'daemons.forward.serve', self.state_dir, self.cli, self.engine,
@@ -160,7 +169,7 @@ class Forward:
         values = {'host': conn.host, 'port': conn.port, 'identity': conn.identity or 'ssh\'s default key'}
         hint = next((text.format(**values) for sign, text in HINTS if any(sign in line for line in said[-10:])),
                     f'check that `ssh -p {conn.port} {conn.user + "@" if conn.user else ""}{conn.host}` works from here')
-        return (f'{what} on podman engine {self.engine}: the door could not be forwarded to the worker '
+        return (f'{what} on {self.cli} engine {self.engine}: the door could not be forwarded to the worker '
                 f'{conn.host} over SSH ({last[:200]}); {hint}. Its log: {daemon.log_file}')
 
 

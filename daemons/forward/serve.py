@@ -2,8 +2,8 @@
 
     python -P -m daemons.forward.serve STATE_DIR CLI ENGINE PROJECT_KEY FILES_DIR CONTROL_SOCKET BOTTLE_KEY=DOOR...
 
-CLI and ENGINE name the podman system connection whose host, port, user and key it uses (asked of podman at
-each start, never written down). First it prepares the worker, in one SSH session: its private directory
+CLI and ENGINE name the podman system connection or docker context whose host, port, user and key it uses (asked
+of the CLI at each start, never written down). First it prepares the worker, in one SSH session: its private directory
 `~/.claude-bottle/PROJECT_KEY` (0700) with a directory per bottle, a stale socket of an earlier forward removed,
 and `files/` replaced by FILES_DIR's files (the confinement files its machines mount); it records the worker's
 home in STATE_DIR/forward-ENGINE.json. Then it runs OpenSSH as a control master (CONTROL_SOCKET) with
@@ -48,12 +48,13 @@ printf '%s' "$HOME"
 
 
 def ssh_argv(cli: str, engine: str) -> list[str]:
-    """`ssh` to the worker of a podman connection: its port, user and key, host keys checked strictly against the
+    """`ssh` to the worker of an engine: its port, user and key (podman's; docker's comes from ssh's own config), host
+    keys checked strictly against the
     known_hosts podman reads too ($HOME's, where ssh alone would take the password database's home; an unknown
     key is refused, not learnt), no password prompt, keep-alives so a dead worker is noticed."""
     conn = connection(cli, engine)
     if not conn.ssh:
-        raise EngineError(f'podman engine {engine} is not reached over SSH ({conn.uri}): nothing to forward')
+        raise EngineError(f'{cli} engine {engine} is not reached over SSH ({conn.uri}): nothing to forward')
     known = str(conn.known_hosts)
     argv = ['ssh', '-p', str(conn.port), '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=yes',
             '-o', f'UserKnownHostsFile={known if " " not in known else chr(34) + known + chr(34)}',
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
     master = subprocess.Popen([*ssh, '-M', '-S', control, '-N', '-o', 'ControlPersist=no',
                                '-o', 'ExitOnForwardFailure=yes', *forwards],
                               stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    write_atomic(Path(state_dir) / f'forward-{engine}.json', json.dumps({'pid': os.getpid(), 'home': home}))
+    write_atomic(Path(state_dir) / f'forward-{engine}.json', json.dumps({'pid': os.getpid(), 'home': home, 'cli': cli}))
 
     def stop(signum, frame):
         master.terminate()
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     code = master.wait()
     Path(control).unlink(missing_ok=True)
-    print(f'the SSH connection to the worker of podman engine {engine} ended (exit code {code})', file=sys.stderr)
+    print(f'the SSH connection to the worker of {cli} engine {engine} ended (exit code {code})', file=sys.stderr)
     return 1 if code else 0
 
 

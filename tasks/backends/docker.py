@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemons.forward.connections import EngineError, connection
+from daemons.forward.connections import ENGINES, EngineError, connection
 from tasks.backends import confine, disk
 from tasks.backends.detect import alternatives
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
@@ -28,8 +28,9 @@ from tasks.progress import progress
 # docker joins the labels with commas; the disk's file, a host path, is asked for by itself.
 DOCKER_PS_FORMAT = ('{"name": {{json .Names}}, "state": {{json .State}}, "labels": {{json .Labels}}, '
                     f'"disk": {{{{json (.Label "{disk.FILE_LABEL}")}}}}}}')
-# What would take a podman call to another engine or key than its --connection's.
-ENGINE_VARIABLES = ('CONTAINER_HOST', 'CONTAINER_CONNECTION', 'CONTAINER_SSHKEY', 'CONTAINER_PASSPHRASE')
+# What would take a call to another engine or key than its --connection's (podman) or --context's (docker).
+ENGINE_VARIABLES = ('CONTAINER_HOST', 'CONTAINER_CONNECTION', 'CONTAINER_SSHKEY', 'CONTAINER_PASSPHRASE',
+                    'DOCKER_HOST', 'DOCKER_CONTEXT')
 # The workload ignores SIGTERM as PID 1; stopping it should not take the default 10 s.
 STOP = ['--stop-signal', 'SIGKILL']
 
@@ -63,8 +64,8 @@ class Docker(Backend):
     def __init__(self, cli: str, engine: str | None = None):
         super().__init__()
         self.name = cli
-        self.engine = engine            # a podman system connection (daemons/forward); None: this host's engine
-        self._prefix = ['--connection', engine] if engine else []
+        self.engine = engine            # a podman connection, a docker context (daemons/forward); None: this host's
+        self._prefix = [ENGINES[cli].flag, engine] if engine else []
         self._engine_env: dict[str, str] | None = None
 
     @property

@@ -20,11 +20,12 @@ def backend(name: str, engine: str | None = None) -> Backend:
             if name == 'smolvm' and engine is None:
                 from tasks.backends.smolvm import Smolvm
                 _backends[name, engine] = Smolvm()
-            elif name == 'podman' or (name == 'docker' and engine is None):
+            elif name in ('docker', 'podman'):
                 from tasks.backends.docker import Docker
                 _backends[name, engine] = Docker(name, engine)
             elif engine is not None:
-                raise BottleError(f'engine {engine!r}: only podman runs bottles on an engine elsewhere, not {name}')
+                raise BottleError(f'engine {engine!r}: only podman and docker run bottles on an engine elsewhere, '
+                                  f'not {name}')
             else:
                 raise BottleError(f'unknown backend {name!r}; choose smolvm, docker or podman')
         return _backends[name, engine]

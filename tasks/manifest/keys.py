@@ -124,11 +124,12 @@ KEYS: tuple[Key, ...] = (
     Key('backend', Choice(*BACKENDS), None, 'where the bottle runs', 'backend',
         default_text=f'`{BACKEND_ENV}` (it also overrides `_defaults.yaml`), else the first that works '
                      'here: smolvm, podman, docker'),
-    Key('engine', Text('connection', 'a podman system connection name such as worker1 (letters, digits, ".", "_" '
-                       'and "-")', ENGINE_NAME.pattern, max_length=MAX_ENGINE_NAME), None,
-        'the engine the machine runs on, by podman\'s own name for it: a `podman system connection` (podman only); '
-        'its host, user and key stay in podman\'s configuration. The fence stays on this host: the bottle\'s '
-        'door is forwarded to it over SSH. Moving an agent to another engine takes its old machine down',
+    Key('engine', Text('connection', 'a podman system connection or docker context name such as worker1 (letters, '
+                       'digits, ".", "_" and "-")', ENGINE_NAME.pattern, max_length=MAX_ENGINE_NAME), None,
+        'the engine the machine runs on, by its CLI\'s own name for it: a `podman system connection` (podman), a '
+        '`docker context` (docker); its host, user and key stay in that configuration. The fence stays on this '
+        'host: the bottle\'s door is forwarded to it over SSH. Moving an agent to another engine takes its old '
+        'machine down',
         'engine', default_text='this host\'s engine'),
 )
 KEY = {key.path: key for key in KEYS}

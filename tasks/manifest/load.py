@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
+from daemons.forward.connections import ENGINES
 from tasks.manifest.agent import Agent, GuestUser, Recipe
 from tasks.manifest.hosts import HostEntry, skill_hosts
 from tasks.manifest.keys import KEY, KEYS, SECTIONS, TOP_LEVEL, Key
@@ -88,7 +89,8 @@ def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], 
     `setup_problem(recipe)` says why the recipe's setup template cannot be used, or None.
     `default_backend()` picks the backend of agents whose manifests and environment name none;
     it is called at most once, and only when every manifest is valid (it may raise BottleError).
-    `engines(backend)` names the engines (podman's system connections) the key `engine` may name; it is called
+    `engines(backend)` names the engines (podman's system connections, docker's contexts) the key `engine` may name;
+    it is called
     once per backend, only for agents that name one (None: any name is taken)."""
     problems: list[Problem] = []
 
@@ -177,23 +179,25 @@ def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], 
             if where not in known:
                 known[where] = engines(where)
             if engine not in known[where]:
-                problems.append(draft.report('engine', ('engine',), _unknown_engine(engine, known[where])))
+                problems.append(draft.report('engine', ('engine',), _unknown_engine(where, engine, known[where])))
     if problems:
         raise ManifestError(list(dict.fromkeys(problems)))
     return {draft.name: draft.agent(backend_of(draft)) for draft in drafts}
 
 
 def _engine_on(backend: str) -> str:
-    return (f'engine names a podman system connection, but this agent runs on {backend}; set `backend: podman` '
-            'for an engine elsewhere, or remove engine to run the bottle on this host')
+    return (f'engine names a podman system connection or a docker context, but this agent runs on {backend}; set '
+            '`backend: podman` or `backend: docker` for an engine elsewhere, or remove engine to run the bottle on '
+            'this host')
 
 
-def _unknown_engine(engine: str, names: Collection[str]) -> str:
+def _unknown_engine(backend: str, engine: str, names: Collection[str]) -> str:
+    noun, add = ENGINES[backend].noun, ENGINES[backend].add
     near = difflib.get_close_matches(engine, list(names), n=1)
-    have = f'podman knows {", ".join(sorted(names))}' if names else 'podman knows none'
-    return (f'no podman system connection is named {engine!r} ({have}{f"; did you mean {near[0]!r}?" if near else ""}); '
-            f'add the worker with `podman system connection add {engine} ssh://USER@HOST/run/podman/podman.sock` '
-            '(the README\'s Remote engines says how), or fix the name')
+    have = f'{backend} knows {", ".join(sorted(names))}' if names else f'{backend} knows none'
+    return (f'no {noun} is named {engine!r} ({have}{f"; did you mean {near[0]!r}?" if near else ""}); '
+            f'add the worker with `{add.format(name=engine)}` (the README\'s Remote engines says how), or fix '
+            'the name')
 
 
 def _agent_name_problem(name: str, display: str) -> Problem | None:
