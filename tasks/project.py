@@ -88,7 +88,6 @@ class Project:
             'backend': 'sqlite3',          # safe with parallel runs; dbm files are not
             'par_type': 'thread',          # actions are CLI calls; threads share the machine probe
             'default_tasks': ['provision'],
-            'continue': True,              # one agent's failure (its worker down) leaves the others' launches be
         }
 
     def daemon_dir(self, name: str) -> Path:

@@ -3,6 +3,9 @@ engine); BOTTLE_BACKEND and the manifest key decide when set; the choice is visi
 when nothing works, one paragraph says what each backend needs."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import yaml
 
 from tests.scenario import assert_fully_provisioned, path_without, setup_agent
@@ -34,6 +37,24 @@ def test_podman_is_chosen_without_smolvm_and_the_choice_is_shown(standin, tmp_pa
     run = standin.doit('list', '--all', 'machine', env=standin.env(PATH=path, BOTTLE_BACKEND=None))
     assert f'create machine {standin.machine("a")} on podman' in run.output
     assert run.calls == []                               # choosing costs no backend call
+
+
+def test_docker_elsewhere_is_detected_and_a_machine_there_without_its_engine_named_is_refused(standin, tmp_path,
+                                                                                           monkeypatch):
+    """An ssh:// DOCKER_HOST (or current context) makes docker a backend that works, without a call; a machine it
+    would make there, where this host's door does not exist, is refused in words: the engine must be named."""
+    from tasks.backends.docker import Docker
+    from tasks.backends.protocol import BackendError
+    setup_agent(standin)
+    without_backend_key(standin)
+    path = path_without({'smolvm', 'podman'}, standin.env()['PATH'], tmp_path)
+    elsewhere = 'ssh://root@192.0.2.1'                   # TEST-NET-1: never dialled here
+    run = standin.doit('list', '--all', 'machine', env=standin.env(PATH=path, BOTTLE_BACKEND=None, DOCKER_HOST=elsewhere))
+    assert f'create machine {standin.machine("a")} on docker' in run.output, run.output
+    monkeypatch.setenv('DOCKER_HOST', elsewhere)
+    with pytest.raises(BackendError) as refused:
+        Docker('docker')._create(SimpleNamespace(name='bottle-x-a'))
+    assert f'would be made on {elsewhere}' in str(refused.value) and '`engine: NAME`' in str(refused.value)
 
 
 def test_the_environment_and_the_manifest_key_win_over_detection(standin):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 LIST_SECONDS = 30
+DOCKER_SOCKET = '/var/run/docker.sock'
 
 
 class EngineError(Exception):
@@ -125,6 +127,26 @@ def connections(cli: str = 'podman') -> dict[str, Connection]:
     except (ValueError, LookupError, TypeError, AttributeError) as err:
         raise EngineError(f'`{shown}` printed what is not a list of {kind.noun}s ({type(err).__name__}: {err}); '
                           f'is the {cli} on PATH a supported version?') from None
+
+
+def docker_default_host() -> str:
+    """Where a plain `docker` call goes: DOCKER_HOST, else the current context's endpoint (DOCKER_CONTEXT, or the
+    one config.json names; asked of docker only then), else the local socket."""
+    if os.environ.get('DOCKER_HOST'):
+        return os.environ['DOCKER_HOST']
+    name = os.environ.get('DOCKER_CONTEXT')
+    if not name:
+        config = Path(os.environ.get('DOCKER_CONFIG') or Path.home() / '.docker') / 'config.json'
+        try:
+            name = json.loads(config.read_text()).get('currentContext')
+        except (OSError, ValueError, AttributeError):
+            name = None
+    if name and name != 'default' and shutil.which('docker'):
+        try:
+            return connections('docker')[name].uri
+        except (EngineError, KeyError):
+            pass
+    return f'unix://{DOCKER_SOCKET}'
 
 
 def connection(cli: str, name: str) -> Connection:

@@ -1,7 +1,7 @@
 """Which backend works on this host: the default for agents that name none.
 
 The first that works, in order: smolvm when installed, else podman, else docker with
-a running engine. Looking costs no backend call (PATH look-ups and one socket
+a running engine (or one elsewhere: an ssh:// DOCKER_HOST or current context). Looking costs no backend call (PATH look-ups and one socket
 connect), so a no-op run still makes only its one machine probe.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 import shutil
 import socket
 
+from daemons.forward.connections import docker_default_host
 from tasks.errors import BottleError
 
 ORDER = ('smolvm', 'podman', 'docker')
-DOCKER_SOCKET = '/var/run/docker.sock'
 
 NEEDS = {
     'smolvm': 'smolvm: Linux with KVM or macOS; install with `curl -sSL https://smolmachines.com/install.sh | bash`',
@@ -25,7 +25,9 @@ NEEDS = {
 
 
 def _docker_engine_running() -> bool:
-    host = os.environ.get('DOCKER_HOST', f'unix://{DOCKER_SOCKET}')
+    host = docker_default_host()
+    if host.startswith('ssh://'):
+        return True         # an engine elsewhere: its first call says so in words if it is not there
     try:
         if host.startswith('unix://'):
             with socket.socket(socket.AF_UNIX) as sock:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from daemons.forward.connections import ENGINES, EngineError, connection
+from daemons.forward.connections import ENGINES, EngineError, connection, docker_default_host
 from tasks.backends import confine, disk
 from tasks.backends.detect import alternatives
 from tasks.backends.protocol import (WORKLOAD, Backend, BackendError, BackendMissing, ImageBuild, Machine, MachineSpec,
@@ -163,6 +163,12 @@ class Docker(Backend):
         return True
 
     def _create(self, spec: MachineSpec) -> dict[str, str]:
+        if self.name == 'docker' and not self.engine and docker_default_host().startswith('ssh://'):
+            raise BackendError(
+                f'{spec.name} would be made on {docker_default_host()}, where docker goes by default here (DOCKER_HOST '
+                'or its current context), and the bottle\'s door and files are paths of this host, absent there. '
+                'Name that engine in the manifest (`engine: NAME`, a docker context: `docker context create NAME '
+                '--docker host=ssh://USER@HOST`) so its door is forwarded, or point docker at this host\'s engine')
         ref = image_ref(spec.image_key)
         if not self._has_image(ref):
             progress(f'loading {ref} into {self.where} from {spec.image}')
