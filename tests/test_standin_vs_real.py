@@ -223,6 +223,10 @@ def command_lines(work: Path) -> list[list[str]]:
         ['pack', 'frobnicate'],
         ['frobnicate'],
         ['machine', '--frob', 'ls'],
+        ['machine', '--nmae', 'exec', '--name', BUILD],              # a flag of the subcommand named after it
+        ['machine'],                                                 # no subcommand: its help, on stderr
+        ['machine', '--state-dir', f'{OWN}/state'],
+        ['--stat-dir', f'{OWN}/state', 'machine', 'ls'],
         # the global options 1.32 has on every command
         ['--state-dir', f'{OWN}/state', 'machine', 'ls', '--json'],
         ['machine', '--state-dir', f'{OWN}/state', 'create', '--name', 'cb-elsewhere', '--image', rootfs],
