@@ -65,9 +65,10 @@ def backend_lines(work: Path) -> dict[str, list[str]]:
         lines.setdefault(f'build {kind}' + (' -i' if '-i' in argv else ''), argv)
     agent = Recorder()
     agent._create(MachineSpec(name=AGENT, image=work / 'missing.smolmachine', image_key='k', cpus=2, memory_mib=2048,
-                             labels={'claude-bottle.agent': 'a', 'claude-bottle.id': 'x1'},
-                             env={'BOTTLE_TEST_SECRET': 'placeholder'}, door=work / 'door.sock',
-                             guest_door='/run/claude-bottle/door.sock', workload=('sleep', 'infinity'), disk_gib=20))
+                              labels={'claude-bottle.agent': 'a', 'claude-bottle.id': 'x1'},
+                              env={'BOTTLE_TEST_SECRET': 'placeholder'}, door=work / 'door.sock',
+                              guest_door='/run/claude-bottle/door.sock', workload=('sleep', 'infinity'),
+                              disk_gib=20))
     agent._start(AGENT)
     agent.copy_in(AGENT, work / 'file', '/etc/cb-file', mode=0o644, uid=0, gid=0)
     agent.exec(AGENT, ['true'])
@@ -141,7 +142,7 @@ def command_lines(work: Path) -> list[list[str]]:
         b['agent stop'],
         on(with_flag(create, '--storage', '30', '--overlay', '12'), 'cb-disks'),
         b['build ls'],
-        ['machine', 'delete', '--name', 'cb-disks'],                 # no -f: asks, reads nothing, cancels
+        ['machine', 'delete', '--name', 'cb-disks'],                 # no -f, no terminal to ask on: refused
         b['agent delete'],
         b['build delete'],
         b['build delete'],                                           # twice: it is gone
@@ -195,10 +196,14 @@ def command_lines(work: Path) -> list[list[str]]:
         ['machine', 'create', '--name', 'x', '--image', rootfs, '--storage', '0'],
         ['machine', 'create', '--name', 'x', '--image', rootfs, '--label', 'novalue'],
         ['machine', 'create', '--name', 'x', '--image', rootfs, '--label', '=v'],
-        ['machine', 'create', '--name', 'x', '--image', rootfs, '-e', '=v'],
+        ['machine', 'create', '--name', 'cb-env', '--image', rootfs, '-e', '=v'],           # accepted
+        ['machine', 'create', '--name', 'cb-relative', '--image', rootfs, '--mount-socket', 'relative:/x'],
+        ['machine', 'ls', '--json'],
+        ['machine', 'delete', '--name', 'cb-env', '-f'],
+        ['machine', 'delete', '--name', 'cb-relative', '-f'],
         ['machine', 'create', '--name', 'x', '--image', rootfs, '--mount-socket', 'nocolon'],
         ['machine', 'create', '--name', 'x', '--image', rootfs, '--mount-socket', f'{work}/door.sock:relative'],
-        ['machine', 'create', '--name', 'x', '--image', rootfs, '--mount-socket', f':/run/door.sock'],
+        ['machine', 'create', '--name', 'x', '--image', rootfs, '--mount-socket', ':/run/door.sock'],
         ['machine', 'create', '--name', '-bad', '--image', rootfs],
         ['machine', 'create', '--name', 'bad--name', '--image', rootfs],
         ['machine', 'create', '--name', 'bad/name', '--image', rootfs],
@@ -347,6 +352,8 @@ def test_the_list_holds_every_form_the_backend_sends(standin, tmp_path):
     listed = {form(argv) for argv in command_lines(work)}
     missing = sorted({shlex.join(argv) for argv in sent if form(argv) not in listed})
     assert missing == [], missing
+    create = next(argv for argv in sent if form(argv)[0] == ('machine', 'create'))
+    assert form(with_flag(create, '--nested')) not in listed         # a flag the backend does not send
     kinds = {form(argv)[0] for argv in sent}
     assert {('machine', 'ls'), ('machine', 'create'), ('machine', 'update'), ('pack', 'create'),
             ('machine', 'start'), ('machine', 'exec'), ('machine', 'cp'), ('machine', 'stop'),
