@@ -28,7 +28,7 @@ from tasks.backends.protocol import ImageBuild, MachineSpec
 from tasks.backends.smolvm import Smolvm
 from tests.conftest import CACHE_ENV
 from tests.real_smolvm import VERSION, binary
-from tests.scenario import TEST_SECRET, TEST_SECRET_NETWORK, setup_agent
+from tests.scenario import sent_in_a_launch
 from tests.standin.harness import SMOLVM as STANDIN
 
 pytestmark = pytest.mark.fast
@@ -340,13 +340,7 @@ def test_a_difference_is_caught(both):
 
 def test_the_list_holds_every_form_the_backend_sends(standin, tmp_path):
     """A stand-in launch and teardown send each form (command words and flags) that is in the list."""
-    standin.own_images()            # the launch builds its image: the commands of a build are sent too
-    setup_agent(standin, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
-    run_ = standin.doit('launch:a', env=standin.env(BOTTLE_TEST_SECRET='value-never-printed'))
-    standin.doit('teardown:a')
-    sent = standin.backend.calls_since(0)
-    attach = next(line for line in run_.stdout.splitlines() if line.strip().startswith('smolvm machine exec'))
-    sent.append(shlex.split(attach)[1:])
+    sent = sent_in_a_launch(standin)
     work = tmp_path / 'forms'
     (work / 'rootfs').mkdir(parents=True)
     listed = {form(argv) for argv in command_lines(work)}
