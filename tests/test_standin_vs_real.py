@@ -142,6 +142,9 @@ def command_lines(work: Path) -> list[list[str]]:
         b['agent stop'],
         on(with_flag(create, '--storage', '30', '--overlay', '12'), 'cb-disks'),
         b['build ls'],
+        ['machine', 'update', '--name', 'cb-disks', '--overlay', '8'],           # shrunk
+        ['machine', 'update', '--name', 'cb-disks', '--overlay', '16', '--cpus', '2'],   # no disk yet
+        ['machine', 'update', '--name', 'cb-disks', '--overlay', '16', '--storage', '40'],
         ['machine', 'delete', '--name', 'cb-disks'],                 # no -f, no terminal to ask on: refused
         b['agent delete'],
         b['build delete'],
