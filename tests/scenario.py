@@ -1,11 +1,12 @@
 """The common agent scenario, for the tests that launch agents through tests/bottles.py: an agent with
 the skills review and style and a prompt (setup_agent), the check that a launched agent's guest holds
-exactly its prompt and skills (assert_fully_provisioned), where they land in the guest, and a PATH
-without some programs (path_without)."""
+exactly its prompt and skills (assert_fully_provisioned), where they land in the guest, a PATH
+without some programs (path_without), and every command line a launch sends (sent_in_a_launch)."""
 from __future__ import annotations
 
 import json
 import os
+import shlex
 
 HOME = '/home/agent'
 SKILLS = f'{HOME}/.claude/skills'
@@ -29,6 +30,17 @@ def setup_agent(bottles, name='a', skills=('review', 'style'), prompt='Be carefu
 TEST_SECRET = {'name': 'BOTTLE_TEST_SECRET', 'hosts': ['api.test-secret.example'], 'header': 'Authorization',
                'format': 'Bearer {}'}
 TEST_SECRET_NETWORK = {'allow_hosts': ['api.test-secret.example']}
+
+
+def sent_in_a_launch(bottles) -> list[list[str]]:
+    """Every command line the backend sent to build an image, launch an agent with a secret and tear it
+    down, and last the attach command the launch printed, as a shell splits it (its program left out)."""
+    bottles.own_images()            # the launch builds its image: the commands of a build are sent too
+    setup_agent(bottles, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
+    printed = bottles.doit('launch:a', env=bottles.env(BOTTLE_TEST_SECRET='value-never-printed')).stdout
+    bottles.doit('teardown:a')
+    attach = next(line for line in printed.splitlines() if line.strip().startswith('smolvm machine exec'))
+    return bottles.backend.calls_since(0) + [shlex.split(attach)[1:]]
 
 
 def placeholder_of(bottles, agent: str, name: str) -> str:

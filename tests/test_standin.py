@@ -1,13 +1,15 @@
 """Tests of the smolvm stand-in (tests/standin/smolvm) itself.
 
 Every test gets its own SMOLVM_DATA_DIR and kills what it started (harness.stop_all).
-Expected message texts come from smolvm's source (v1.9.3); see the stand-in's docstring.
+Expected message texts are smolvm 1.32.2's where tests/test_standin_vs_real.py compares them with the
+real binary, elsewhere smolvm's source (v1.9.3); see the stand-in's docstring.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import tarfile
@@ -96,7 +98,7 @@ def _cmdline(proc: Path) -> list[str]:
 
 def test_version_and_unknown_flag(sv):
     r = sv.ok("--version")
-    assert r.stdout.startswith("smolvm 1.9.3")
+    assert r.stdout == "smolvm 1.32.2 (claude-bottle test stand-in)\n"
     r = sv("machine", "create", "--foo")
     assert r.returncode == 2
     assert "error: unexpected argument '--foo' found" in r.stderr
@@ -237,7 +239,8 @@ def test_lifecycle_messages(sv):
     r = sv("machine", "exec", "--name", "m", "--", "true")
     assert r.returncode == 1
     assert err_line(r) == ("Error: agent operation failed: connect: machine 'm' is not running. "
-                           "Use 'smolvm machine start --name m' first.")
+                           "Start it with 'smolvm machine start --name m'; if a start is already in "
+                           "progress, retry once it finishes.")
     r = sv.ok("machine", "stop", "--name", "m")
     assert r.stdout.strip() == "Machine 'm' is not running (state: created)"
     assert sv.ok("machine", "status", "--name", "m").stdout.strip() == "Machine 'm': created"
@@ -272,13 +275,22 @@ def test_delete_prompt_and_force(sv):
     sv.machine("d")
     root = sv.root("d")
     pid = sv.ls()["d"]["pid"]
-    r = sv("machine", "delete", "--name", "d", input="")
-    assert r.returncode == 0
-    assert "Delete machine 'd'? [y/N] " in r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "Cancelled"
+    r = sv("machine", "delete", "--name", "d", input="y\n")     # no terminal: no question
+    assert r.returncode == 1 and err_line(r) == (
+        "Error: agent operation failed: delete: machine 'd' needs confirmation but stdin is not a "
+        "terminal; pass --force to delete it, or --cascade to remove it together with any machines "
+        "branched from it")
     assert "d" in sv.ls()
-    r = sv("machine", "delete", "--name", "d", input="n\n")
-    assert r.returncode == 0 and r.stdout.strip().endswith("Cancelled")
+    for answer in (b"\n", b"n\n"):                                   # on a terminal it asks
+        terminal, stdin = pty.openpty()
+        os.write(terminal, answer)
+        r = subprocess.run([str(harness.SMOLVM), "machine", "delete", "--name", "d"], env=sv.env,
+                           stdin=stdin, capture_output=True, text=True, timeout=60)
+        os.close(stdin)
+        os.close(terminal)
+        assert r.returncode == 0 and "Delete machine 'd'? [y/N] " in r.stderr
+        assert r.stdout.strip().splitlines()[-1] == "Cancelled"
+    assert "d" in sv.ls()
     sv.ok("machine", "start", "--name", "d")
     pid = sv.ls()["d"]["pid"]
     r = sv.ok("machine", "delete", "--name", "d", "-f")
@@ -307,6 +319,9 @@ def test_ls_json_fields_and_types(sv):
         "restart_max_retries": int, "restart_count": int, "health_cmd": (str, type(None)),
         "health_interval_secs": (int, type(None)), "health_timeout_secs": (int, type(None)),
         "health_retries": (int, type(None)), "health_startup_grace_secs": (int, type(None)),
+        "block_io": str, "branchable": bool, "branchpoint_held": bool,
+        "cuda_branch_pool_size": (int, type(None)), "detached": bool, "disk_durability": str,
+        "disks": list, "parent_machine": (str, type(None)), "state_reason": (str, type(None)),
     }
     raw = sv.ok("machine", "ls", "--json").stdout
     data = json.loads(raw)
@@ -324,7 +339,7 @@ def test_ls_json_fields_and_types(sv):
     assert j["j2"]["state"] == "created" and j["j2"]["pid"] is None
     assert j["j2"]["network"] is True and j["j2"]["restart_policy"] == "never"
     # serde_json pretty format: sorted keys, two-space indent
-    assert raw.startswith('[\n  {\n    "cmd": [')
+    assert raw.startswith('[\n  {\n    "block_io": "sync",\n    "branchable": false,')
     st = json.loads(sv.ok("machine", "status", "--name", "j", "--json").stdout)
     assert set(st) == set(fields) and st["pid"] == j["j"]["pid"]
 
@@ -455,7 +470,8 @@ def test_cp_rules(sv, tmp_path):
     r = sv("machine", "cp", str(f), "c:/x")
     assert r.returncode == 1 and err_line(r) == (
         "Error: agent operation failed: connect: machine 'c' is not running. "
-        "Use 'smolvm machine start --name c' first.")
+        "Start it with 'smolvm machine start --name c'; if a start is already in progress, retry "
+        "once it finishes.")
     sv.ok("machine", "start", "--name", "c")
     r = sv("machine", "cp", str(tmp_path / "adir"), "c:/adir")
     assert r.returncode == 1
@@ -516,9 +532,11 @@ def test_pack_preconditions(sv, tmp_path):
     sv.ok("machine", "create", "--name", "fresh", "--image", "tools", "--net")
     r = sv("pack", "create", "--from-vm", "fresh", "-o", out)
     assert r.returncode == 1
-    assert err_line(r).startswith("Error: agent operation failed: pack from VM: machine 'fresh' "
-                                  "has no storage disk yet (")
-    assert "it has never been started" in err_line(r)
+    assert r.stderr.startswith("Error: agent operation failed: pack from VM: machine 'fresh' "
+                               "has no storage disk yet (")
+    assert "it has never been started" in r.stderr
+    assert err_line(r) == ("Or pack the image it was created from directly with "
+                           "`pack create -I <image>`.")
     # created from a local archive / directory
     rootfs = tmp_path / "lr"
     (rootfs / "etc").mkdir(parents=True)
@@ -537,6 +555,10 @@ def test_pack_preconditions(sv, tmp_path):
                                   "created from a local image (local:")
     sv.ok("machine", "create", "--name", "locdir", "--image", str(rootfs) + "/")
     assert sv.ls()["locdir"]["image"] == "local-dir:" + str(rootfs.resolve())
+    r = sv("pack", "create", "--from-vm", "locdir", "-o", out)     # 1.32: never started, first
+    assert r.returncode == 1 and "machine 'locdir' has no storage disk yet" in r.stderr
+    sv.ok("machine", "start", "--name", "locdir")
+    sv.ok("machine", "stop", "--name", "locdir")
     r = sv("pack", "create", "--from-vm", "locdir", "-o", out)
     assert r.returncode == 1 and "was created from a local image (local-dir:" in r.stderr
     # pack create --image <local path> is a registry pull in real smolvm: refused
