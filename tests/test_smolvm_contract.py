@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from tasks.backends.smolvm import Smolvm
 from tests.bottles import Bottles, RealSmolvm
 from tests.conftest import CACHE_ENV
 from tests.real_smolvm import VERSION, binary, runnable
-from tests.scenario import TEST_SECRET, TEST_SECRET_NETWORK, setup_agent
+from tests.scenario import sent_in_a_launch, setup_agent
 from tests.test_lifetime import processes_naming
 
 pytestmark = pytest.mark.fast
@@ -63,13 +62,7 @@ def test_a_misspelt_flag_is_a_parse_refusal(real):
 
 
 def test_every_command_the_backend_sends_gets_past_the_real_parser(standin, real):
-    standin.own_images()            # the launch builds its image: the commands of a build are replayed too
-    setup_agent(standin, secrets=[TEST_SECRET], network=TEST_SECRET_NETWORK)
-    run = standin.doit('launch:a', env=standin.env(BOTTLE_TEST_SECRET='value-never-printed'))
-    standin.doit('teardown:a')
-    calls = standin.backend.calls_since(0)
-    attach = next(line for line in run.stdout.splitlines() if line.strip().startswith('smolvm machine exec'))
-    calls.append(shlex.split(attach)[1:])          # the printed attach command, as a shell splits it
+    calls = sent_in_a_launch(standin)
     by_form: dict[tuple, list[str]] = {}        # each kind of call with each set of flags, once
     for argv in calls:
         head = argv[:argv.index('--')] if '--' in argv else argv

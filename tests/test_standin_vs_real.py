@@ -45,7 +45,7 @@ class Recorder(Smolvm):
         super().__init__()
         self.sent: list[list[str]] = []
 
-    def _smolvm(self, *args: str, stdin: bytes | None = None):
+    def _smolvm(self, *args: str, stdin: bytes | None = None, check: bool = True, timeout: float | None = None):
         self.sent.append(list(args))
         listing = list(args) == ['machine', 'ls', '--json']
         return subprocess.CompletedProcess(list(args), 0, b'[]' if listing else b'', b'')

@@ -1,23 +1,27 @@
 """smolvm (libkrun microVMs): argv exactly as smolvm 1.32 parses it (and 1.9 did).
 
-See ../shared/research/smolvm-cli.md. The facts this module leans on:
+See ../shared/research/smolvm-cli.md (1.9.3; where 1.32 differs, the real binary was asked). The facts this
+module leans on:
 - the machine name is always `--name` (`exec` has no `-n`), except `cp NAME:PATH`;
-- `delete` without `-f` prompts and then exits 0 without deleting;
+- `delete` without `-f` asks on a terminal (and exits 0 without deleting), and exits 1 without one: `-f`;
 - `exec` and `cp` need a running machine; `cp` takes single regular files only;
 - `pack create --from-vm` needs a stopped machine that has run; `-o OUT` writes
   the stub OUT and the payload OUT.smolmachine;
 - a pack keeps the machine's `network` flag, so the build machine is switched to
   `--no-net` before packing: an agent machine has no network at all, only its door
   (`--mount-socket HOST:GUEST`, which libkrun dials anew for each guest connection);
-- `pack create --from-vm` refuses a machine made from a local archive or directory,
-  so a local base is served as a registry image on 127.0.0.1 from the build machine's
-  create through its pack, which pulls it again (registry.py says why that works);
-- there is no `--user` on exec: attach and exec as the agent user drop root with setpriv;
+- `pack create --from-vm` refuses a machine made from a local archive or directory (1.9.3; 1.32 may not,
+  its `--rebase-from-image` speaks of imported layers, but that needs a booted machine to learn), so a
+  local base is served as a registry image on 127.0.0.1 from the build machine's create through its pack,
+  which pulls it again (registry.py says why that works);
+- 1.9 had no `--user` on exec (1.32 has `-u`, whose groups and HOME cannot be seen without a booted
+  machine): attach and exec as the agent user drop root with setpriv, which both versions run;
 - `cp` writes as root: it is used only for destinations no one but root can change;
 - a machine's changes to its root go to its overlay disk, `--overlay GiB`: the manifest's resources.disk;
 - where smolvm cannot boot a machine, the first start says so in one line and is remembered, so later
   starts fail at once (smolvm_boot.py).
-The real smolvm 1.32.2 parses every command line here (tests/test_smolvm_contract.py).
+The real smolvm 1.32.2 parses every command line here (tests/test_smolvm_contract.py), and the stand-in answers
+them as it does (tests/test_standin_vs_real.py).
 """
 from __future__ import annotations
 
@@ -54,12 +58,14 @@ class Smolvm(Backend):
             raise BackendMissing(INSTALL_HELP + alternatives('smolvm'))
         return exe
 
-    def _smolvm(self, *args: str, stdin: bytes | None = None):
-        return run([self._exe(), *args], stdin=stdin)
+    def _smolvm(self, *args: str, stdin: bytes | None = None, check: bool = True, timeout: float | None = None):
+        return run([self._exe(), *args], stdin=stdin, check=check, timeout=timeout)
 
     def _bootable(self):
-        """Before a machine is made or started: fail at once where this smolvm could not boot one before."""
-        problem = smolvm_boot.known_problem(self._exe())
+        """Before a machine is made or started: fail at once where this smolvm could not boot one before (a
+        missing smolvm is said by the call itself)."""
+        exe = shutil.which('smolvm')
+        problem = smolvm_boot.known_problem(exe) if exe else None
         if problem:
             raise problem
 
@@ -107,11 +113,10 @@ class Smolvm(Backend):
 
     def _start(self, name: str):
         self._bootable()
-        exe = self._exe()
-        proc = run([exe, 'machine', 'start', '--name', name], check=False, timeout=smolvm_boot.start_seconds())
+        proc = self._smolvm('machine', 'start', '--name', name, check=False, timeout=smolvm_boot.start_seconds())
         if proc.returncode != 0:
             reason = smolvm_boot.boot_problem(proc.stderr.decode(errors='replace'))
-            raise smolvm_boot.remember(exe, reason) if reason else failure(proc)
+            raise smolvm_boot.remember(self._exe(), reason) if reason else failure(proc)
 
     def _stop(self, name: str):
         self._smolvm('machine', 'stop', '--name', name)
