@@ -1,11 +1,11 @@
 """Fixtures: a fresh claude-bottle project per test, on each backend that can run here."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -177,24 +177,38 @@ def _docker(request, tmp_path, claude_cache):
     return Docker(tmp_path, claude_cache, request.getfixturevalue('dockerd'))
 
 
+def smolvm_boot_problem(exe: Path) -> str | None:
+    """Why the real smolvm cannot boot a machine here, or None. Learnt once for this binary and host, as doit
+    learns it (tasks/backends/smolvm_boot.py's record): the first worker boots a bare machine (up to 30 s where
+    smolvm waits for a boot that makes no progress), the others, and later sessions, read what it found."""
+    lock_file = smolvm_boot.record_path(str(exe)).with_suffix('.lock')
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = smolvm_boot.recorded(str(exe))
+        if found:
+            return found[1]
+        problem = smolvm_boot.probe(str(exe))
+        if problem:
+            smolvm_boot.remember(str(exe), problem)
+        return problem
+
+
 @pytest.fixture(scope='session')
 def real_smolvm() -> Path:
     """The real smolvm where it boots a machine: the one on PATH, else the suite's own (test.sh installs it).
-    A probe boots a bare machine once per test session (per worker); where none boots, the real-smolvm
-    scenarios are skipped with smolvm's reason, unless BOTTLE_REAL_SMOLVM=require (tests/real-smolvm.sh)."""
-    where = Path(tempfile.mkdtemp(prefix='claude-bottle-smolvm-'))
-    try:
-        cache = os.environ.get(CACHE_ENV)
-        exe = shutil.which('smolvm') or (cache and real_smolvm_install.runnable(Path(cache), where))
-        problem = (smolvm_boot.probe(str(exe)) if exe else
-                   f'the real smolvm is not installed ({CACHE_ENV} unset: ./test.sh installs it)')
-        if problem and os.environ.get(REAL_SMOLVM_ENV) == 'require':
-            pytest.fail(f'{REAL_SMOLVM_ENV}=require, but smolvm cannot boot a machine here: {problem}')
-        if problem:
-            pytest.skip(f'smolvm cannot boot a machine here: {problem}; the same scenarios ran against the stand-in')
-        yield Path(exe)
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+    Where none boots (smolvm_boot_problem), the real-smolvm scenarios are skipped with smolvm's reason, unless
+    BOTTLE_REAL_SMOLVM=require (tests/real-smolvm.sh)."""
+    cache = os.environ.get(CACHE_ENV)
+    found = shutil.which('smolvm')
+    exe = Path(found) if found else (real_smolvm_install.runnable(Path(cache)) if cache else None)
+    problem = (smolvm_boot_problem(exe) if exe else
+               f'the real smolvm is not installed ({CACHE_ENV} unset: ./test.sh installs it)')
+    if problem and os.environ.get(REAL_SMOLVM_ENV) == 'require':
+        pytest.fail(f'{REAL_SMOLVM_ENV}=require, but smolvm cannot boot a machine here: {problem}')
+    if problem:
+        pytest.skip(f'smolvm cannot boot a machine here: {problem}; the same scenarios ran against the stand-in')
+    return exe
 
 
 def _smolvm(request, tmp_path, claude_cache):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,23 +36,35 @@ def binary(cache: Path) -> Path | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def runnable(cache: Path, where: Path) -> Path | None:
-    """The installed smolvm as it must be to boot (or to reach the reason it cannot): its files linked (copied
-    across filesystems) into `where`, a directory every user may enter. As root, smolvm runs a machine's VM
-    process as another uid, which must reach the libraries beside the binary; the test cache, under root's
-    private home, is closed to it (smolvm then says "libkrun/libkrunfw not found")."""
+def runnable(cache: Path) -> Path | None:
+    """The installed smolvm as it must be to boot (or to reach the reason it cannot), in a directory every user
+    may enter: as root, smolvm runs a machine's VM process as another uid, which must reach the libraries beside
+    the binary, and the test cache, under root's private home, is closed to it (smolvm then says "libkrun/libkrunfw
+    not found"). Made once, whole (renamed into place), and kept: the same binary file each session, so what was
+    learnt of booting it here (tasks/backends/smolvm_boot.py's record, keyed by that file) holds across sessions.
+    Its files are hard links where they can be; the disk templates smolvm unpacks are left to it."""
     installed = binary(cache)
     if installed is None:
         return None
-    where.mkdir(parents=True, exist_ok=True)
-    where.chmod(0o755)
-    for source in installed.parent.iterdir():
-        target = where / source.name
-        if not target.exists():
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copy2(source, target)
+    where = Path(tempfile.gettempdir()) / f'claude-bottle-smolvm-{VERSION}-{os.getuid()}'
+    if not where.exists():
+        build = Path(tempfile.mkdtemp(prefix=f'.{where.name}.', dir=where.parent))
+        try:
+            for name in ('smolvm', *(Path(member).name for member in MEMBERS)):
+                try:
+                    os.link(installed.parent / name, build / name)
+                except OSError:
+                    shutil.copy2(installed.parent / name, build / name)
+            build.chmod(0o755)
+            os.rename(build, where)
+        except OSError:
+            if not where.exists():          # not just another worker of the session, first
+                raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    info = os.lstat(where)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise SystemExit(f'{where} is not a directory of yours that only you may change: remove it')
     return where / 'smolvm'
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from tasks.backends import smolvm_boot
 from tasks.backends.protocol import BackendError
 from tasks.backends.smolvm import Smolvm
 from tests.bottles import Bottles, RealSmolvm
-from tests.conftest import CACHE_ENV
+from tests.conftest import CACHE_ENV, smolvm_boot_problem
 from tests.real_smolvm import VERSION, binary, runnable
 from tests.scenario import sent_in_a_launch, setup_agent
 from tests.test_lifetime import processes_naming
@@ -113,21 +111,17 @@ def test_the_backend_reads_the_real_machine_list_and_names_what_needs_a_running_
 def unbootable(tmp_path, claude_cache):
     """A project on the real smolvm (through a logging shim, in a HOME of its own), on a host where the real
     smolvm cannot boot a machine (these: no hardware virtualization); skipped where it can."""
-    exe = runnable(Path(os.environ[CACHE_ENV]), Path(tempfile.mkdtemp(prefix='claude-bottle-smolvm-'))) \
-        if os.environ.get(CACHE_ENV) else None
+    exe = runnable(Path(os.environ[CACHE_ENV])) if os.environ.get(CACHE_ENV) else None
     if exe is None:
         pytest.skip(f'the real smolvm {VERSION} is not installed: ./test.sh installs it (python -m tests.real_smolvm)')
-    try:
-        problem = smolvm_boot.probe(str(exe))
-        if problem is None:
-            pytest.skip('smolvm boots a machine here: the real-smolvm scenarios run on it instead')
-        home = tmp_path / 'smolvm-home'
-        home.mkdir()
-        bottles = Bottles(tmp_path / 'project', RealSmolvm(tmp_path, claude_cache, exe))
-        bottles.extra_env['HOME'] = str(home)
-        yield bottles, exe, problem
-    finally:
-        shutil.rmtree(exe.parent, ignore_errors=True)
+    problem = smolvm_boot_problem(exe)
+    if problem is None:
+        pytest.skip('smolvm boots a machine here: the real-smolvm scenarios run on it instead')
+    home = tmp_path / 'smolvm-home'
+    home.mkdir()
+    bottles = Bottles(tmp_path / 'project', RealSmolvm(tmp_path, claude_cache, exe))
+    bottles.extra_env['HOME'] = str(home)
+    return bottles, exe, problem
 
 
 def test_a_launch_where_smolvm_cannot_boot_ends_in_one_line_remembered_and_teardown_leaves_nothing(unbootable):

@@ -106,19 +106,23 @@ def record_path(exe: str) -> Path:
     return cache_dir() / 'smolvm-boot' / f'cannot-boot-{_key(exe)}.json'
 
 
-def known_problem(exe: str) -> CannotBoot | None:
-    """The error a start on this host would end in, when a start of this smolvm here failed to boot before.
-    Costs a few stat calls, no process."""
-    path = record_path(exe)
+def recorded(exe: str) -> tuple[str, str] | None:
+    """(smolvm's version, its reason) when a start of this smolvm on this host failed to boot before; costs a
+    few stat calls, no process."""
     try:
-        with open(path, 'rb') as f:
+        with open(record_path(exe), 'rb') as f:
             record = json.loads(f.read(RECORD_BYTES))
-        reason, said_version = _one_line(str(record['reason'])), _one_line(str(record['smolvm']))
+        return _one_line(str(record['smolvm'])), _one_line(str(record['reason']))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, LookupError, TypeError):
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
         return None          # a record cut short or not ours: try the start again, which writes it anew
-    return _cannot_boot(said_version, reason, path)
+
+
+def known_problem(exe: str) -> CannotBoot | None:
+    """The error a start on this host would end in, when a start of this smolvm here failed to boot before."""
+    found = recorded(exe)
+    return _cannot_boot(*found, record_path(exe)) if found else None
 
 
 def remember(exe: str, reason: str) -> CannotBoot:
