@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -552,6 +553,25 @@ def test_docker_exec_cp_and_load_stream_from_the_control_host(docker_worker, doc
         worker.docker('rm', '-f', name, check=False)
 
 
+@pytest.mark.parametrize('cli', docker_clis())
+def test_docker_exec_gets_a_terminal_through_the_context(docker_worker, docker_loaded, cli):
+    """`exec -it` from a terminal (script(1) gives docker one) gets a terminal in the container on the worker,
+    what attaching Claude Code needs; what is typed goes in, the exit code comes back."""
+    worker = docker_worker
+    name = f'terminal-{major(cli)}'
+    worker.docker('run', '-d', '--name', name, '--network', 'none', docker_loaded,
+                  'socat', 'UNIX-LISTEN:/never.sock', 'EXEC:cat')
+    try:
+        command = shlex.join([cli, '--context', DOCKER_CONTEXT, 'exec', '-it', name, 'sh', '-c',
+                              'test -t 0 && test -t 1 && echo "a terminal"; read line; echo "read $line"; exit 3'])
+        typed = subprocess.run(['script', '-qec', command, '/dev/null'], input=b'typed in\n', capture_output=True,
+                               timeout=120, env=worker.docker_env())
+        assert typed.returncode == 3, typed
+        assert b'a terminal' in typed.stdout and b'read typed in' in typed.stdout
+    finally:
+        worker.docker('rm', '-f', name, check=False)
+
+
 def test_a_docker_volumes_path_is_the_workers(docker_worker, docker_loaded, tmp_path):
     """`-v <path>:...` names the worker's path: a file the control host made there is absent (dockerd, in the
     worker's namespace, makes the missing directory in the worker's own hidden tmpfs), one the worker made is
@@ -593,6 +613,42 @@ def test_dockers_ssh_refuses_a_host_key_it_does_not_know(docker_worker, cli, tmp
         assert refused.returncode != 0 and 'Host key verification failed.' in refused.stderr.decode()
         assert known_hosts.read_bytes() == before
     assert worker.docker('version', cli=cli).returncode == 0         # with the worker's wrapper
+
+
+def test_dockers_ssh_connections_can_ride_a_control_master(docker_worker, docker_loaded):
+    """Each of docker's API connections is an ssh of its own (a `run --rm` makes several); an `ssh` ahead on PATH
+    that adds the ControlPath of an OpenSSH control master to the worker (as the forward daemon runs) makes each a
+    session of that one connection: the worker's sshd accepts no new one."""
+    worker = docker_worker
+    where = Path(tempfile.mkdtemp(prefix='cb-master-'))       # short: ssh binds <path>.<random> first
+    control_path = where / 'm'
+    master = subprocess.Popen([*worker.ssh_argv, '-N', '-M', '-S', str(control_path), '-o', 'ControlPersist=no',
+                               worker.destination], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for('the control master', lambda: master.poll() is not None or control_path.is_socket())
+        assert master.poll() is None, master.stderr.read().decode()
+        wrapper, log = where / 'bin' / 'ssh', where / 'ssh-calls'
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\n'
+                           f'exec {worker.ssh_wrapper} -o ControlMaster=no -o ControlPath={control_path} "$@"\n')
+        wrapper.chmod(0o700)
+        env = {'PATH': f'{wrapper.parent}{os.pathsep}{worker.docker_env()["PATH"]}'}
+        sshd_log = worker.state / 'sshd.log'
+
+        def count(what: str) -> int:
+            return sshd_log.read_text().count(what)
+        accepted, sessions = count('Accepted publickey'), count('Starting session: command')
+        ran = worker.docker('run', '--rm', '--network', 'none', docker_loaded, 'cat', '/proc/net/dev', env=env)
+        assert interfaces(ran.stdout) == ['lo']
+        assert len(log.read_text().splitlines()) > 1            # an ssh per API connection
+        assert count('Accepted publickey') == accepted
+        assert count('Starting session: command') > sessions
+    finally:
+        master.terminate()
+        master.wait(timeout=60)
+        master.stderr.close()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def host_docker_paths() -> dict[str, object]:
