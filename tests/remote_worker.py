@@ -71,7 +71,7 @@ DOCKER_CONTEXT = 'bottle-test-worker'
 # engine (DOCKER_HOST wins over DOCKER_CONTEXT, --context over both), DOCKER_CONFIG another store of contexts.
 DOCKER_CLIENT_VARIABLES = ('DOCKER_HOST', 'DOCKER_CONTEXT', 'DOCKER_CONFIG', 'DOCKER_TLS_VERIFY', 'DOCKER_CERT_PATH',
                            'DOCKER_API_VERSION', 'DOCKER_DEFAULT_PLATFORM')
-ENGINES = ('podman', 'docker')
+KNOWN_ENGINES = ('podman', 'docker')
 
 SSHD_CONFIG = '''\
 ListenAddress {address}:{port}
@@ -280,8 +280,8 @@ class Worker:
         see them); `hide`: the directory the worker gets an empty tmpfs over; `parent`: where its state goes;
         `engines`: 'podman', 'docker' or both (the class's ENGINES unless given)."""
         self.engines = tuple(engines or self.ENGINES)
-        if not self.engines or any(engine not in ENGINES for engine in self.engines):
-            raise ValueError(f'a worker\'s engines are one or more of {", ".join(ENGINES)}, not {self.engines}')
+        if not self.engines or any(engine not in KNOWN_ENGINES for engine in self.engines):
+            raise ValueError(f'a worker\'s engines are one or more of {", ".join(KNOWN_ENGINES)}, not {self.engines}')
         self.control = Path(control)
         self.hide = Path(hide).resolve()
         self.parent = Path(parent).resolve()
@@ -322,7 +322,7 @@ class Worker:
     @property
     def docker_uri(self) -> str:
         """A docker context's host: docker 20.10's CLI takes no path after the host (`extra path after the host`);
-        docker 28's would run `docker --host unix://<path> system dial-stdio` there."""
+        newer ones (28 here) run `docker --host unix://<path> system dial-stdio` there."""
         return f'ssh://{self.destination}:{self.port}'
 
     @property
@@ -500,7 +500,7 @@ class Worker:
             self.add_context(DOCKER_CONTEXT)
 
     def _write_ssh_wrapper(self):
-        real = shutil.which('ssh', path=os.environ.get('PATH', SBIN_PATH).replace(str(self.ssh_wrapper.parent), ''))
+        real = shutil.which('ssh', path=os.environ.get('PATH', SBIN_PATH))        # not the wrapper: not on this PATH
         self.ssh_wrapper.parent.mkdir(mode=0o700, exist_ok=True)
         self.ssh_wrapper.write_text(
             '#!/bin/sh\n# tests/remote_worker.py: ssh as the docker CLI runs it for the worker\'s contexts\n'

@@ -101,6 +101,11 @@ class EchoServer:
         self.thread.join(timeout=60)
 
 
+def interfaces(proc_net_dev: bytes) -> list[str]:
+    """The network interfaces in a /proc/net/dev."""
+    return [line.split(':')[0].strip() for line in proc_net_dev.decode().splitlines()[2:]]
+
+
 def forward(worker: Worker, remote: Path, local: Path) -> subprocess.Popen:
     """`ssh -N -R remote:local` to the worker, once the socket is there (or the forward failed)."""
     proc = subprocess.Popen([*worker.ssh_argv, '-N', '-o', 'ExitOnForwardFailure=yes', '-R', f'{remote}:{local}',
@@ -148,11 +153,13 @@ def test_an_image_archive_loaded_over_ssh_runs_on_the_worker_with_no_network(wor
     assert host_podman('image', 'exists', loaded, check=False).returncode == 1     # only the worker has it
     # no network asked for, and none by the worker's default (it shares the host's network namespace)
     for network in (['--network', 'none'], []):
-        interfaces = worker.podman('run', '--rm', *network, loaded, 'cat', '/proc/net/dev').stdout.decode()
-        assert [line.split(':')[0].strip() for line in interfaces.splitlines()[2:]] == ['lo']
+        assert interfaces(worker.podman('run', '--rm', *network, loaded, 'cat', '/proc/net/dev').stdout) == ['lo']
 
 
-def test_a_socket_forwarded_with_ssh_r_is_a_door_a_container_on_the_worker_reaches(worker, loaded, tmp_path):
+def door_is_reached(worker: Worker, engine, reference: str, tmp_path: Path):
+    """A server on the control host, forwarded with `ssh -R` to a socket in a directory of the worker's, is reached
+    from a container `engine` (the worker's podman or docker) runs with no network and that directory mounted
+    read-only: what it sends is echoed, it cannot write there, and it has `lo` only."""
     server = EchoServer(tmp_path / 'echo.sock')            # on the control host, under its hidden paths
     door_dir = worker.state / 'doors' / 'a'
     door = door_dir / 'door.sock'
@@ -164,13 +171,19 @@ def test_a_socket_forwarded_with_ssh_r_is_a_door_a_container_on_the_worker_reach
         # StreamLocalBindMask 0077: a socket made 0777 is left 0700, no one but its owner may connect
         assert (owner, stat.S_IMODE(int(mode, 8))) == ('root', 0o700)
         script = ('socat - UNIX-CONNECT:/run/bottle/door.sock; '
-                  'if (echo x > /run/bottle/written) 2>/dev/null; then echo WRITABLE; fi')
-        through = worker.podman('run', '--rm', '-i', '--network', 'none', '-v', f'{door_dir}:/run/bottle:ro',
-                                loaded, 'sh', '-c', script, input=b'through the door\n')
-        assert through.stdout == b'through the door\n'           # echoed, and no WRITABLE: the door is read-only
+                  'if (echo x > /run/bottle/written) 2>/dev/null; then echo WRITABLE; fi; cat /proc/net/dev')
+        through = engine('run', '--rm', '-i', '--network', 'none', '-v', f'{door_dir}:/run/bottle:ro',
+                         reference, 'sh', '-c', script, input=b'through the door\n').stdout
+        echoed, _, net = through.partition(b'Inter-|')
+        assert echoed == b'through the door\n'           # and no WRITABLE: the door is read-only
+        assert interfaces(b'Inter-|' + net) == ['lo']
     finally:
         end(forwarding)
         server.close()
+
+
+def test_a_socket_forwarded_with_ssh_r_is_a_door_a_container_on_the_worker_reaches(worker, loaded, tmp_path):
+    door_is_reached(worker, worker.podman, loaded, tmp_path)
 
 
 def test_a_second_forward_to_the_same_path_takes_the_socket_over(worker, tmp_path):
@@ -195,25 +208,30 @@ def test_a_second_forward_to_the_same_path_takes_the_socket_over(worker, tmp_pat
         second.close()
 
 
-def test_exec_and_cp_go_through_the_connection(worker, loaded, tmp_path):
-    """What provisioning does to a bottle: `exec -i` with a stream on stdin, `cp` in and out, `cp -` of a tar
-    stream; the paths given to cp are the control host's."""
+def exec_and_cp_go_through(engine, reference: str, tmp_path: Path, *rm_options: str):
+    """What provisioning does to a bottle, through `engine` (the worker's podman or docker): `exec -i` with a
+    stream on stdin, `cp` in and out, `cp -` of a tar stream; the paths given to cp are the control host's."""
     name = 'exec-and-cp'
-    worker.podman('run', '-d', '--name', name, loaded, 'socat', 'UNIX-LISTEN:/never.sock', 'EXEC:cat')
+    engine('run', '-d', '--name', name, '--network', 'none', reference, 'socat', 'UNIX-LISTEN:/never.sock',
+           'EXEC:cat')
     try:
-        assert worker.podman('exec', '-i', name, 'cat', input=b'through exec\n').stdout == b'through exec\n'
+        assert engine('exec', '-i', name, 'cat', input=b'through exec\n').stdout == b'through exec\n'
         sent = tmp_path / 'sent.txt'
         sent.write_text('from the control host\n')
-        worker.podman('cp', str(sent), f'{name}:/sent.txt')
-        worker.podman('cp', f'{name}:/sent.txt', str(tmp_path / 'back.txt'))
+        engine('cp', str(sent), f'{name}:/sent.txt')
+        engine('cp', f'{name}:/sent.txt', str(tmp_path / 'back.txt'))
         assert (tmp_path / 'back.txt').read_text() == 'from the control host\n'
         (tmp_path / 'streamed.txt').write_text('in a tar stream\n')
         stream = subprocess.run(['tar', '-C', str(tmp_path), '-cf', '-', 'streamed.txt'], capture_output=True,
                                 check=True).stdout
-        worker.podman('cp', '-', f'{name}:/', input=stream)
-        assert worker.podman('exec', name, 'cat', '/streamed.txt').stdout == b'in a tar stream\n'
+        engine('cp', '-', f'{name}:/', input=stream)
+        assert engine('exec', name, 'cat', '/streamed.txt').stdout == b'in a tar stream\n'
     finally:
-        worker.podman('rm', '-f', '-t', '0', name, check=False)
+        engine('rm', '-f', *rm_options, name, check=False)
+
+
+def test_exec_and_cp_go_through_the_connection(worker, loaded, tmp_path):
+    exec_and_cp_go_through(worker.podman, loaded, tmp_path, '-t', '0')
 
 
 def test_a_host_key_not_in_known_hosts_is_refused(worker, tmp_path):
@@ -313,27 +331,33 @@ KEEP_A_WORKER = """
 import json, sys, time
 from pathlib import Path
 from tests.remote_worker import Worker, started_at
-worker = Worker(Path(sys.argv[1])).start()
-print(json.dumps({'address': worker.address, 'port': worker.port, 'state': str(worker.state),
-                  'started': {pid: at for pid in worker.pids() if (at := started_at(pid))}}), flush=True)
+worker = Worker(Path(sys.argv[1]), engines=(sys.argv[2],)).start()
+made = {'address': worker.address, 'port': worker.port, 'state': str(worker.state)}
+if len(sys.argv) > 3:           # an image archive and its reference: a container of it left running (docker)
+    worker.docker('load', '-i', sys.argv[3])
+    container = worker.docker('run', '-d', '--network', 'none', sys.argv[4], 'socat', 'UNIX-LISTEN:/never.sock',
+                              'EXEC:cat').stdout.decode().strip()
+    made['container'] = f'{worker.cgroup_parent}/{container}'
+made['started'] = {pid: at for pid in worker.pids() if (at := started_at(pid))}
+print(json.dumps(made), flush=True)
 time.sleep(3600)
 """
 
 
-def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
-    """A test process killed before its stop() leaves no sshd or service running; the next sweep() removes the
-    worker's files."""
-    if Worker.problem():
-        pytest.skip(Worker.problem())
-    keeper = subprocess.Popen([sys.executable, '-c', KEEP_A_WORKER, str(tmp_path / 'control')], cwd=REPO,
+def kill_a_kept_worker(tmp_path: Path, *argv: str, check=lambda made: None) -> dict:
+    """Start a worker (KEEP_A_WORKER's `argv`: engine, and an archive and reference) in a process of its own,
+    `check` what it says of itself, kill that process: the worker's processes end, its port closes, its files stay
+    until sweep(). Returns what it said."""
+    keeper = subprocess.Popen([sys.executable, '-c', KEEP_A_WORKER, str(tmp_path / 'control'), *argv], cwd=REPO,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        ready, _, _ = select.select([keeper.stdout], [], [], 120)
-        assert ready, 'the worker did not start within 120 s'
+        ready, _, _ = select.select([keeper.stdout], [], [], 180)
+        assert ready, 'the worker did not start within 180 s'
         line = keeper.stdout.readline()
         assert line, keeper.stderr.read().decode()
         made = json.loads(line)
         assert made['started'] and accepts(made['address'], made['port'])
+        check(made)
     finally:
         keeper.kill()
         keeper.wait(timeout=60)
@@ -345,6 +369,15 @@ def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
     assert Path(made['state']).exists()
     sweep()
     assert not Path(made['state']).exists()
+    return made
+
+
+def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
+    """A test process killed before its stop() leaves no sshd or service running; the next sweep() removes the
+    worker's files."""
+    if Worker.problem():
+        pytest.skip(Worker.problem())
+    kill_a_kept_worker(tmp_path, 'podman')
 
 
 # --- the docker worker (issue 26): a dockerd of its own, reached through a docker context over ssh ---------------
@@ -372,10 +405,6 @@ def docker_loaded(docker_worker, image):
     archive, reference = image
     assert f'Loaded image: {reference}' in docker_worker.docker('load', '-i', str(archive)).stdout.decode()
     return reference
-
-
-def interfaces(proc_net_dev: bytes) -> list[str]:
-    return [line.split(':')[0].strip() for line in proc_net_dev.decode().splitlines()[2:]]
 
 
 def logging_ssh(worker: Worker, directory: Path) -> tuple[dict[str, str], Path]:
@@ -506,51 +535,14 @@ def test_an_image_archive_loaded_through_the_context_runs_on_the_docker_worker_w
 
 def test_a_socket_forwarded_with_ssh_r_is_a_door_a_docker_container_on_the_worker_reaches(
         docker_worker, docker_loaded, tmp_path):
-    worker = docker_worker
-    server = EchoServer(tmp_path / 'echo.sock')            # on the control host, under its hidden paths
-    door_dir = worker.state / 'doors' / 'a'
-    door = door_dir / 'door.sock'
-    worker.ssh('mkdir', '-p', '-m', '0700', str(door_dir))
-    forwarding = forward(worker, door, server.path)
-    try:
-        assert forwarding.poll() is None, forwarding.stderr.read().decode()
-        owner, mode = worker.ssh('stat', '-c', '%U %a', str(door)).stdout.decode().split()
-        assert (owner, stat.S_IMODE(int(mode, 8))) == ('root', 0o700)
-        script = ('socat - UNIX-CONNECT:/run/bottle/door.sock; '
-                  'if (echo x > /run/bottle/written) 2>/dev/null; then echo WRITABLE; fi; cat /proc/net/dev')
-        through = worker.docker('run', '--rm', '-i', '--network', 'none', '-v', f'{door_dir}:/run/bottle:ro',
-                                docker_loaded, 'sh', '-c', script, input=b'through the door\n').stdout
-        echoed, _, net = through.partition(b'Inter-|')
-        assert echoed == b'through the door\n'           # and no WRITABLE: the door is read-only
-        assert interfaces(b'Inter-|' + net) == ['lo']
-    finally:
-        end(forwarding)
-        server.close()
+    door_is_reached(docker_worker, docker_worker.docker, docker_loaded, tmp_path)
 
 
 def test_docker_exec_cp_and_load_stream_from_the_control_host(docker_worker, docker_loaded, image, tmp_path):
-    """`exec -i` with a stream on stdin, `cp` in and out, `cp -` of a tar stream: the paths given to cp are the
-    control host's (so was the archive `load -i` read, which the worker cannot see)."""
-    worker = docker_worker
+    """As with podman; so was the archive `load -i` read, which the worker cannot see."""
     archive, _ = image
-    assert worker.ssh('test', '-e', str(archive), check=False).returncode == 1
-    name = 'exec-and-cp'
-    worker.docker('run', '-d', '--name', name, '--network', 'none', docker_loaded,
-                  'socat', 'UNIX-LISTEN:/never.sock', 'EXEC:cat')
-    try:
-        assert worker.docker('exec', '-i', name, 'cat', input=b'through exec\n').stdout == b'through exec\n'
-        sent = tmp_path / 'sent.txt'
-        sent.write_text('from the control host\n')
-        worker.docker('cp', str(sent), f'{name}:/sent.txt')
-        worker.docker('cp', f'{name}:/sent.txt', str(tmp_path / 'back.txt'))
-        assert (tmp_path / 'back.txt').read_text() == 'from the control host\n'
-        (tmp_path / 'streamed.txt').write_text('in a tar stream\n')
-        stream = subprocess.run(['tar', '-C', str(tmp_path), '-cf', '-', 'streamed.txt'], capture_output=True,
-                                check=True).stdout
-        worker.docker('cp', '-', f'{name}:/', input=stream)
-        assert worker.docker('exec', name, 'cat', '/streamed.txt').stdout == b'in a tar stream\n'
-    finally:
-        worker.docker('rm', '-f', name, check=False)
+    assert docker_worker.ssh('test', '-e', str(archive), check=False).returncode == 1
+    exec_and_cp_go_through(docker_worker.docker, docker_loaded, tmp_path)
 
 
 @pytest.mark.parametrize('cli', docker_clis())
@@ -593,7 +585,8 @@ def test_a_docker_volumes_path_is_the_workers(docker_worker, docker_loaded, tmp_
 def test_dockers_ssh_refuses_a_host_key_it_does_not_know(docker_worker, cli, tmp_path):
     """docker starts ssh without a terminal (in a session of its own), so OpenSSH's default `ask` for an unknown
     host cannot ask and refuses, as strict checking does for an unknown or a changed key; nothing is written to the
-    known_hosts file. The product must still check host keys itself (a user's ssh config may say accept-new)."""
+    known_hosts file. The product must still check host keys itself (a user's ssh config may say accept-new), in
+    the file the `ssh` docker runs would read (`ssh -G` says which)."""
     worker = docker_worker
     empty = tmp_path / 'known_hosts_empty'
     empty.touch()
@@ -613,6 +606,10 @@ def test_dockers_ssh_refuses_a_host_key_it_does_not_know(docker_worker, cli, tmp
         assert refused.returncode != 0 and 'Host key verification failed.' in refused.stderr.decode()
         assert known_hosts.read_bytes() == before
     assert worker.docker('version', cli=cli).returncode == 0         # with the worker's wrapper
+    # which known_hosts file docker's ssh checks, as `ssh -G` resolves it on the docker client's PATH
+    resolved = subprocess.run(['ssh', '-G', '-l', worker.user, '-p', str(worker.port), worker.address],
+                              capture_output=True, text=True, check=True, timeout=60, env=worker.docker_env())
+    assert f'userknownhostsfile {worker.known_hosts}' in resolved.stdout.splitlines()
 
 
 def test_dockers_ssh_connections_can_ride_a_control_master(docker_worker, docker_loaded):
@@ -721,51 +718,18 @@ def test_stop_leaves_nothing_of_the_docker_worker_and_a_second_one_starts(tmp_pa
     assert host_docker_paths() == host
 
 
-KEEP_A_DOCKER_WORKER = """
-import json, subprocess, sys, time
-from pathlib import Path
-from tests.remote_worker import DockerWorker, started_at
-worker = DockerWorker(Path(sys.argv[1])).start()
-worker.docker('load', '-i', sys.argv[2])
-container = worker.docker('run', '-d', '--network', 'none', sys.argv[3], 'socat', 'UNIX-LISTEN:/never.sock',
-                          'EXEC:cat').stdout.decode().strip()
-print(json.dumps({'address': worker.address, 'port': worker.port, 'state': str(worker.state),
-                  'container': f'{worker.cgroup_parent}/{container}',
-                  'started': {pid: at for pid in worker.pids() if (at := started_at(pid))}}), flush=True)
-time.sleep(3600)
-"""
-
-
 def test_a_docker_worker_ends_with_the_process_that_started_it(tmp_path, image):
     """A test process killed before its stop() leaves no sshd, dockerd, containerd or container running; the next
     sweep() removes the worker's files and the cgroups its killed container left."""
     if DockerWorker.problem():
         pytest.skip(DockerWorker.problem())
     archive, reference = image
-    keeper = subprocess.Popen([sys.executable, '-c', KEEP_A_DOCKER_WORKER, str(tmp_path / 'control'), str(archive),
-                               reference], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([keeper.stdout], [], [], 180)
-        assert ready, 'the worker did not start within 180 s'
-        line = keeper.stdout.readline()
-        assert line, keeper.stderr.read().decode()
-        made = json.loads(line)
+
+    def check(made: dict):
         in_container = in_cgroup(made['container'])
-        assert in_container and accepts(made['address'], made['port'])
         names = [process_name(int(pid)) for pid in made['started']]
-        assert any(name.startswith('dockerd ') for name in names) and any(name.startswith('containerd ')
-                                                                          for name in names)
-        made['started'].update({str(pid): started_at(pid) for pid in in_container})
-    finally:
-        keeper.kill()
-        keeper.wait(timeout=60)
-        keeper.stdout.close()
-        keeper.stderr.close()
-    wait_for('the killed worker\'s processes to end', lambda: all(
-        started_at(int(pid)) != at for pid, at in made['started'].items()))
-    assert not accepts(made['address'], made['port'])
-    assert Path(made['state']).exists()
-    sweep()
-    assert not Path(made['state']).exists()
+        assert in_container and any(name.startswith('dockerd ') for name in names) \
+            and any(name.startswith('containerd ') for name in names)
+        made['started'].update({str(pid): at for pid in in_container if (at := started_at(pid))})
+    made = kill_a_kept_worker(tmp_path, 'docker', str(archive), reference, check=check)
     assert all(not (hierarchy / Path(made['state']).name).exists() for hierarchy in cgroup_hierarchies())
