@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,6 +29,7 @@ class Connection:
     name: str
     uri: str
     identity: str          # the key file podman uses for it ('' when none is set, and for docker's)
+    cli: str = 'podman'
 
     @property
     def ssh(self) -> bool:
@@ -51,15 +53,35 @@ class Connection:
         return self.host if self.port == 22 else f'[{self.host}]:{self.port}'
 
     @property
-    def known_hosts(self) -> Path:
-        """The user's known_hosts as podman finds it: under $HOME."""
-        return Path.home() / '.ssh' / 'known_hosts'
+    def known_hosts(self) -> Path | None:
+        """The known_hosts file an SSH connection to the worker must check, when it is not ssh's own choice:
+        podman's client reads $HOME's (ssh alone would take the password database's home); docker runs ssh, which
+        chooses (its config, the password database's home)."""
+        return Path.home() / '.ssh' / 'known_hosts' if self.cli == 'podman' else None
+
+    def known_hosts_files(self) -> list[Path]:
+        """Where the worker's key must be: for podman $HOME's and the system's file; for docker what the ssh on
+        PATH would read (`ssh -G`: its config and its defaults)."""
+        if self.known_hosts:
+            return [self.known_hosts, Path('/etc/ssh/ssh_known_hosts')]
+        argv = ['ssh', '-G', '-p', str(self.port), *(['-l', self.user] if self.user else []), self.host]
+        try:
+            said = subprocess.run(argv, capture_output=True, text=True, timeout=LIST_SECONDS,
+                                  stdin=subprocess.DEVNULL).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            said = ''
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+        files = [word for line in said.splitlines() if line.split(' ', 1)[0] in ('userknownhostsfile',
+                                                                                  'globalknownhostsfile')
+                 for word in line.split()[1:]]
+        return [home / word[2:] if word.startswith('~/') else Path(word) for word in files] or \
+            [home / '.ssh' / 'known_hosts', Path('/etc/ssh/ssh_known_hosts')]
 
     def host_key_problem(self) -> str | None:
-        """Why the worker's host key cannot be checked, or None: it is in ~/.ssh/known_hosts or the system's.
-        podman's own SSH client would take an unknown key on first use (and append it), so no call goes to an
-        engine whose key is not known already."""
-        files = [self.known_hosts, Path('/etc/ssh/ssh_known_hosts')]
+        """Why the worker's host key cannot be checked, or None: it is in a known_hosts file the connection reads.
+        podman's own SSH client would take an unknown key on first use (and append it), and a user's ssh config
+        may tell ssh to (accept-new), so no call goes to an engine whose key is not known already."""
+        files = self.known_hosts_files()
         for known in files:
             try:
                 found = subprocess.run(['ssh-keygen', '-F', self.known_as, '-f', str(known)], capture_output=True,
@@ -69,7 +91,7 @@ class Connection:
             if found.returncode == 0 and found.stdout.strip():
                 return None
         return (f'the host key of {self.known_as} (engine {self.name}) is in no known_hosts file here '
-                f'({files[0]}, {files[1]}); check its fingerprint with the worker\'s admin, then add it '
+                f'({", ".join(map(str, files))}); check its fingerprint with the worker\'s admin, then add it '
                 f'(`ssh-keyscan -p {self.port} {self.host} >> {files[0]}`) and run again')
 
     @property
@@ -90,9 +112,9 @@ class Engines:
 
     def parse(self, out: str) -> list[Connection]:
         if self.flag == '--connection':         # podman: one JSON list
-            return [Connection(str(c['Name']), str(c['URI']), str(c.get('Identity') or ''))
+            return [Connection(str(c['Name']), str(c['URI']), str(c.get('Identity') or ''), 'podman')
                     for c in json.loads(out or '[]')]
-        return [Connection(str(c['Name']), str(c.get('DockerEndpoint') or ''), '')     # docker: a JSON object a line
+        return [Connection(str(c['Name']), str(c.get('DockerEndpoint') or ''), '', 'docker')   # a JSON object a line
                 for c in map(json.loads, filter(None, out.splitlines()))]
 
 

@@ -55,10 +55,11 @@ def ssh_argv(cli: str, engine: str) -> list[str]:
     conn = connection(cli, engine)
     if not conn.ssh:
         raise EngineError(f'{cli} engine {engine} is not reached over SSH ({conn.uri}): nothing to forward')
-    known = str(conn.known_hosts)
     argv = ['ssh', '-p', str(conn.port), '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=yes',
-            '-o', f'UserKnownHostsFile={known if " " not in known else chr(34) + known + chr(34)}',
             '-o', 'ConnectTimeout=15', '-o', 'ServerAliveInterval=15', '-o', 'ServerAliveCountMax=3']
+    if conn.known_hosts:
+        known = str(conn.known_hosts)
+        argv += ['-o', f'UserKnownHostsFile={known if " " not in known else chr(34) + known + chr(34)}']
     if conn.identity:
         argv += ['-i', conn.identity, '-o', 'IdentitiesOnly=yes']
     return [*argv, f'{conn.user}@{conn.host}' if conn.user else conn.host]

@@ -231,11 +231,15 @@ def write_files(directory: Path | None = None) -> Path:
 def create_flags(engine: str, directory: Path | None = None, at: str | None = None) -> list[str]:
     """The `create` flags of a bottle on docker or podman (`engine`), the files they name written to
     `directory` (default: confinement_dir()) and named where the engine's host has them: `at`, a directory on
-    an engine elsewhere that holds copies (daemons/forward), else `directory` itself."""
+    an engine elsewhere that holds copies (daemons/forward), else `directory` itself (and the seccomp profile for
+    docker always, which its CLI reads and sends)."""
     if engine not in ('docker', 'podman'):
         raise ValueError(f'confinement is for the docker and podman engines, not {engine!r}')
-    where = at or str(write_files(directory))
-    flags = ['--security-opt', 'no-new-privileges', '--security-opt', f'seccomp={where}/seccomp.json',
+    here = str(write_files(directory)) if engine == 'docker' or not at else None
+    where = at or here
+    # docker's CLI reads the profile itself and sends it along; podman's service reads it where it runs
+    flags = ['--security-opt', 'no-new-privileges',
+             '--security-opt', f'seccomp={here if engine == "docker" else where}/seccomp.json',
              '--cap-drop', 'ALL']
     for capability in KEPT:
         flags += ['--cap-add', capability]
