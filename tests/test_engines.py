@@ -17,6 +17,7 @@ import pytest
 from tests.scenario import setup_agent
 
 SERVICE_SECONDS = 30
+pytestmark = pytest.mark.extended       # an engine's own service, and a launch on each CLI: with the remote engines
 
 
 @pytest.fixture(scope='module')

@@ -124,6 +124,7 @@ def unbootable(tmp_path, claude_cache):
     return bottles, exe, problem
 
 
+@pytest.mark.extended          # where /dev/kvm opens (CI's root), smolvm waits 30 s for the boot it tries
 def test_a_launch_where_smolvm_cannot_boot_ends_in_one_line_remembered_and_teardown_leaves_nothing(unbootable):
     bottles, exe, problem = unbootable
     rootfs = bottles.root / 'rootfs'
