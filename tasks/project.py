@@ -22,7 +22,7 @@ from daemons import shown
 from daemons.atomic import write_atomic
 from tasks import setup_template
 from tasks.backends.detect import default_backend
-from daemons.forward.connections import connections
+from daemons.forward.connections import EngineError, connections
 from tasks.errors import IN_WORDS, BottleError
 from tasks.manifest import Agent, ManifestError, Recipe, default_project_name, load_agents
 
@@ -57,7 +57,7 @@ class Project:
         try:
             return load_agents(self.agents_dir, self.root, self.setup_template_problem, default_backend,
                                lambda backend: connections(backend).keys())
-        except (ManifestError, BottleError) as err:     # BottleError: no backend works here
+        except (ManifestError, BottleError, EngineError) as err:   # no backend works here; no engine listing
             raise InvalidDodoFile(str(err)) from None
 
     def setup_template_problem(self, recipe: Recipe) -> str | None:

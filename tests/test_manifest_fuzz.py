@@ -4,6 +4,7 @@ exception, never a hang, never a backend call. Thousands are validated in-proces
 through the real command line with smolvm, podman and docker on PATH recording any call."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -75,6 +76,7 @@ GOOD = {
     'user.uid': [1, 60000],
     'user.home': ['/home/agent', '/srv/a.b'],
     'backend': ['smolvm', 'podman', 'docker'],
+    'engine': ['worker1', 'w-2.example'],   # with backend podman or docker (manifest_data sees to it), known to them
     'project': ['acme-main', 'x_1'],       # valid in _defaults.yaml only: in an agent's file, a problem
     'git': [[], [{'url': 'https://github.com/acme/app.git'}],
             [{'url': 'git@github.com:acme/app.git', 'push': ['agent/x/*', 'refs/tags/v*'], 'mode': 'forward',
@@ -114,6 +116,7 @@ BAD = {
     'user.uid': [0, 60001, None],
     'user.home': ['home', '/', '/home/a b', '/home/../etc', '/x' * 3000],
     'backend': ['qemu', None],
+    'engine': ['', 'a b', '-x', 'x' * 65, 5, ['w'], 'unknown-worker'],
     'project': ['a--b', '-x', 'x' * 40, 5, ''],
     'git': ['https://h.example/a', [None], [{'url': 'ftp://h.example/a'}], [{'url': 'https://h.example/a/../b'}],
             [{'url': 'https://h.example/a', 'push': []}], [{'url': 'https://h.example/a', 'mode': 'push'}],
@@ -178,6 +181,8 @@ def manifest_data(draw, wrong=True) -> dict:
         else:
             data[inner] = value
     if not wrong:
+        if 'engine' in data:
+            data['backend'] = 'podman'      # an engine elsewhere is a podman connection or docker context
         return data
     if draw(ONE_IN_SIX) == 0:
         data[draw(MISSPELT)] = draw(RANDOM_VALUES)
@@ -294,9 +299,12 @@ def load(project: Project):
         return 'smolvm'
 
     try:
-        agents = load_agents(project.agents_dir, project.root, project.setup_template_problem, default_backend)
+        agents = load_agents(project.agents_dir, project.root, project.setup_template_problem, default_backend,
+                             lambda backend: set(GOOD['engine']))
     except ManifestError as err:
-        assert calls == [], 'the backend was looked for although a manifest is wrong'
+        # only an engine's problem may need the backend detection chose (an engine on smolvm)
+        assert calls == [] or {problem.key for problem in err.problems} == {'engine'}, \
+            'the backend was looked for although a manifest is wrong'
         return None, err, calls
     return agents, None, calls
 
@@ -340,7 +348,15 @@ def test_generated_projects_load_or_fail_with_a_clear_problem_per_line(fixture_p
 
 # --- the real command line, with backends that record any call
 
-FAKE_BACKEND = '#!/bin/sh\nprintf "%s\\n" "$0 $*" >> "$BACKEND_CALLS"\nexit 1\n'
+# Records any call and fails, but for the listings of engines elsewhere that reading the manifests asks for.
+FAKE_BACKEND = ('#!/bin/sh\ncase "$*" in\n'
+                '"system connection list --format json") echo \'' + json.dumps(
+                    [{'Name': name, 'URI': f'ssh://root@{name}/run/podman/podman.sock'} for name in GOOD['engine']])
+                + '\'; exit 0 ;;\n'
+                '"context ls --format {{json .}}") ' + ''.join(
+                    f"echo '{json.dumps({'Name': name, 'DockerEndpoint': f'ssh://root@{name}'})}'; "
+                    for name in GOOD['engine']) + 'exit 0 ;;\n'
+                'esac\nprintf "%s\\n" "$0 $*" >> "$BACKEND_CALLS"\nexit 1\n')
 
 
 @settings(max_examples=25, deadline=None, database=None,

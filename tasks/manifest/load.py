@@ -88,7 +88,8 @@ def load_agents(agents_dir: Path, root: Path, setup_problem: Callable[[Recipe], 
 
     `setup_problem(recipe)` says why the recipe's setup template cannot be used, or None.
     `default_backend()` picks the backend of agents whose manifests and environment name none;
-    it is called at most once, and only when every manifest is valid (it may raise BottleError).
+    it is called at most once, and only when every manifest is valid but, perhaps, for its `engine`, which is
+    checked against the backend it picked (it may raise BottleError).
     `engines(backend)` names the engines (podman's system connections, docker's contexts) the key `engine` may name;
     it is called
     once per backend, only for agents that name one (None: any name is taken)."""
