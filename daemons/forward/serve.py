@@ -98,7 +98,11 @@ def main(argv: list[str]) -> int:
     logbound.bound_output()
     state_dir, cli, engine, project_key, files, control = argv[:6]
     bottles = dict(item.split('=', 1) for item in argv[6:])
-    ssh = ssh_argv(cli, engine)
+    try:
+        ssh = ssh_argv(cli, engine)
+    except EngineError as err:          # the connection is gone from the CLI's configuration, say
+        print(err, file=sys.stderr)
+        return 1
     prepare = subprocess.run([*ssh, remote_shell(PREPARE, project_key, *bottles)],
                              input=_files_tar(Path(files)), capture_output=True, timeout=PREPARE_SECONDS)
     sys.stderr.write(prepare.stderr.decode(errors='replace'))
