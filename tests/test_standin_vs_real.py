@@ -313,6 +313,7 @@ def both(tmp_path):
     return {'work': work, 'real': real['run'], 'standin': standin['run']}
 
 
+@pytest.mark.extended          # 133 command lines to each binary, in states of their own: a minute and more
 def test_the_stand_in_answers_every_command_line_as_the_real_smolvm_does(both):
     said = []
     for argv in command_lines(both['work']):
@@ -341,6 +342,7 @@ def test_a_difference_is_caught(both):
     assert now == normalised((0, '"created_at": 1796524999', ''), Path('/nowhere')) == (0, '"created_at": 0', '')
 
 
+@pytest.mark.extended          # a build, a launch and a teardown of its own
 def test_the_list_holds_every_form_the_backend_sends(standin, tmp_path):
     """A stand-in launch and teardown send each form (command words and flags) that is in the list."""
     sent = sent_in_a_launch(standin)
