@@ -53,7 +53,7 @@ PROGRAMS = {p.name: p for p in (
     _program('tar', 'tar', 'bottle demo tests', 'packing debootstrap bases'),
     _program('npm', 'npm', 'bottle demo tests', 'fetching Claude Code (npm pack)'),
     _program('git', 'git', 'bottle demo tests', 'the git gate (its mirrors, receive hooks and git http-backend)'),
-    _program('ssh', 'openssh-client', 'bottle tests', 'git\'s transport to ssh upstreams, started by git'),
+    _program('ssh', 'openssh-client', 'bottle tests', 'git\'s transport to ssh upstreams; the door forward to workers'),
     _program('sshd', 'openssh-server', 'tests', 'the tests\' remote podman worker: its ssh server'),
     _program('ldconfig', 'libc-bin', 'bottle', 'ctypes\' find_library, which a library of the MCP client may ask '
              '(trio, where it is installed); Debian always has it'),
